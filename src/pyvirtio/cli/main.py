@@ -1,0 +1,45 @@
+"""The ``pyvirtio`` console script: one sub-command per module in this package.
+
+Each sub-command module defines ``register(subparsers)`` that adds its parser
+and sets ``func`` (a callable taking the parsed namespace, returning an exit
+status).  Wiring only: no logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Sub-command modules under pyvirtio.cli, in the order --help lists them.
+_COMMANDS = ["demo", "duel"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyvirtio",
+        description="virtio in Python: split virtqueues on both sides, notification "
+                    "suppression, legacy virtio-pci and vhost-user transports.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        importlib.import_module(f"pyvirtio.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

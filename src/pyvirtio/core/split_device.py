@@ -1,0 +1,294 @@
+"""Device side of the split virtqueue, VIRTIO 1.2 §2.7 (what QEMU's virtio.c does).
+
+* :meth:`SplitDeviceQueue.pop` takes the next available head, walks its
+  descriptor chain (§2.7.5, indirect tables §2.7.5.3) and returns an
+  :class:`Element` whose readable and writable buffers are already translated
+  and bounds-checked views into guest memory;
+* :meth:`~SplitDeviceQueue.fill` + :meth:`~SplitDeviceQueue.flush` (or
+  :meth:`~SplitDeviceQueue.push`) return buffers through the used ring (§2.7.8);
+* :meth:`~SplitDeviceQueue.should_notify` is the interrupt decision of §2.7.7
+  and §2.7.10 — ``VIRTIO_F_NOTIFY_ON_EMPTY``, ``VRING_AVAIL_F_NO_INTERRUPT``,
+  or ``used_event`` with the "signalled_used_valid" rule QEMU uses so the
+  first interrupt is never suppressed and a flush that jumped over the last
+  signalled index re-arms it;
+* :meth:`~SplitDeviceQueue.enable_notification` /
+  :meth:`~SplitDeviceQueue.disable_notification` write
+  ``VRING_USED_F_NO_NOTIFY`` or ``avail_event`` (§2.7.10), and enabling
+  re-checks the ring after a full fence so a kick cannot be lost.
+
+Everything the driver wrote is hostile: each descriptor is read once, chains
+are walked with a hop limit, and any violation raises :class:`PeerError` and
+marks the queue broken (DESIGN.md).  No I/O happens here: a notification is a
+decision returned to the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyvirtio.core.barrier import full_fence
+from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
+from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
+from pyvirtio.core.memory import GuestMemory
+from pyvirtio.core.notify import vring_need_event
+from pyvirtio.core.spec import (
+    F_NOTIFY_ON_EMPTY,
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+)
+
+_unpack_desc = DESC.unpack_from
+
+
+@dataclass(slots=True)
+class Element:
+    """One popped request: its head and its buffers as views into guest memory.
+
+    ``readable`` views are read-only (the driver filled them); ``writable``
+    views are the only guest memory the device may write.
+    """
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+class SplitDeviceQueue:
+    """The device's view of one split virtqueue."""
+
+    def __init__(self, rings: RingViews, memory: GuestMemory, features: int = 0) -> None:
+        self.rings = rings
+        self.memory = memory
+        self.num = rings.num
+        self._mask = rings.num - 1
+        self.event_idx = bool(features >> F_RING_EVENT_IDX & 1)
+        self.indirect = bool(features >> F_RING_INDIRECT_DESC & 1)
+        self.notify_on_empty = bool(features >> F_NOTIFY_ON_EMPTY & 1)
+        self._avail = rings.avail16
+        self._used16 = rings.used16
+        self._used32 = rings.used32
+        self._desc = rings.desc
+        self._used_event_i = 2 + rings.num
+        self._avail_event_i = 2 + 4 * rings.num
+        self.last_avail_idx = 0
+        self.shadow_avail_idx = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.inuse = 0
+        self.notification = True
+        self.broken: str | None = None
+
+    # ---------------------------------------------------------------- state
+    def get_state(self) -> tuple[int, int]:
+        """(last_avail_idx, used_idx): what vhost-user GET_VRING_BASE reports."""
+        return self.last_avail_idx, self.used_idx
+
+    def set_state(self, last_avail_idx: int, used_idx: int | None = None) -> None:
+        """Resume at ``last_avail_idx`` (vhost-user SET_VRING_BASE; migration)."""
+        if not 0 <= last_avail_idx <= 0xFFFF:
+            raise CallerError(f"last_avail_idx {last_avail_idx} is not a 16-bit index")
+        self.last_avail_idx = self.shadow_avail_idx = last_avail_idx
+        self.used_idx = last_avail_idx if used_idx is None else used_idx & 0xFFFF
+        self.signalled_used_valid = False
+        self.inuse = 0
+        self.broken = None
+
+    def mark_broken(self, reason: str) -> PeerError:
+        """Mark the queue broken; returns the error to raise."""
+        if self.broken is None:
+            self.broken = reason
+        return PeerError(reason)
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+
+    # ----------------------------------------------------------------- avail
+    def _fetch_avail_idx(self) -> int:
+        """Read avail.idx once, validate it, and cache it in ``shadow_avail_idx``."""
+        idx = self._avail[1]
+        if (idx - self.last_avail_idx) & 0xFFFF > self.num:
+            raise self.mark_broken(
+                f"driver moved avail.idx from {self.last_avail_idx} to {idx}: "
+                f"more than the queue size {self.num} ahead")
+        self.shadow_avail_idx = idx
+        return idx
+
+    def available(self) -> int:
+        """How many heads the driver has made available and the device not yet popped."""
+        self._check_usable()
+        if self.shadow_avail_idx != self.last_avail_idx:
+            return (self.shadow_avail_idx - self.last_avail_idx) & 0xFFFF
+        return (self._fetch_avail_idx() - self.last_avail_idx) & 0xFFFF
+
+    def is_empty(self) -> bool:
+        return self.available() == 0
+
+    # ------------------------------------------------------------------- pop
+    def pop_head(self) -> int | None:
+        """Take the next available head index without walking its chain."""
+        self._check_usable()
+        last = self.last_avail_idx
+        if self.shadow_avail_idx == last and self._fetch_avail_idx() == last:
+            return None
+        head = self._avail[2 + (last & self._mask)]
+        if head >= self.num:
+            raise self.mark_broken(f"available ring entry {last} names head {head} "
+                                   f"of a queue of size {self.num}")
+        last = (last + 1) & 0xFFFF
+        self.last_avail_idx = last
+        if self.event_idx and self.notification:
+            # Ask for a kick once the driver goes beyond what we have taken (QEMU pop).
+            self._used16[self._avail_event_i] = last
+        self.inuse += 1
+        return head
+
+    def pop(self) -> Element | None:
+        """Pop the next request, or None if the ring is empty."""
+        head = self.pop_head()
+        if head is None:
+            return None
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        try:
+            self.walk_chain(head, readable, writable)
+        except PeerError:
+            self.inuse -= 1
+            raise
+        return Element(head, readable, writable)
+
+    def walk_chain(self, head: int, readable: list[memoryview],
+                   writable: list[memoryview]) -> None:
+        """Append the translated buffers of the chain at ``head`` (§2.7.5, §2.7.5.3)."""
+        table = self._desc
+        limit = self.num
+        i = head
+        hops = 0
+        in_indirect = False
+        translate = self.memory.translate
+        try:
+            while True:
+                addr, length, flags, nxt = _unpack_desc(table, i * DESC_SIZE)
+                if flags & VRING_DESC_F_INDIRECT:
+                    if not self.indirect:
+                        raise PeerError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                    if in_indirect:
+                        raise PeerError("indirect descriptor inside an indirect table")
+                    if hops:
+                        raise PeerError("indirect descriptor in the middle of a chain")
+                    if flags & VRING_DESC_F_NEXT:
+                        raise PeerError("indirect descriptor with VRING_DESC_F_NEXT")
+                    if length == 0 or length % DESC_SIZE:
+                        raise PeerError(f"indirect table length {length} is not a "
+                                        f"positive multiple of 16")
+                    table = translate(addr, length)
+                    limit = length // DESC_SIZE
+                    in_indirect = True
+                    i = 0
+                    continue
+                view = translate(addr, length)
+                if flags & VRING_DESC_F_WRITE:
+                    writable.append(view)
+                else:
+                    if writable:
+                        raise PeerError("readable descriptor after a writable one")
+                    readable.append(view.toreadonly())
+                hops += 1
+                if not flags & VRING_DESC_F_NEXT:
+                    return
+                if hops >= limit:
+                    raise PeerError(f"descriptor chain longer than its table ({limit}): a loop")
+                if nxt >= limit:
+                    raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
+                i = nxt
+        except PeerError as exc:
+            raise self.mark_broken(f"head {head}: {exc}") from None
+
+    def unpop(self, count: int = 1) -> None:
+        """Give back the last ``count`` popped heads (QEMU ``virtqueue_unpop``)."""
+        if count > self.inuse:
+            raise CallerError("unpop of more heads than are in use")
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+        self.inuse -= count
+
+    # ------------------------------------------------------------------ used
+    def fill(self, head: int, length: int, offset: int = 0) -> None:
+        """Write used-ring entry ``used_idx + offset`` without publishing it."""
+        slot = (self.used_idx + offset) & self._mask
+        used32 = self._used32
+        used32[1 + 2 * slot] = head
+        used32[2 + 2 * slot] = length
+
+    def flush(self, count: int) -> None:
+        """Publish ``count`` filled entries by moving used.idx (§2.7.8)."""
+        self._check_usable()
+        if count > self.inuse:
+            raise CallerError(f"flush of {count} entries with only {self.inuse} in use")
+        old = self.used_idx
+        new = (old + count) & 0xFFFF
+        # Entries were stored first; x86 keeps stores in order (barrier.py).
+        self._used16[1] = new
+        self.used_idx = new
+        self.inuse -= count
+        if ((new - self.signalled_used) & 0xFFFF) < ((new - old) & 0xFFFF):
+            # The flush jumped over the last signalled index: re-arm the first interrupt.
+            self.signalled_used_valid = False
+
+    def push(self, head: int, length: int) -> None:
+        """Return one buffer: fill + flush."""
+        self.fill(head, length)
+        self.flush(1)
+
+    # ------------------------------------------------------------ interrupts
+    def should_notify(self) -> bool:
+        """Whether to interrupt the driver now (QEMU ``virtio_should_notify``)."""
+        # Expose the used entries before reading used_event / avail.flags.
+        full_fence()
+        if self.notify_on_empty and self.inuse == 0 and self.is_empty():
+            return True
+        if not self.event_idx:
+            return not self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT
+        valid = self.signalled_used_valid
+        self.signalled_used_valid = True
+        old = self.signalled_used
+        new = self.signalled_used = self.used_idx
+        return not valid or vring_need_event(self._avail[self._used_event_i], new, old)
+
+    # ----------------------------------------------------------------- kicks
+    def disable_notification(self) -> None:
+        """Tell the driver not to kick (it may still; kicks are only hints)."""
+        self.notification = False
+        if not self.event_idx:
+            self._used16[0] |= VRING_USED_F_NO_NOTIFY
+
+    def enable_notification(self) -> bool:
+        """Ask for kicks again; returns True if work is already waiting.
+
+        The fence orders our write of the flag / ``avail_event`` before the
+        re-read of ``avail.idx``; together with the driver's fence between
+        writing ``avail.idx`` and reading them, either the driver sees our
+        request and kicks, or we see its buffer here.  A caller that gets True
+        must process the ring instead of sleeping.
+        """
+        self._check_usable()
+        self.notification = True
+        if self.event_idx:
+            self._used16[self._avail_event_i] = self._fetch_avail_idx()
+        else:
+            self._used16[0] &= ~VRING_USED_F_NO_NOTIFY & 0xFFFF
+        full_fence()
+        return self.available() != 0

@@ -1,0 +1,269 @@
+"""Driver side of the split virtqueue, VIRTIO 1.2 §2.7 (what Linux's virtio_ring.c does).
+
+* :meth:`SplitDriverQueue.add` places a scatter-gather list (readable
+  segments, then writable ones) in the descriptor table — or in an indirect
+  table (§2.7.5.3) when negotiated and the list has more than one segment —
+  and publishes its head in the available ring (§2.7.13);
+* :meth:`~SplitDriverQueue.kick_prepare` is the notification decision of
+  §2.7.10 exactly as Linux's ``virtqueue_kick_prepare``: a full fence, then
+  ``VRING_USED_F_NO_NOTIFY`` or ``vring_need_event(avail_event, new, old)``;
+* :meth:`~SplitDriverQueue.get_buf` returns (token, written length) from the
+  used ring and publishes ``used_event`` (§2.7.7.2);
+* :meth:`~SplitDriverQueue.disable_cb`, :meth:`~SplitDriverQueue.enable_cb`,
+  :meth:`~SplitDriverQueue.enable_cb_delayed` suppress and re-arm interrupts.
+
+The device is a peer too: a used id that is not an outstanding head, or a
+used index that runs ahead of what was made available, raises
+:class:`PeerError` and marks the queue broken.  The driver keeps its own
+record of each chain (it never trusts ``next`` fields read back from shared
+memory), like Linux's ``desc_extra``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyvirtio.core.barrier import full_fence
+from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
+from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
+from pyvirtio.core.notify import vring_need_event
+from pyvirtio.core.spec import (
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+)
+
+_pack_desc = DESC.pack_into
+
+Segment = tuple[int, int]
+"""A buffer segment: (guest address, length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndirectArea:
+    """Guest memory for indirect tables: one slot of ``per_head`` descriptors per head."""
+
+    gpa: int
+    view: memoryview
+    per_head: int
+
+    @staticmethod
+    def size_for(num: int, per_head: int) -> int:
+        return num * per_head * DESC_SIZE
+
+
+class SplitDriverQueue:
+    """The driver's view of one split virtqueue. The ring memory must start zeroed."""
+
+    def __init__(self, rings: RingViews, features: int = 0,
+                 indirect_area: IndirectArea | None = None) -> None:
+        self.rings = rings
+        self.num = rings.num
+        self._mask = rings.num - 1
+        self.event_idx = bool(features >> F_RING_EVENT_IDX & 1)
+        self.use_indirect = bool(features >> F_RING_INDIRECT_DESC & 1) and indirect_area is not None
+        if indirect_area is not None and len(indirect_area.view) < IndirectArea.size_for(
+                self.num, indirect_area.per_head):
+            raise CallerError("indirect area too small for the queue")
+        self._indirect = indirect_area
+        self._desc = rings.desc
+        self._avail = rings.avail16
+        self._used16 = rings.used16
+        self._used32 = rings.used32
+        self._used_event_i = 2 + rings.num
+        self._avail_event_i = 2 + 4 * rings.num
+        self._free: list[int] = list(range(self.num - 1, -1, -1))
+        self._tokens: list[object | None] = [None] * self.num
+        self._chains: list[tuple[int, ...]] = [()] * self.num
+        self.avail_idx_shadow = 0
+        self.last_used_idx = 0
+        self.num_added = 0
+        self.avail_flags_shadow = 0
+        self._outstanding = 0
+        self.broken: str | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def outstanding(self) -> int:
+        """Buffers made available and not yet returned by get_buf."""
+        return self._outstanding
+
+    def mark_broken(self, reason: str) -> PeerError:
+        if self.broken is None:
+            self.broken = reason
+        return PeerError(reason)
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+
+    # -------------------------------------------------------------------- add
+    def add(self, out_segs: Sequence[Segment], in_segs: Sequence[Segment],
+            token: object) -> int:
+        """Make a buffer available; returns its head. ``token`` comes back from get_buf."""
+        self._check_usable()
+        if token is None:
+            raise CallerError("token must not be None")
+        n_out = len(out_segs)
+        total = n_out + len(in_segs)
+        if total == 0:
+            raise CallerError("a buffer needs at least one segment")
+        free = self._free
+        indirect = self.use_indirect and total > 1 and self._indirect is not None
+        if indirect:
+            assert self._indirect is not None
+            if total > self._indirect.per_head:
+                raise CallerError(f"{total} segments exceed the indirect slot of "
+                                  f"{self._indirect.per_head}")
+            if not free:
+                raise QueueFull("no free descriptor for an indirect table")
+            head = free.pop()
+            area = self._indirect
+            base = head * area.per_head
+            table = area.view
+            for j in range(total):
+                addr, length = out_segs[j] if j < n_out else in_segs[j - n_out]
+                flags = (VRING_DESC_F_WRITE if j >= n_out else 0) | (
+                    VRING_DESC_F_NEXT if j + 1 < total else 0)
+                _pack_desc(table, (base + j) * DESC_SIZE, addr, length, flags,
+                           j + 1 if j + 1 < total else 0)
+            _pack_desc(self._desc, head * DESC_SIZE, area.gpa + base * DESC_SIZE,
+                       total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+            self._chains[head] = (head,)
+        else:
+            if len(free) < total:
+                raise QueueFull(f"{total} descriptors needed, {len(free)} free")
+            idxs = tuple(free.pop() for _ in range(total))
+            desc = self._desc
+            last = total - 1
+            for j in range(total):
+                addr, length = out_segs[j] if j < n_out else in_segs[j - n_out]
+                if j < last:
+                    _pack_desc(desc, idxs[j] * DESC_SIZE, addr, length,
+                               (VRING_DESC_F_WRITE if j >= n_out else 0) | VRING_DESC_F_NEXT,
+                               idxs[j + 1])
+                else:
+                    _pack_desc(desc, idxs[j] * DESC_SIZE, addr, length,
+                               VRING_DESC_F_WRITE if j >= n_out else 0, 0)
+            head = idxs[0]
+            self._chains[head] = idxs
+        self._tokens[head] = token
+        self._outstanding += 1
+        # Ring entry first, then the index (x86 keeps stores in order; barrier.py).
+        shadow = self.avail_idx_shadow
+        self._avail[2 + (shadow & self._mask)] = head
+        shadow = (shadow + 1) & 0xFFFF
+        self.avail_idx_shadow = shadow
+        self._avail[1] = shadow
+        self.num_added += 1
+        return head
+
+    # ------------------------------------------------------------------- kick
+    def kick_prepare(self) -> bool:
+        """Whether the device must be notified of the buffers added since the last call."""
+        # Publish avail.idx before reading avail_event / used.flags (lost wake-up).
+        full_fence()
+        new = self.avail_idx_shadow
+        old = (new - self.num_added) & 0xFFFF
+        self.num_added = 0
+        if self.event_idx:
+            return vring_need_event(self._used16[self._avail_event_i], new, old)
+        return not self._used16[0] & VRING_USED_F_NO_NOTIFY
+
+    # ------------------------------------------------------------------- used
+    def more_used(self) -> bool:
+        return self.last_used_idx != self._used16[1]
+
+    def get_buf(self) -> tuple[object, int] | None:
+        """The next used buffer as (token, length written by the device), or None."""
+        self._check_usable()
+        last = self.last_used_idx
+        used_idx = self._used16[1]
+        if last == used_idx:
+            return None
+        pending = (used_idx - last) & 0xFFFF
+        if pending > self.num:
+            raise self.mark_broken(f"device moved used.idx from {last} to {used_idx}: "
+                                   f"more than the queue size ahead")
+        slot = last & self._mask
+        head = self._used32[1 + 2 * slot]
+        length = self._used32[2 + 2 * slot]
+        if head >= self.num:
+            raise self.mark_broken(f"used id {head} out of range (queue size {self.num})")
+        token = self._tokens[head]
+        if token is None:
+            raise self.mark_broken(f"used id {head} is not an outstanding head")
+        self._tokens[head] = None
+        self._free.extend(self._chains[head])
+        self._chains[head] = ()
+        self._outstanding -= 1
+        last = (last + 1) & 0xFFFF
+        self.last_used_idx = last
+        if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            self._avail[self._used_event_i] = last
+            full_fence()
+        return token, length
+
+    def detach_unused(self) -> list[object]:
+        """Take back every outstanding token (after a device reset)."""
+        out: list[object] = []
+        for head, token in enumerate(self._tokens):
+            if token is not None:
+                out.append(token)
+                self._tokens[head] = None
+                self._free.extend(self._chains[head])
+                self._chains[head] = ()
+        self._outstanding = 0
+        return out
+
+    # ------------------------------------------------------------- interrupts
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt (a hint; it may still)."""
+        if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            self.avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT
+            if self.event_idx:
+                # The device ignores flags under EVENT_IDX: park used_event one
+                # behind what we consumed, the index the device reaches last.
+                self._avail[self._used_event_i] = (self.last_used_idx - 1) & 0xFFFF
+            else:
+                self._avail[0] = self.avail_flags_shadow
+
+    def _rearm(self) -> None:
+        if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            self.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                self._avail[0] = self.avail_flags_shadow
+
+    def enable_cb(self) -> bool:
+        """Re-arm interrupts at the next used buffer; True if more work arrived meanwhile.
+
+        A True answer means an interrupt may not come for buffers already
+        used: the caller must poll get_buf again (Linux's
+        ``virtqueue_enable_cb`` returns the negation).
+        """
+        self._check_usable()
+        self._rearm()
+        self._avail[self._used_event_i] = self.last_used_idx
+        full_fence()
+        return self.more_used()
+
+    def enable_cb_delayed(self) -> bool:
+        """Re-arm interrupts after about 3/4 of the outstanding buffers are used.
+
+        Returns True if that many were already used meanwhile (poll again).
+        """
+        self._check_usable()
+        self._rearm()
+        bufs = ((self.avail_idx_shadow - self.last_used_idx) & 0xFFFF) * 3 // 4
+        self._avail[self._used_event_i] = (self.last_used_idx + bufs) & 0xFFFF
+        full_fence()
+        return ((self._used16[1] - self.last_used_idx) & 0xFFFF) > bufs

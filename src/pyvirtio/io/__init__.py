@@ -1,0 +1,1 @@
+"""pyvirtio.io: file descriptors and waiting — eventfds, the event loop, polling."""
