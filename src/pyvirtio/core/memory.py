@@ -14,6 +14,7 @@ are given as user addresses while descriptors hold guest addresses
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -119,11 +120,9 @@ class GuestMemory:
         for r in self._regions:
             r.view.release()
             if isinstance(r.owner, mmap.mmap):
-                try:
+                # Someone may still hold a view; the mapping then dies with the last one.
+                with contextlib.suppress(BufferError):
                     r.owner.close()
-                except BufferError:
-                    # Someone still holds a view; the mapping dies with the last one.
-                    pass
         self._regions.clear()
         self._starts.clear()
         self._ustarts.clear()
