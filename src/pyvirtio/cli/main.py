@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Sub-command modules under pyvirtio.cli, in the order --help lists them.
-_COMMANDS = ["demo", "duel"]
+_COMMANDS = ["demo", "duel", "blk", "probe", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

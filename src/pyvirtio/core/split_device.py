@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
-from pyvirtio.core.memory import GuestMemory
-from pyvirtio.core.notify import vring_need_event
+from pyvirtio.core.memory import GuestMemory, Region
 from pyvirtio.core.spec import (
     F_NOTIFY_ON_EMPTY,
     F_RING_EVENT_IDX,
@@ -43,6 +42,7 @@ from pyvirtio.core.spec import (
 )
 
 _unpack_desc = DESC.unpack_from
+_NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
 
 
 @dataclass(slots=True)
@@ -91,6 +91,8 @@ class SplitDeviceQueue:
         self.inuse = 0
         self.notification = True
         self.broken: str | None = None
+        self._ro_region: Region | None = None
+        self._ro_view = memoryview(b"")
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> tuple[int, int]:
@@ -141,7 +143,8 @@ class SplitDeviceQueue:
     # ------------------------------------------------------------------- pop
     def pop_head(self) -> int | None:
         """Take the next available head index without walking its chain."""
-        self._check_usable()
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
         last = self.last_avail_idx
         if self.shadow_avail_idx == last and self._fetch_avail_idx() == last:
             return None
@@ -159,30 +162,76 @@ class SplitDeviceQueue:
 
     def pop(self) -> Element | None:
         """Pop the next request, or None if the ring is empty."""
-        head = self.pop_head()
-        if head is None:
-            return None
+        # pop_head inlined: this is the per-request hot path (DESIGN.md "Speed").
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+        last = self.last_avail_idx
+        avail = self._avail
+        if self.shadow_avail_idx == last:
+            # _fetch_avail_idx inlined.
+            idx = avail[1]
+            if idx == last:
+                return None
+            if (idx - last) & 0xFFFF > self.num:
+                raise self.mark_broken(
+                    f"driver moved avail.idx from {last} to {idx}: "
+                    f"more than the queue size {self.num} ahead")
+            self.shadow_avail_idx = idx
+        head = avail[2 + (last & self._mask)]
+        if head >= self.num:
+            raise self.mark_broken(f"available ring entry {last} names head {head} "
+                                   f"of a queue of size {self.num}")
+        last = (last + 1) & 0xFFFF
+        self.last_avail_idx = last
+        if self.event_idx and self.notification:
+            self._used16[self._avail_event_i] = last
+        self.inuse += 1
+        first = _unpack_desc(self._desc, head * DESC_SIZE)
+        flags = first[2]
+        if not flags & _NEXT_OR_INDIRECT:
+            # One direct descriptor inside the only region: the common request.
+            # Anything else (or any failed check) takes the general walk, which
+            # raises the precise error; it reuses this fetch, never re-reads.
+            regions = self.memory._regions
+            if len(regions) == 1:
+                r = regions[0]
+                length = first[1]
+                off = first[0] - r.gpa
+                if off >= 0 and length > 0 and off + length <= r.size:
+                    if flags & VRING_DESC_F_WRITE:
+                        return Element(head, [], [r.view[off:off + length]])
+                    ro = self._ro_view if r is self._ro_region else self._readonly_of(r)
+                    return Element(head, [ro[off:off + length]], [])
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         try:
-            self.walk_chain(head, readable, writable)
+            self._walk(head, first, readable, writable)
         except PeerError:
             self.inuse -= 1
             raise
         return Element(head, readable, writable)
 
+    def _readonly_of(self, region: Region) -> memoryview:
+        """A read-only view of a whole region, cached so slices of it need no copy."""
+        self._ro_region = region
+        self._ro_view = ro = region.view.toreadonly()
+        return ro
+
     def walk_chain(self, head: int, readable: list[memoryview],
                    writable: list[memoryview]) -> None:
         """Append the translated buffers of the chain at ``head`` (§2.7.5, §2.7.5.3)."""
+        self._walk(head, _unpack_desc(self._desc, head * DESC_SIZE), readable, writable)
+
+    def _walk(self, head: int, first: tuple[int, int, int, int], readable: list[memoryview],
+              writable: list[memoryview]) -> None:
         table = self._desc
         limit = self.num
-        i = head
         hops = 0
         in_indirect = False
         translate = self.memory.translate
+        addr, length, flags, nxt = first
         try:
             while True:
-                addr, length, flags, nxt = _unpack_desc(table, i * DESC_SIZE)
                 if flags & VRING_DESC_F_INDIRECT:
                     if not self.indirect:
                         raise PeerError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -198,7 +247,7 @@ class SplitDeviceQueue:
                     table = translate(addr, length)
                     limit = length // DESC_SIZE
                     in_indirect = True
-                    i = 0
+                    addr, length, flags, nxt = _unpack_desc(table, 0)
                     continue
                 view = translate(addr, length)
                 if flags & VRING_DESC_F_WRITE:
@@ -214,7 +263,7 @@ class SplitDeviceQueue:
                     raise PeerError(f"descriptor chain longer than its table ({limit}): a loop")
                 if nxt >= limit:
                     raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
-                i = nxt
+                addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
         except PeerError as exc:
             raise self.mark_broken(f"head {head}: {exc}") from None
 
@@ -250,8 +299,23 @@ class SplitDeviceQueue:
 
     def push(self, head: int, length: int) -> None:
         """Return one buffer: fill + flush."""
-        self.fill(head, length)
-        self.flush(1)
+        # fill + flush inlined (same stores, same checks, same order).
+        old = self.used_idx
+        slot = old & self._mask
+        used32 = self._used32
+        used32[1 + 2 * slot] = head
+        used32[2 + 2 * slot] = length
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+        if self.inuse < 1:
+            raise CallerError(f"flush of 1 entries with only {self.inuse} in use")
+        new = (old + 1) & 0xFFFF
+        self._used16[1] = new
+        self.used_idx = new
+        self.inuse -= 1
+        if new == self.signalled_used:
+            # The flush jumped over the last signalled index: re-arm the first interrupt.
+            self.signalled_used_valid = False
 
     # ------------------------------------------------------------ interrupts
     def should_notify(self) -> bool:
@@ -266,7 +330,9 @@ class SplitDeviceQueue:
         self.signalled_used_valid = True
         old = self.signalled_used
         new = self.signalled_used = self.used_idx
-        return not valid or vring_need_event(self._avail[self._used_event_i], new, old)
+        # vring_need_event(used_event, new, old), inlined on the hot path.
+        return not valid or (((new - self._avail[self._used_event_i] - 1) & 0xFFFF)
+                             < ((new - old) & 0xFFFF))
 
     # ----------------------------------------------------------------- kicks
     def disable_notification(self) -> None:

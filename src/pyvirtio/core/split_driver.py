@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
-from pyvirtio.core.notify import vring_need_event
 from pyvirtio.core.spec import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -79,7 +78,11 @@ class SplitDriverQueue:
         self._avail_event_i = 2 + 4 * rings.num
         self._free: list[int] = list(range(self.num - 1, -1, -1))
         self._tokens: list[object | None] = [None] * self.num
-        self._chains: list[tuple[int, ...]] = [()] * self.num
+        # The descriptors of each outstanding head's chain (Linux's desc_extra).
+        # A head that is not outstanding always holds its shared 1-tuple, so a
+        # one-segment add (scalar or batched) need not store anything here.
+        self._singles: list[tuple[int, ...]] = [(i,) for i in range(self.num)]
+        self._chains: list[tuple[int, ...]] = list(self._singles)
         self.avail_idx_shadow = 0
         self.last_used_idx = 0
         self.num_added = 0
@@ -110,11 +113,34 @@ class SplitDriverQueue:
     def add(self, out_segs: Sequence[Segment], in_segs: Sequence[Segment],
             token: object) -> int:
         """Make a buffer available; returns its head. ``token`` comes back from get_buf."""
-        self._check_usable()
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
         if token is None:
             raise CallerError("token must not be None")
         n_out = len(out_segs)
         total = n_out + len(in_segs)
+        if total == 1:
+            # One segment, never indirect: the per-request hot path (DESIGN.md "Speed").
+            free = self._free
+            if not free:
+                raise QueueFull("1 descriptors needed, 0 free")
+            head = free.pop()
+            if n_out:
+                addr, length = out_segs[0]
+                _pack_desc(self._desc, head * DESC_SIZE, addr, length, 0, 0)
+            else:
+                addr, length = in_segs[0]
+                _pack_desc(self._desc, head * DESC_SIZE, addr, length, VRING_DESC_F_WRITE, 0)
+            self._tokens[head] = token
+            self._outstanding += 1
+            shadow = self.avail_idx_shadow
+            avail = self._avail
+            avail[2 + (shadow & self._mask)] = head
+            shadow = (shadow + 1) & 0xFFFF
+            self.avail_idx_shadow = shadow
+            avail[1] = shadow
+            self.num_added += 1
+            return head
         if total == 0:
             raise CallerError("a buffer needs at least one segment")
         free = self._free
@@ -138,7 +164,7 @@ class SplitDriverQueue:
                            j + 1 if j + 1 < total else 0)
             _pack_desc(self._desc, head * DESC_SIZE, area.gpa + base * DESC_SIZE,
                        total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
-            self._chains[head] = (head,)
+            self._chains[head] = self._singles[head]
         else:
             if len(free) < total:
                 raise QueueFull(f"{total} descriptors needed, {len(free)} free")
@@ -176,7 +202,9 @@ class SplitDriverQueue:
         old = (new - self.num_added) & 0xFFFF
         self.num_added = 0
         if self.event_idx:
-            return vring_need_event(self._used16[self._avail_event_i], new, old)
+            # vring_need_event(avail_event, new, old), inlined on the hot path.
+            return (((new - self._used16[self._avail_event_i] - 1) & 0xFFFF)
+                    < ((new - old) & 0xFFFF))
         return not self._used16[0] & VRING_USED_F_NO_NOTIFY
 
     # ------------------------------------------------------------------- used
@@ -185,26 +213,29 @@ class SplitDriverQueue:
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as (token, length written by the device), or None."""
-        self._check_usable()
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
         last = self.last_used_idx
         used_idx = self._used16[1]
         if last == used_idx:
             return None
-        pending = (used_idx - last) & 0xFFFF
-        if pending > self.num:
+        if ((used_idx - last) & 0xFFFF) > self.num:
             raise self.mark_broken(f"device moved used.idx from {last} to {used_idx}: "
                                    f"more than the queue size ahead")
-        slot = last & self._mask
-        head = self._used32[1 + 2 * slot]
-        length = self._used32[2 + 2 * slot]
+        slot = 1 + 2 * (last & self._mask)
+        used32 = self._used32
+        head = used32[slot]
+        length = used32[slot + 1]
         if head >= self.num:
             raise self.mark_broken(f"used id {head} out of range (queue size {self.num})")
-        token = self._tokens[head]
+        tokens = self._tokens
+        token = tokens[head]
         if token is None:
             raise self.mark_broken(f"used id {head} is not an outstanding head")
-        self._tokens[head] = None
-        self._free.extend(self._chains[head])
-        self._chains[head] = ()
+        tokens[head] = None
+        chains = self._chains
+        self._free.extend(chains[head])
+        chains[head] = self._singles[head]
         self._outstanding -= 1
         last = (last + 1) & 0xFFFF
         self.last_used_idx = last
@@ -221,7 +252,7 @@ class SplitDriverQueue:
                 out.append(token)
                 self._tokens[head] = None
                 self._free.extend(self._chains[head])
-                self._chains[head] = ()
+                self._chains[head] = self._singles[head]
         self._outstanding = 0
         return out
 

@@ -1,0 +1,66 @@
+"""``pyvirtio demo``: a guest process and a host process over legacy virtio-pci + virtio-net.
+
+Wiring only; the demo lives in :mod:`pyvirtio.demo` (VIRTIO 1.2 §4.1.4.8,
+§5.1, notification suppression §2.7.7/§2.7.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from pyvirtio.demo.host import SUPPRESSION_MODES, DemoConfig, Snapshot, run_demo
+from pyvirtio.demo.report import live_view, result_table
+
+
+def _queue_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not 4 <= n <= 32768 or n & (n - 1):
+        raise argparse.ArgumentTypeError("a queue size is a power of two in 4..32768")
+    return n
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "demo", help="guest and host processes exchanging frames over a shared vring",
+        description="Run a virtio-net driver (guest process) against a loopback device (host "
+                    "process) over legacy virtio-pci: shared memfd memory, register accesses "
+                    "over a socketpair, kicks through ioeventfds, interrupts through irqfds.")
+    p.add_argument("--suppression", choices=SUPPRESSION_MODES, default="event-idx",
+                   help="none: never suppress; flags: VRING_USED_F_NO_NOTIFY / "
+                        "VRING_AVAIL_F_NO_INTERRUPT; event-idx: VIRTIO_RING_F_EVENT_IDX")
+    p.add_argument("--seconds", type=float, default=3.0, help="how long the guest sends")
+    p.add_argument("--queue-size", type=_queue_size, default=256,
+                   help="size of rx and tx queues (power of two, 4..32768)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seconds <= 0:
+        raise SystemExit("--seconds must be positive")
+    config = DemoConfig(args.suppression, args.seconds, args.queue_size)
+    err = Console(stderr=True)
+    if err.is_terminal:
+        with Live(console=err, auto_refresh=False, transient=True) as live:
+            def tick(snap: Snapshot) -> None:
+                live.update(live_view(snap, config.suppression), refresh=True)
+            result = run_demo(config, tick)
+    else:
+        result = run_demo(config)
+    data = result.to_json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        out = Console()
+        out.print(result_table(data))
+        for line in data["frames"]["error_samples"] + data["errors"]:
+            out.print(f"[red]error:[/red] {line}")
+    return 0 if result.ok else 1

@@ -1,0 +1,793 @@
+"""Batched split-ring operations over numpy views, VIRTIO 1.2 §2.7 (DESIGN.md "Speed").
+
+The scalar ring sides (:mod:`split_device`, :mod:`split_driver`) spend about a
+microsecond of Python per descriptor.  The classes here do the same work for
+many heads at once with numpy views over the same ring bytes, on the same
+queue state (same indices, same ``broken`` marking, same hostile-input
+checks):
+
+* :class:`DeviceBatch` — ``pop`` up to N heads (§2.7.6 available ring, §2.7.5
+  descriptor chains, §2.7.5.3 indirect tables via the scalar walk), ``push``
+  N used elements and publish ``used.idx`` once (§2.7.8), ``avail_event``
+  published as the scalar pop does (§2.7.10);
+* :class:`DriverBatch` — ``add`` N chains of k descriptors from the free list
+  and publish ``avail.idx`` once (§2.7.13), ``get`` up to N used buffers and
+  publish ``used_event`` once (§2.7.7.2).
+
+Each operation picks its path by size: below a measured threshold a Python
+loop (the scalar algorithm), above it numpy.  Both give byte-identical rings
+and identical results (``tests/test_split_batch.py`` checks it).
+
+A batch is "the scalar loop, fused": it stops before the first bad entry and
+returns the good prefix; the bad entry is met again by the next call, which
+(like the scalar call) marks the queue broken and raises :class:`PeerError`.
+So a hostile ring breaks a batched queue exactly where it breaks a scalar one.
+
+Memory ordering is the scalar one (barrier.py): numpy stores are plain x86-64
+stores issued in program order (entries, then the index), and every guest
+value is copied out of shared memory once (gather/``copy``) before it is
+checked, so checks and uses see the same fetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain as _chain
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pyvirtio.core.barrier import full_fence
+from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
+from pyvirtio.core.layout import DESC, DESC_SIZE
+from pyvirtio.core.memory import Region
+from pyvirtio.core.spec import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+)
+from pyvirtio.core.split_device import Element, SplitDeviceQueue
+from pyvirtio.core.split_driver import SplitDriverQueue
+
+__all__ = [
+    "DESC_DTYPE",
+    "USED_ELEM_DTYPE",
+    "Chains",
+    "DeviceBatch",
+    "DriverBatch",
+    "UsedBatch",
+]
+
+DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+"""One descriptor, §2.7.5 (16 bytes)."""
+USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+"""One used-ring element, §2.7.8 (8 bytes)."""
+
+IntArray = npt.NDArray[np.intp]
+U64Array = npt.NDArray[np.uint64]
+U32Array = npt.NDArray[np.uint32]
+BoolArray = npt.NDArray[np.bool_]
+
+# Crossovers measured with bench/ring.py on the 2-core reference machine: below
+# these counts the Python loop beats numpy's fixed per-call cost.
+POP_THRESHOLD = 12
+PUSH_THRESHOLD = 24
+ADD_THRESHOLD = 12
+GET_THRESHOLD = 16
+
+# Chains longer than this many descriptors leave the vectorised walk and take
+# the scalar one (which applies the queue-size hop limit).
+VECTOR_HOPS = 8
+
+_unpack_desc = DESC.unpack_from
+_NEXT = VRING_DESC_F_NEXT
+_WRITE = VRING_DESC_F_WRITE
+_INDIRECT = VRING_DESC_F_INDIRECT
+_EMPTY_I = np.zeros(0, np.intp)
+_EMPTY_U64 = np.zeros(0, np.uint64)
+_EMPTY_U32 = np.zeros(0, np.uint32)
+_EMPTY_B = np.zeros(0, np.bool_)
+_ARANGE = np.arange(1 << 16, dtype=np.intp)
+_ARANGE.flags.writeable = False
+_ZEROS_I = np.zeros(1 << 16, dtype=np.intp)
+_ZEROS_I.flags.writeable = False
+
+Segment = tuple[int, int, int, bool]
+"""(region index, offset in the region, length, writable) of one buffer."""
+
+
+@dataclass(slots=True)
+class Chains:
+    """Popped chains as arrays: chain ``i`` owns segments ``seg_start[i]:seg_start[i+1]``.
+
+    A segment is ``seg_len`` bytes at ``seg_offset`` inside ``regions[seg_region]``;
+    readable segments of a chain come before its writable ones (checked).
+    """
+
+    heads: IntArray
+    seg_start: IntArray
+    seg_region: IntArray
+    seg_offset: U64Array
+    seg_len: U32Array
+    seg_writable: BoolArray
+    regions: list[Region]
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def segments(self, i: int) -> list[Segment]:
+        a, b = int(self.seg_start[i]), int(self.seg_start[i + 1])
+        return list(zip(self.seg_region[a:b].tolist(), self.seg_offset[a:b].tolist(),
+                        self.seg_len[a:b].tolist(), self.seg_writable[a:b].tolist(),
+                        strict=True))
+
+    def element(self, i: int) -> Element:
+        """Chain ``i`` as the scalar :class:`Element` (memoryviews; readable ones read-only)."""
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        regions = self.regions
+        for ri, off, length, w in self.segments(i):
+            view = regions[ri].view[off:off + length]
+            if w:
+                writable.append(view)
+            else:
+                readable.append(view.toreadonly())
+        return Element(int(self.heads[i]), readable, writable)
+
+    def lengths(self, writable: bool) -> npt.NDArray[np.int64]:
+        """Per chain, the total bytes of its writable (or readable) segments."""
+        n = len(self.heads)
+        sel = self.seg_writable if writable else ~self.seg_writable
+        per_seg = np.where(sel, self.seg_len, 0).astype(np.int64)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        sums = np.add.reduceat(np.concatenate((per_seg, [0])), self.seg_start[:-1])
+        # reduceat gives the element itself for an empty range; chains are never empty.
+        return sums.astype(np.int64)
+
+
+def _empty_chains(regions: list[Region]) -> Chains:
+    return Chains(_EMPTY_I, np.zeros(1, np.intp), _EMPTY_I, _EMPTY_U64, _EMPTY_U32,
+                  _EMPTY_B, regions)
+
+
+def _ring_slices(start: int, n: int, num: int) -> tuple[slice, slice | None]:
+    """The one or two slices of a ring of ``num`` covering ``n`` entries from ``start``."""
+    end = start + n
+    if end <= num:
+        return slice(start, end), None
+    return slice(start, num), slice(0, end - num)
+
+
+# =============================================================== device side
+class DeviceBatch:
+    """Batched pop/push over a :class:`SplitDeviceQueue` (shares its state)."""
+
+    def __init__(self, queue: SplitDeviceQueue) -> None:
+        self.q = queue
+        rings = queue.rings
+        num = queue.num
+        self.num = num
+        self._desc: npt.NDArray[Any] = np.frombuffer(rings.desc, DESC_DTYPE, count=num)
+        self._avail_ring = np.frombuffer(rings.avail16, np.uint16)[2:2 + num]
+        used = np.frombuffer(rings.used32, np.uint32)
+        self._used_id = used[1:1 + 2 * num:2]
+        self._used_len = used[2:2 + 2 * num:2]
+        self._reg_key: list[Region] = []
+        self._reg_gpa = _EMPTY_U64
+        self._reg_size = _EMPTY_U64
+        self._reg_safe = False
+
+    # --------------------------------------------------------------- regions
+    def _regions(self) -> list[Region]:
+        regions = self.q.memory._regions
+        key = self._reg_key
+        if len(regions) == 1 and len(key) == 1 and regions[0] is key[0]:
+            return key
+        if len(key) != len(regions) or any(a is not b for a, b in zip(key, regions,
+                                                                      strict=True)):
+            self._reg_key = list(regions)
+            self._reg_gpa = np.array([r.gpa for r in regions], np.uint64)
+            self._reg_size = np.array([r.size for r in regions], np.uint64)
+            # The quick max-based check below needs offsets + 2**32 to stay in u64.
+            self._reg_safe = all(r.gpa + r.size < 1 << 62 for r in regions)
+        return self._reg_key
+
+    def _locate(self, addr: U64Array, length: U32Array,
+                regions: list[Region]) -> tuple[IntArray, U64Array, BoolArray | None]:
+        """(region index, offset, ok mask or None if all ok) per segment."""
+        if len(regions) == 1:
+            ri = _ZEROS_I[:len(addr)]
+            off = addr - self._reg_gpa[0]
+            size = int(self._reg_size[0])
+            # addr < gpa wraps off past every size; then len > 0 and off + len <= size.
+            if (self._reg_safe and len(off) and int(off.max()) < size
+                    and int((off + length).max()) <= size and int(length.min()) > 0):
+                return ri, off, None
+            end = off + length
+            ok = (end > off) & (end <= size)
+            return ri, off, ok
+        if not regions:
+            z = np.zeros(len(addr), np.bool_)
+            return np.zeros(len(addr), np.intp), addr.copy(), z
+        ri = np.searchsorted(self._reg_gpa, addr, side="right").astype(np.intp) - 1
+        inside = ri >= 0
+        ri[~inside] = 0
+        off = addr - self._reg_gpa[ri]
+        end = off + length
+        ok = inside & (end > off) & (end <= self._reg_size[ri])
+        if bool(ok.all()):
+            return ri, off, None
+        return ri, off, ok
+
+    # ------------------------------------------------------------------- pop
+    def pop(self, max_n: int) -> Chains:
+        """Pop up to ``max_n`` chains (fewer if fewer are available, or before a bad one).
+
+        Raises :class:`PeerError` (and marks the queue broken) only when the
+        very first available entry is bad, exactly as the scalar ``pop`` would.
+        """
+        q = self.q
+        if q.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {q.broken}")
+        last = q.last_avail_idx
+        have = (q.shadow_avail_idx - last) & 0xFFFF
+        if have == 0:
+            have = (q._fetch_avail_idx() - last) & 0xFFFF
+        elif have < max_n:
+            # The scalar loop would pop the cached heads before re-reading
+            # avail.idx; a bad index then breaks the queue on the next call.
+            idx = q._avail[1]
+            if (idx - last) & 0xFFFF <= self.num:
+                q.shadow_avail_idx = idx
+                have = (idx - last) & 0xFFFF
+        n = min(max_n, have)
+        regions = self._regions()
+        if n <= 0:
+            return _empty_chains(regions)
+        num = self.num
+        s1, s2 = _ring_slices(last & (num - 1), n, num)
+        ring = self._avail_ring
+        if s2 is None:
+            heads: IntArray = ring[s1].astype(np.intp)
+        else:
+            heads = np.concatenate((ring[s1], ring[s2])).astype(np.intp)
+        if n < POP_THRESHOLD:
+            return self._pop_scalar(heads, regions)
+        return self._pop_vector(heads, regions)
+
+    def _finish_pop(self, n: int) -> None:
+        """Advance the queue past ``n`` popped heads as ``n`` scalar pops would."""
+        q = self.q
+        last = (q.last_avail_idx + n) & 0xFFFF
+        q.last_avail_idx = last
+        if q.event_idx and q.notification:
+            q._used16[q._avail_event_i] = last
+        q.inuse += n
+
+    def _fail_first(self, head: int, exc: PeerError | None) -> PeerError:
+        """State and error of a scalar pop that fails on the first entry."""
+        q = self.q
+        if exc is None:
+            return q.mark_broken(f"available ring entry {q.last_avail_idx} names head {head} "
+                                 f"of a queue of size {q.num}")
+        # The scalar pop advanced past the head before walking it.
+        self._finish_pop(1)
+        q.inuse -= 1
+        return q.mark_broken(f"head {head}: {exc}")
+
+    def _walk(self, head: int, regions: list[Region]) -> list[Segment]:
+        """The scalar chain walk (SplitDeviceQueue._walk), as segments; PeerError unmarked."""
+        q = self.q
+        memory = q.memory
+        region_of = memory.region_of
+        table: memoryview = q._desc
+        limit = q.num
+        hops = 0
+        in_indirect = False
+        segs: list[Segment] = []
+        seen_write = False
+        single = regions[0] if len(regions) == 1 else None
+        addr, length, flags, nxt = _unpack_desc(table, head * DESC_SIZE)
+        while True:
+            if flags & _INDIRECT:
+                if not q.indirect:
+                    raise PeerError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if in_indirect:
+                    raise PeerError("indirect descriptor inside an indirect table")
+                if hops:
+                    raise PeerError("indirect descriptor in the middle of a chain")
+                if flags & _NEXT:
+                    raise PeerError("indirect descriptor with VRING_DESC_F_NEXT")
+                if length == 0 or length % DESC_SIZE:
+                    raise PeerError(f"indirect table length {length} is not a "
+                                    f"positive multiple of 16")
+                table = memory.translate(addr, length)
+                limit = length // DESC_SIZE
+                in_indirect = True
+                addr, length, flags, nxt = _unpack_desc(table, 0)
+                continue
+            r = region_of(addr, length)
+            ri = 0 if r is single else regions.index(r)
+            w = bool(flags & _WRITE)
+            if w:
+                seen_write = True
+            elif seen_write:
+                raise PeerError("readable descriptor after a writable one")
+            segs.append((ri, addr - r.gpa, length, w))
+            hops += 1
+            if not flags & _NEXT:
+                return segs
+            if hops >= limit:
+                raise PeerError(f"descriptor chain longer than its table ({limit}): a loop")
+            if nxt >= limit:
+                raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
+            addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
+
+    def _pop_scalar(self, heads: IntArray, regions: list[Region]) -> Chains:
+        num = self.num
+        walk = self._walk
+        starts = [0]
+        segs: list[Segment] = []
+        hl = heads.tolist()
+        done = 0
+        for h in hl:
+            if h >= num:
+                if done == 0:
+                    raise self._fail_first(h, None)
+                break
+            try:
+                segs.extend(walk(h, regions))
+            except PeerError as exc:
+                if done == 0:
+                    raise self._fail_first(h, exc) from None
+                break
+            starts.append(len(segs))
+            done += 1
+        self._finish_pop(done)
+        return self._chains_from(hl[:done], starts, segs, regions)
+
+    @staticmethod
+    def _chains_from(heads: list[int], starts: list[int], segs: list[Segment],
+                     regions: list[Region]) -> Chains:
+        if segs:
+            ri, off, ln, w = zip(*segs, strict=True)
+            return Chains(np.array(heads, np.intp), np.array(starts, np.intp),
+                          np.array(ri, np.intp), np.array(off, np.uint64),
+                          np.array(ln, np.uint32), np.array(w, np.bool_), regions)
+        return _empty_chains(regions)
+
+    def _pop_vector(self, heads: IntArray, regions: list[Region]) -> Chains:
+        num = self.num
+        n = len(heads)
+        special: BoolArray | None = None
+        orig = heads
+        if int(heads.max()) >= num:
+            special = heads >= num
+            heads = np.where(special, 0, heads)
+        d = self._desc[heads]
+        flags = d["flags"]
+        addr: U64Array = d["addr"]
+        length: U32Array = d["len"]
+        if not int(np.bitwise_or.reduce(flags)) & (_NEXT | _INDIRECT):
+            ids: IntArray | None = None
+            writable = (flags & _WRITE).astype(np.bool_)
+        else:
+            # Walk the chains round by round (one gather per hop); anything
+            # unusual becomes "special" and takes the scalar walk, which also
+            # gives the exact error.  Checks that need the whole chain run once
+            # at the end over all segments.
+            if special is None:
+                special = np.zeros(n, np.bool_)
+            special |= (flags & _INDIRECT).astype(np.bool_)
+            ids_l = [_ARANGE[:n]]
+            addr_l = [addr]
+            len_l = [length]
+            flags_l = [flags]
+            cont = np.flatnonzero((flags & _NEXT).astype(np.bool_) & ~special)
+            active = cont
+            nxt = d["next"][cont]
+            hop = 1
+            while len(active):
+                if hop >= num or hop >= VECTOR_HOPS:
+                    special[active] = True
+                    break
+                if int(nxt.max()) >= num:
+                    bad = nxt >= num
+                    special[active[bad]] = True
+                    keep = ~bad
+                    active = active[keep]
+                    nxt = nxt[keep]
+                dr = self._desc[nxt]
+                fr = dr["flags"]
+                ids_l.append(active)
+                addr_l.append(dr["addr"])
+                len_l.append(dr["len"])
+                flags_l.append(fr)
+                c = np.flatnonzero(fr & _NEXT)
+                active = active[c]
+                nxt = dr["next"][c]
+                hop += 1
+            ids = np.concatenate(ids_l)
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+            addr = np.concatenate(addr_l)[order]
+            length = np.concatenate(len_l)[order]
+            fl = np.concatenate(flags_l)[order]
+            writable = (fl & _WRITE).astype(np.bool_)
+            # Within a chain: no readable segment after a writable one, and no
+            # indirect descriptor after the first (§2.7.5.3.1).
+            same = ids[1:] == ids[:-1]
+            wrong = same & ((writable[:-1] & ~writable[1:]) | (fl[1:] & _INDIRECT).astype(bool))
+            if wrong.any():
+                special[ids[1:][wrong]] = True
+        ri, off, ok = self._locate(addr, length, regions)
+        if ok is not None:
+            bad_chain = ~ok if ids is None else np.bincount(ids[~ok], minlength=n) > 0
+            special = bad_chain if special is None else special | bad_chain
+        if special is not None and special.any():
+            return self._pop_mixed(orig, special, ids, ri, off, length, writable, regions)
+        self._finish_pop(n)
+        starts = _ARANGE[:n + 1] if ids is None else np.searchsorted(ids, _ARANGE[:n + 1])
+        return Chains(heads, starts, ri, off, length, writable, regions)
+
+    def _pop_mixed(self, heads: IntArray, special: BoolArray, ids: IntArray | None,
+                   ri: IntArray, off: U64Array, length: U32Array, writable: BoolArray,
+                   regions: list[Region]) -> Chains:
+        """Some chains need the scalar walk: indirect, long, or bad (cut the batch there)."""
+        n = len(heads)
+        num = self.num
+        if ids is None:
+            ids = _ARANGE[:n]
+        vec_starts = np.searchsorted(ids, _ARANGE[:n + 1]).tolist()
+        sp = np.flatnonzero(special).tolist()
+        head_l = heads.tolist()
+        ri_l, off_l, len_l, w_l = ri.tolist(), off.tolist(), length.tolist(), writable.tolist()
+        segs: list[Segment] = []
+        starts = [0]
+        cut = n
+        sp_set = set(sp)
+        for i in range(n):
+            if i in sp_set:
+                h = head_l[i]
+                if h >= num:
+                    if i == 0:
+                        raise self._fail_first(h, None)
+                    cut = i
+                    break
+                try:
+                    segs.extend(self._walk(h, regions))
+                except PeerError as exc:
+                    if i == 0:
+                        raise self._fail_first(h, exc) from None
+                    cut = i
+                    break
+            else:
+                a, b = vec_starts[i], vec_starts[i + 1]
+                segs.extend(zip(ri_l[a:b], off_l[a:b], len_l[a:b], w_l[a:b], strict=True))
+            starts.append(len(segs))
+        self._finish_pop(cut)
+        return self._chains_from(head_l[:cut], starts, segs, regions)
+
+    # ------------------------------------------------------------------ push
+    def push(self, heads: npt.ArrayLike, lengths: npt.ArrayLike) -> None:
+        """Fill one used element per head and publish them with one ``used.idx`` store.
+
+        The same as ``fill(heads[i], lengths[i], i)`` for each ``i`` then
+        ``flush(len(heads))`` (§2.7.8): entries first, then the index.
+        """
+        q = self.q
+        h = np.asarray(heads)
+        ln = np.asarray(lengths)
+        n = len(h) if h.ndim == 1 else -1
+        if h.ndim != 1 or ln.shape != h.shape:
+            raise CallerError("push needs one length per head")
+        if n and (h.dtype.kind not in "iu" or ln.dtype.kind not in "iu" or (
+                int(h.min()) < 0 or int(h.max()) > 0xFFFFFFFF
+                or int(ln.min()) < 0 or int(ln.max()) > 0xFFFFFFFF)):
+            raise CallerError("used ids and lengths must be 32-bit unsigned integers")
+        if n < PUSH_THRESHOLD:
+            fill = q.fill
+            for i, (hh, ll) in enumerate(zip(h.tolist(), ln.tolist(), strict=True)):
+                fill(hh, ll, i)
+            q.flush(n)
+            return
+        num = self.num
+        s1, s2 = _ring_slices(q.used_idx & (num - 1), n, num)
+        uid, ulen = self._used_id, self._used_len
+        if s2 is None:
+            uid[s1] = h
+            ulen[s1] = ln
+        else:
+            k = s1.stop - s1.start
+            uid[s1] = h[:k]
+            ulen[s1] = ln[:k]
+            uid[s2] = h[k:]
+            ulen[s2] = ln[k:]
+        q.flush(n)
+
+    def push_chains(self, chains: Chains, lengths: npt.ArrayLike) -> None:
+        """Push every chain of a popped batch with its written length."""
+        self.push(chains.heads, lengths)
+
+
+# =============================================================== driver side
+@dataclass(slots=True)
+class UsedBatch:
+    """Used buffers: ``tokens[i]`` came back with ``lengths[i]`` bytes written."""
+
+    tokens: npt.NDArray[Any]
+    lengths: U32Array
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+class DriverBatch:
+    """Batched add/get over a :class:`SplitDriverQueue` (shares its state)."""
+
+    def __init__(self, queue: SplitDriverQueue) -> None:
+        self.q = queue
+        rings = queue.rings
+        num = queue.num
+        self.num = num
+        self._desc: npt.NDArray[Any] = np.frombuffer(rings.desc, DESC_DTYPE, count=num)
+        self._avail_ring = np.frombuffer(rings.avail16, np.uint16)[2:2 + num]
+        used = np.frombuffer(rings.used32, np.uint32)
+        self._used_id = used[1:1 + 2 * num:2]
+        self._used_len = used[2:2 + 2 * num:2]
+        area = queue._indirect
+        self._area: npt.NDArray[Any] | None = None
+        if area is not None:
+            self._area = np.frombuffer(area.view, DESC_DTYPE,
+                                       count=num * area.per_head).reshape(num, area.per_head)
+
+    # ------------------------------------------------------------------- add
+    def add(self, addrs: npt.ArrayLike, lengths: npt.ArrayLike, n_out: int,
+            tokens: npt.ArrayLike) -> IntArray:
+        """Add ``N`` buffers of ``k`` segments each and publish them with one ``avail.idx``.
+
+        ``addrs`` and ``lengths`` have shape (N, k) (or (N,) for k = 1); the
+        first ``n_out`` segments of each buffer are readable, the rest
+        writable; ``tokens`` are N integers returned by :meth:`get`.  The
+        result is the N heads.  Unlike N scalar adds this is all or nothing:
+        :class:`QueueFull` if the free list cannot take every buffer.
+        """
+        q = self.q
+        if q.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {q.broken}")
+        a = np.asarray(addrs, dtype=np.uint64)
+        ln = np.asarray(lengths, dtype=np.uint32)
+        if a.ndim == 1:
+            a = a[:, None]
+        if ln.ndim == 1:
+            ln = ln[:, None]
+        tok = np.asarray(tokens)
+        if a.shape != ln.shape or a.ndim != 2 or tok.shape != (a.shape[0],):
+            raise CallerError("add needs addrs and lengths of shape (N, k) and N tokens")
+        n, k = a.shape
+        if n == 0:
+            return _EMPTY_I
+        if k == 0:
+            raise CallerError("a buffer needs at least one segment")
+        if not 0 <= n_out <= k:
+            raise CallerError(f"n_out {n_out} is not in 0..{k}")
+        if tok.dtype.kind not in "iu":
+            raise CallerError("batched tokens are integers")
+        if n < ADD_THRESHOLD:
+            return self._add_scalar(a, ln, n_out, tok)
+        indirect = q.use_indirect and k > 1 and self._area is not None
+        free = q._free
+        need = n if indirect else n * k
+        if need > len(free):
+            raise QueueFull(f"{need} descriptors needed, {len(free)} free")
+        flags = np.where(_ARANGE[:k] >= n_out, _WRITE, 0).astype(np.uint16)
+        flags[:-1] |= _NEXT
+        # The scalar add pops the free list from its end, one descriptor at a time.
+        area = q._indirect
+        if indirect and area is not None and k > area.per_head:
+            raise CallerError(f"{k} segments exceed the indirect slot of {area.per_head}")
+        cut = len(free) - need
+        taken = np.array(free[cut:], np.intp)[::-1]
+        del free[cut:]
+        desc = self._desc
+        if indirect:
+            assert area is not None and self._area is not None
+            heads = taken
+            rec = np.empty((n, k), DESC_DTYPE)
+            rec["addr"] = a
+            rec["len"] = ln
+            rec["flags"] = flags
+            nx = np.zeros(k, np.uint16)
+            nx[:-1] = _ARANGE[1:k]
+            rec["next"] = nx
+            self._area[heads, :k] = rec
+            top = np.empty(n, DESC_DTYPE)
+            top["addr"] = area.gpa + (heads * (area.per_head * DESC_SIZE)).astype(np.uint64)
+            top["len"] = k * DESC_SIZE
+            top["flags"] = _INDIRECT
+            top["next"] = 0
+            desc[heads] = top
+            chains_v: list[tuple[int, ...]] | None = None
+        else:
+            idx2 = taken.reshape(n, k)
+            heads = idx2[:, 0]
+            rec = np.empty((n, k), DESC_DTYPE)
+            rec["addr"] = a
+            rec["len"] = ln
+            rec["flags"] = flags
+            if k > 1:
+                rec["next"][:, :-1] = idx2[:, 1:]
+            rec["next"][:, -1] = 0
+            desc[taken] = rec.reshape(-1)
+            chains_v = None if k == 1 else list(map(tuple, idx2.tolist()))
+        head_l = heads.tolist()
+        tokens_l = q._tokens
+        # A free head already holds its 1-tuple chain (split_driver invariant).
+        for h, t in zip(head_l, tok.tolist(), strict=True):
+            tokens_l[h] = t
+        if chains_v is not None:
+            chains_l = q._chains
+            for h, c in zip(head_l, chains_v, strict=True):
+                chains_l[h] = c
+        q._outstanding += n
+        num = self.num
+        shadow = q.avail_idx_shadow
+        s1, s2 = _ring_slices(shadow & (num - 1), n, num)
+        ring = self._avail_ring
+        if s2 is None:
+            ring[s1] = heads
+        else:
+            m = s1.stop - s1.start
+            ring[s1] = heads[:m]
+            ring[s2] = heads[m:]
+        shadow = (shadow + n) & 0xFFFF
+        q.avail_idx_shadow = shadow
+        q._avail[1] = shadow
+        q.num_added += n
+        return heads
+
+    def _add_scalar(self, a: npt.NDArray[np.uint64], ln: U32Array, n_out: int,
+                    tok: npt.NDArray[Any]) -> IntArray:
+        q = self.q
+        n, k = a.shape
+        need = n if (q.use_indirect and k > 1 and q._indirect is not None) else n * k
+        if need > len(q._free):
+            raise QueueFull(f"{need} descriptors needed, {len(q._free)} free")
+        add = q.add
+        out: list[int] = []
+        for segs_a, segs_l, t in zip(a.tolist(), ln.tolist(), tok.tolist(), strict=True):
+            segs = list(zip(segs_a, segs_l, strict=True))
+            out.append(add(segs[:n_out], segs[n_out:], t))
+        return np.array(out, np.intp)
+
+    # ------------------------------------------------------------------- get
+    def get(self, max_n: int) -> UsedBatch:
+        """Up to ``max_n`` used buffers, publishing ``used_event`` once (§2.7.7.2).
+
+        Stops before the first bad used element (id out of range or not an
+        outstanding head); if that is the first one, raises :class:`PeerError`
+        and marks the queue broken as the scalar ``get_buf`` does.  Tokens
+        come back as an int64 array when they are all integers.
+        """
+        q = self.q
+        if q.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {q.broken}")
+        last = q.last_used_idx
+        used_idx = q._used16[1]
+        pending = (used_idx - last) & 0xFFFF
+        if pending > q.num:
+            raise q.mark_broken(f"device moved used.idx from {last} to {used_idx}: "
+                                f"more than the queue size ahead")
+        n = min(max_n, pending)
+        if n <= 0:
+            return UsedBatch(np.zeros(0, np.int64), _EMPTY_U32)
+        if n < GET_THRESHOLD:
+            return self._get_scalar(n)
+        num = self.num
+        s1, s2 = _ring_slices(last & (num - 1), n, num)
+        if s2 is None:
+            ids_a = self._used_id[s1].astype(np.intp)
+            lens = self._used_len[s1].copy()
+        else:
+            ids_a = np.concatenate((self._used_id[s1], self._used_id[s2])).astype(np.intp)
+            lens = np.concatenate((self._used_len[s1], self._used_len[s2]))
+        tokens_l = q._tokens
+        if int(ids_a.max()) >= num:
+            good = int(np.argmax(ids_a >= num))
+            ids_a = ids_a[:good]
+            lens = lens[:good]
+        ids = ids_a.tolist()
+        toks = [tokens_l[h] for h in ids]
+        if None in toks or len(set(ids)) != len(ids):
+            seen: set[int] = set()
+            good = 0
+            for h, t in zip(ids, toks, strict=True):
+                if t is None or h in seen:
+                    break
+                seen.add(h)
+                good += 1
+            ids = ids[:good]
+            toks = toks[:good]
+            lens = lens[:good]
+        n = len(ids)
+        if n == 0:
+            # The scalar call raises the exact error (and marks the queue broken).
+            one = q.get_buf()
+            assert one is not None
+            return UsedBatch(_token_array([one[0]]), np.array([one[1]], np.uint32))
+        for h in ids:
+            tokens_l[h] = None
+        chains_l = q._chains
+        descs = list(_chain.from_iterable([chains_l[h] for h in ids]))
+        q._free.extend(descs)
+        if len(descs) != n:
+            # Some chains had several descriptors: their heads get their 1-tuples back.
+            singles = q._singles
+            for h in ids:
+                chains_l[h] = singles[h]
+        q._outstanding -= n
+        last = (last + n) & 0xFFFF
+        q.last_used_idx = last
+        if not q.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            q._avail[q._used_event_i] = last
+            full_fence()
+        return UsedBatch(_token_array(toks), lens)
+
+    def _get_scalar(self, n: int) -> UsedBatch:
+        """The scalar get_buf loop, publishing used_event once; stops before a bad element."""
+        q = self.q
+        num = self.num
+        mask = num - 1
+        last = q.last_used_idx
+        used32 = q._used32
+        tokens_l = q._tokens
+        chains_l = q._chains
+        singles = q._singles
+        extend = q._free.extend
+        toks: list[object] = []
+        lens: list[int] = []
+        for i in range(n):
+            slot = 1 + 2 * ((last + i) & mask)
+            h = used32[slot]
+            length = used32[slot + 1]
+            if h >= num:
+                break
+            t = tokens_l[h]
+            if t is None:
+                break
+            tokens_l[h] = None
+            extend(chains_l[h])
+            chains_l[h] = singles[h]
+            toks.append(t)
+            lens.append(length)
+        got = len(toks)
+        if got == 0:
+            # The scalar call raises the exact error (and marks the queue broken).
+            one = q.get_buf()
+            assert one is not None
+            return UsedBatch(_token_array([one[0]]), np.array([one[1]], np.uint32))
+        q._outstanding -= got
+        last = (last + got) & 0xFFFF
+        q.last_used_idx = last
+        if not q.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            q._avail[q._used_event_i] = last
+            full_fence()
+        return UsedBatch(_token_array(toks), np.array(lens, np.uint32))
+
+
+def _token_array(toks: Sequence[object]) -> npt.NDArray[Any]:
+    """int64 when every token is an int (the batched API's tokens), else objects."""
+    try:
+        arr = np.array(toks)
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is not None and arr.dtype == np.int64 and arr.shape == (len(toks),):
+        return arr
+    out = np.empty(len(toks), object)
+    for i, t in enumerate(toks):
+        out[i] = t
+    return out

@@ -1,0 +1,1 @@
+"""Package data: the vhost-user.json back-end descriptor (QEMU docs/interop/vhost-user.json)."""

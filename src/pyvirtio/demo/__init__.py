@@ -1,0 +1,11 @@
+"""The two-process guest/host demo and the speed duel (issue 2, §4 and §5).
+
+* :mod:`~pyvirtio.demo.host` runs the device side (the VMM): the legacy
+  virtio-pci register model and a virtio-net loopback device, serving a
+  guest process that runs the driver;
+* :mod:`~pyvirtio.demo.guest` is the guest process (``python -m
+  pyvirtio.demo.guest``): register accesses become socket messages (VM
+  exits), kicks go through ioeventfds, interrupts arrive through irqfds;
+* :mod:`~pyvirtio.demo.duel` sweeps the speed ratio of a driver and a device
+  process and counts kicks and interrupts per 1,000 buffers.
+"""

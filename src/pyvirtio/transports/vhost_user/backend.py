@@ -1,0 +1,645 @@
+"""The vhost-user back end as a sans-I/O state machine.
+
+Implements QEMU docs/interop/vhost-user.rst: "Ring states" (stopped / started
+but disabled / started and enabled; a ring starts on SET_VRING_KICK, stops on
+GET_VRING_BASE; without VHOST_USER_F_PROTOCOL_FEATURES it starts enabled,
+with it disabled until SET_VRING_ENABLE 1), "Memory access" and "Memory
+regions description" (regions mmapped from their fds at their mmap offsets;
+ring addresses are user addresses, descriptors hold guest addresses),
+"Multiple queue support", "Front-end message types" and "REPLY_ACK".  The ring
+layout itself is VIRTIO 1.2 §2.7, handled by
+:class:`~pyvirtio.core.split_device.SplitDeviceQueue`.
+
+:meth:`VhostUserBackend.handle` takes one decoded :class:`Message` and returns
+an :class:`Outcome`: the replies to send and the rings that just became
+runnable.  It never touches the socket; the fds it keeps (kick, call, err) are
+plain ints the I/O layer (``server.py``) watches and signals.  Broken rules
+raise :class:`PeerError` — unless the request asked for a REPLY_ACK, in which
+case the error becomes a non-zero reply and the connection survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.layout import (
+    RingViews,
+    SplitLayout,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+from pyvirtio.core.memory import GuestMemory, Region
+from pyvirtio.core.spec import MAX_QUEUE_SIZE, Status
+from pyvirtio.core.split_device import SplitDeviceQueue
+from pyvirtio.transports.vhost_user.device import VhostUserDevice
+from pyvirtio.transports.vhost_user.messages import (
+    F_PROTOCOL_FEATURES,
+    MAX_CONFIG_SIZE,
+    VRING_INDEX_MASK,
+    VRING_NOFD_MASK,
+    ConfigSpace,
+    MemoryTable,
+    MemRegion,
+    Message,
+    Payload,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    VringState,
+    reply,
+)
+
+__all__ = ["SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult", "VhostUserBackend"]
+
+#: Protocol features the back end implements (and offers).  INFLIGHT_SHMFD is
+#: deliberately absent: QEMU then never sends GET_INFLIGHT_FD.
+SUPPORTED_PROTOCOL_FEATURES = (
+    1 << ProtocolFeature.MQ
+    | 1 << ProtocolFeature.REPLY_ACK
+    | 1 << ProtocolFeature.CONFIG
+    | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | 1 << ProtocolFeature.RESET_DEVICE
+    | 1 << ProtocolFeature.STATUS
+)
+
+#: Requests whose reply has its own body: REPLY_ACK cannot report an error for them.
+_HAS_REPLY = frozenset({
+    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
+    Request.GET_QUEUE_NUM, Request.GET_CONFIG, Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS,
+})
+
+_VHOST_VRING_F_LOG = 1
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass(eq=False)
+class Ring:
+    """Back-end state of one ring (vhost-user.rst "Ring states")."""
+
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    #: (last_avail_idx, used_idx) while no queue object exists (SET_VRING_BASE).
+    saved: tuple[int, int] = (0, 0)
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False
+    enabled: bool = False
+    queue: SplitDeviceQueue | None = None
+
+    @property
+    def state(self) -> str:
+        if not self.started:
+            return "stopped"
+        return "enabled" if self.enabled else "disabled"
+
+    @property
+    def runnable(self) -> bool:
+        """Started, enabled, mapped and not broken: the back end may process it."""
+        q = self.queue
+        return self.started and self.enabled and q is not None and q.broken is None
+
+    @property
+    def polled(self) -> bool:
+        """Started with the invalid-fd flag: poll it instead of waiting for kicks."""
+        return self.started and self.kick_fd is None
+
+    def base(self) -> tuple[int, int]:
+        return self.queue.get_state() if self.queue is not None else self.saved
+
+    def close_fds(self) -> None:
+        _close(self.kick_fd)
+        _close(self.call_fd)
+        _close(self.err_fd)
+        self.kick_fd = self.call_fd = self.err_fd = None
+
+
+@dataclass
+class Outcome:
+    """What handling one message produced."""
+
+    replies: list[Message] = field(default_factory=list)
+    #: Rings that just became started and enabled: process them once now, since
+    #: buffers may already wait (a kick sent before the ring started is lost).
+    start: list[int] = field(default_factory=list)
+    #: An error reported to the front end with a non-zero REPLY_ACK (log it).
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    """What processing one ring produced."""
+
+    published: int = 0
+    #: Signal the ring's call eventfd.
+    notify: bool = False
+    #: The ring just broke for this reason (mark NEEDS_RESET, log once).
+    broken: str | None = None
+
+
+class VhostUserBackend:
+    """Protocol state of one front-end connection, serving ``device``."""
+
+    def __init__(self, device: VhostUserDevice, *, max_mem_slots: int = 32) -> None:
+        self.device = device
+        self.max_mem_slots = max_mem_slots
+        self.offered_features = device.features() | 1 << F_PROTOCOL_FEATURES
+        self.offered_protocol = SUPPORTED_PROTOCOL_FEATURES | (
+            device.protocol_features() & SUPPORTED_PROTOCOL_FEATURES)
+        self.num_queues = device.num_queues()
+        self.max_queue_size = min(device.max_queue_size(), MAX_QUEUE_SIZE)
+        self.features = 0
+        self.features_set = False
+        self.protocol = 0
+        self.protocol_set = False
+        self.owner = False
+        self.status = 0
+        self.memory: GuestMemory | None = None
+        self.rings = [Ring(i) for i in range(self.num_queues)]
+        #: Bumped whenever a kick fd changes, so the I/O layer re-registers them.
+        self.kick_generation = 0
+        self._adopted: set[int] = set()
+        self._handlers: dict[Request, Callable[[Message], Payload | _NoReply]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+        }
+        self._outcome = Outcome()
+
+    # ------------------------------------------------------------ negotiated
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.protocol >> ProtocolFeature.REPLY_ACK & 1)
+
+    @property
+    def protocol_features_negotiated(self) -> bool:
+        """VHOST_USER_F_PROTOCOL_FEATURES is in force (acked, or protocol features set)."""
+        return bool(self.features >> F_PROTOCOL_FEATURES & 1) or self.protocol_set
+
+    @property
+    def virtio_features(self) -> int:
+        """The acknowledged virtio feature bits, without the vhost-user bit 30."""
+        return self.features & ~(1 << F_PROTOCOL_FEATURES)
+
+    def _has_protocol(self, bit: ProtocolFeature, request: Request) -> None:
+        if not self.protocol >> bit & 1:
+            raise PeerError(f"{request.name} without protocol feature {bit.name} negotiated")
+
+    # ---------------------------------------------------------------- handle
+    def handle(self, msg: Message) -> Outcome:
+        """Apply one request; returns the replies to send and the rings to run now.
+
+        Raises :class:`PeerError` when the connection must be dropped.  The fds
+        of ``msg`` are kept (kick, call, err) or closed here.
+        """
+        self._outcome = out = Outcome()
+        self._adopted = set()
+        handler = self._handlers.get(msg.request)
+        try:
+            if handler is None:
+                raise PeerError(f"{msg.request.name} is not supported")
+            result = handler(msg)
+        except PeerError as exc:
+            out.start.clear()
+            if msg.need_reply and self.reply_ack and msg.request not in _HAS_REPLY:
+                out.replies.append(reply(msg.request, 1))
+                out.error = f"{msg.request.name} refused: {exc}"
+                return out
+            raise
+        finally:
+            for fd in msg.fds:
+                if fd not in self._adopted:
+                    _close(fd)
+        if not isinstance(result, _NoReply):
+            out.replies.append(reply(msg.request, result))
+        elif msg.need_reply and self.reply_ack:
+            out.replies.append(reply(msg.request, 0))
+        return out
+
+    def _ring(self, index: int, request: Request) -> Ring:
+        if not 0 <= index < self.num_queues:
+            raise PeerError(f"{request.name}: ring {index} beyond the {self.num_queues} queues")
+        return self.rings[index]
+
+    # -------------------------------------------------------------- features
+    def _get_features(self, msg: Message) -> Payload:
+        return self.offered_features
+
+    def _set_features(self, msg: Message) -> _NoReply:
+        assert isinstance(msg.payload, int)
+        extra = msg.payload & ~self.offered_features
+        if extra:
+            raise PeerError(f"SET_FEATURES acks bits {extra:#x} that were not offered")
+        self.features = msg.payload
+        self.features_set = True
+        self.device.set_features(self.virtio_features)
+        for ring in self.rings:
+            if ring.queue is not None:
+                self._map_ring(ring, strict=False)
+        return NO_REPLY
+
+    def _get_protocol_features(self, msg: Message) -> Payload:
+        return self.offered_protocol
+
+    def _set_protocol_features(self, msg: Message) -> _NoReply:
+        assert isinstance(msg.payload, int)
+        extra = msg.payload & ~self.offered_protocol
+        if extra:
+            raise PeerError(f"SET_PROTOCOL_FEATURES sets bits {extra:#x} that were not offered")
+        self.protocol = msg.payload
+        self.protocol_set = True
+        return NO_REPLY
+
+    def _set_owner(self, msg: Message) -> _NoReply:
+        self.owner = True
+        return NO_REPLY
+
+    def _reset_owner(self, msg: Message) -> _NoReply:
+        # Deprecated; the spec recommends ignoring it or disabling all rings.
+        for ring in self.rings:
+            ring.enabled = False
+        return NO_REPLY
+
+    # ---------------------------------------------------------------- memory
+    def _map_region(self, memory: GuestMemory, region: MemRegion, fd: int) -> None:
+        if region.size == 0:
+            raise PeerError(f"memory region at {region.gpa:#x} has size 0")
+        if region.gpa + region.size > 1 << 64 or region.uaddr + region.size > 1 << 64:
+            raise PeerError(f"memory region gpa={region.gpa:#x} uaddr={region.uaddr:#x} "
+                            f"size={region.size:#x} wraps 2^64")
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise PeerError(f"memory region fd is unusable: {exc}") from None
+        # A mapping past the end of a file is a SIGBUS waiting for the first access.
+        if stat.S_ISREG(st.st_mode) and region.mmap_offset + region.size > st.st_size:
+            raise PeerError(f"memory region mmap_offset {region.mmap_offset:#x} + size "
+                            f"{region.size:#x} is past the end of its file "
+                            f"({st.st_size:#x} bytes)")
+        try:
+            mapped = memory.map_fd(fd, region.size, region.gpa, region.mmap_offset,
+                                   region.uaddr)
+        except CallerError as exc:
+            raise PeerError(f"memory region rejected: {exc}") from None
+        mapped.fd = -1  # closed by handle(); the mapping outlives it
+
+    def _replace_memory(self, memory: GuestMemory | None) -> None:
+        old = self.memory
+        self.memory = memory
+        for ring in self.rings:
+            if ring.addr is not None:
+                self._map_ring(ring, strict=False)
+        if old is not None and old is not memory:
+            old.close()
+
+    def _set_mem_table(self, msg: Message) -> _NoReply:
+        table = msg.payload
+        assert isinstance(table, MemoryTable)
+        memory = GuestMemory()
+        try:
+            for region, fd in zip(table.regions, msg.fds, strict=True):
+                self._map_region(memory, region, fd)
+        except BaseException:
+            memory.close()
+            raise
+        self._replace_memory(memory)
+        return NO_REPLY
+
+    def _get_max_mem_slots(self, msg: Message) -> Payload:
+        self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS, msg.request)
+        return self.max_mem_slots
+
+    def _add_mem_reg(self, msg: Message) -> _NoReply:
+        self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS, msg.request)
+        region = msg.payload
+        assert isinstance(region, MemRegion)
+        memory = self.memory if self.memory is not None else GuestMemory()
+        if len(memory.regions) >= self.max_mem_slots:
+            raise PeerError(f"ADD_MEM_REG beyond the {self.max_mem_slots} memory slots")
+        self._map_region(memory, region, msg.fds[0])
+        self._replace_memory(memory)
+        return NO_REPLY
+
+    def _rem_mem_reg(self, msg: Message) -> _NoReply:
+        self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS, msg.request)
+        region = msg.payload
+        assert isinstance(region, MemRegion)
+        memory = self.memory
+        found: Region | None = None
+        if memory is not None:
+            for r in memory.regions:
+                if r.gpa == region.gpa and r.size == region.size and r.uaddr == region.uaddr:
+                    found = r
+        if memory is None or found is None:
+            raise PeerError(f"REM_MEM_REG: no region gpa={region.gpa:#x} size={region.size:#x} "
+                            f"uaddr={region.uaddr:#x}")
+        memory.remove_region(found.gpa, found.size)
+        self._replace_memory(memory)
+        found.view.release()
+        if isinstance(found.owner, mmap.mmap):
+            with contextlib.suppress(BufferError):
+                found.owner.close()
+        return NO_REPLY
+
+    # ----------------------------------------------------------------- rings
+    def _map_ring(self, ring: Ring, *, strict: bool) -> None:
+        """(Re)build the ring's queue from its addresses, keeping its indices.
+
+        ``strict``: raise when the addresses do not translate (SET_VRING_ADDR);
+        otherwise (memory table or feature change) leave the ring unmapped until
+        the memory comes back.
+        """
+        old = ring.queue
+        if old is not None:
+            ring.saved = old.get_state()
+        ring.queue = None
+        addr = ring.addr
+        if addr is None or ring.num == 0:
+            return
+        try:
+            if self.memory is None:
+                raise PeerError("ring addresses set before any memory table")
+            num = ring.num
+            layout = SplitLayout.modern(num, addr.desc, addr.avail, addr.used)
+            mem = self.memory
+            views = RingViews(layout, mem.translate_uaddr(addr.desc, desc_table_size(num)),
+                              mem.translate_uaddr(addr.avail, avail_ring_size(num)),
+                              mem.translate_uaddr(addr.used, used_ring_size(num)))
+        except PeerError as exc:
+            if strict:
+                raise PeerError(f"ring {ring.index}: {exc}") from None
+            return
+        queue = SplitDeviceQueue(views, mem, self.virtio_features)
+        queue.set_state(*ring.saved)
+        if old is not None and old.broken is not None:
+            queue.broken = old.broken
+        ring.queue = queue
+
+    def _set_vring_num(self, msg: Message) -> _NoReply:
+        assert isinstance(msg.payload, VringState)
+        ring = self._ring(msg.payload.index, msg.request)
+        num = msg.payload.num
+        if num == 0 or num & (num - 1) or num > self.max_queue_size:
+            raise PeerError(f"SET_VRING_NUM {num} for ring {ring.index}: not a power of two "
+                            f"in 1..{self.max_queue_size}")
+        if ring.started:
+            raise PeerError(f"SET_VRING_NUM on started ring {ring.index}")
+        ring.num = num
+        self._map_ring(ring, strict=False)
+        return NO_REPLY
+
+    def _set_vring_addr(self, msg: Message) -> _NoReply:
+        addr = msg.payload
+        assert isinstance(addr, VringAddr)
+        ring = self._ring(addr.index, msg.request)
+        if addr.flags & ~_VHOST_VRING_F_LOG:
+            raise PeerError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
+        if ring.num == 0:
+            raise PeerError(f"SET_VRING_ADDR before SET_VRING_NUM on ring {ring.index}")
+        previous = ring.addr
+        ring.addr = addr
+        try:
+            self._map_ring(ring, strict=True)
+        except PeerError:
+            ring.addr = previous
+            self._map_ring(ring, strict=False)
+            raise
+        return NO_REPLY
+
+    def _set_vring_base(self, msg: Message) -> _NoReply:
+        assert isinstance(msg.payload, VringState)
+        ring = self._ring(msg.payload.index, msg.request)
+        base = msg.payload.num
+        if base > 0xFFFF:
+            raise PeerError(f"SET_VRING_BASE {base:#x} is not a 16-bit split-ring index")
+        if ring.started:
+            raise PeerError(f"SET_VRING_BASE on started ring {ring.index}")
+        ring.saved = (base, base)
+        if ring.queue is not None:
+            ring.queue.set_state(base)
+        return NO_REPLY
+
+    def _get_vring_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, VringState)
+        ring = self._ring(msg.payload.index, msg.request)
+        last_avail, _used = ring.base()
+        self._stop(ring)
+        return VringState(ring.index, last_avail)
+
+    def _stop(self, ring: Ring) -> None:
+        ring.started = False
+        if ring.kick_fd is not None:
+            self.kick_generation += 1
+        _close(ring.kick_fd)
+        _close(ring.call_fd)
+        ring.kick_fd = ring.call_fd = None
+
+    def _vring_fd(self, msg: Message) -> tuple[Ring, int | None]:
+        assert isinstance(msg.payload, int)
+        value = msg.payload
+        if value & ~(VRING_INDEX_MASK | VRING_NOFD_MASK):
+            raise PeerError(f"{msg.request.name}: unknown bits in {value:#x}")
+        ring = self._ring(value & VRING_INDEX_MASK, msg.request)
+        if value & VRING_NOFD_MASK:
+            return ring, None
+        fd = msg.fds[0]
+        try:
+            # Never block on the peer's fd (a pipe that nobody drains, say).
+            os.set_blocking(fd, False)
+        except OSError as exc:
+            raise PeerError(f"{msg.request.name}: unusable fd: {exc}") from None
+        self._adopted.add(fd)
+        return ring, fd
+
+    def _set_vring_kick(self, msg: Message) -> _NoReply:
+        ring, fd = self._vring_fd(msg)
+        if ring.addr is None:
+            if fd is not None:
+                self._adopted.discard(fd)
+            raise PeerError(f"SET_VRING_KICK on ring {ring.index} before SET_VRING_ADDR")
+        _close(ring.kick_fd)
+        ring.kick_fd = fd
+        self.kick_generation += 1
+        was_runnable = ring.runnable
+        ring.started = True
+        if not self.protocol_features_negotiated:
+            ring.enabled = True
+        if ring.runnable and not was_runnable:
+            self._outcome.start.append(ring.index)
+        return NO_REPLY
+
+    def _set_vring_call(self, msg: Message) -> _NoReply:
+        ring, fd = self._vring_fd(msg)
+        _close(ring.call_fd)
+        ring.call_fd = fd
+        return NO_REPLY
+
+    def _set_vring_err(self, msg: Message) -> _NoReply:
+        ring, fd = self._vring_fd(msg)
+        _close(ring.err_fd)
+        ring.err_fd = fd
+        return NO_REPLY
+
+    def _set_vring_enable(self, msg: Message) -> _NoReply:
+        assert isinstance(msg.payload, VringState)
+        ring = self._ring(msg.payload.index, msg.request)
+        if not self.protocol_features_negotiated:
+            raise PeerError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        if msg.payload.num not in (0, 1):
+            raise PeerError(f"SET_VRING_ENABLE {msg.payload.num} is neither 0 nor 1")
+        was_runnable = ring.runnable
+        ring.enabled = bool(msg.payload.num)
+        if ring.runnable and not was_runnable:
+            self._outcome.start.append(ring.index)
+        return NO_REPLY
+
+    def _get_queue_num(self, msg: Message) -> Payload:
+        return self.num_queues
+
+    # ---------------------------------------------------------------- config
+    def _get_config(self, msg: Message) -> Payload:
+        self._has_protocol(ProtocolFeature.CONFIG, msg.request)
+        cfg = msg.payload
+        assert isinstance(cfg, ConfigSpace)
+        if cfg.offset + cfg.size > MAX_CONFIG_SIZE:
+            return ConfigSpace(0, 0, 0, b"")
+        try:
+            data = bytes(self.device.get_config(cfg.offset, cfg.size))
+        except PeerError:
+            return ConfigSpace(0, 0, 0, b"")
+        data = data[:cfg.size].ljust(cfg.size, b"\0")
+        return ConfigSpace(cfg.offset, cfg.size, cfg.flags, data)
+
+    def _set_config(self, msg: Message) -> _NoReply:
+        self._has_protocol(ProtocolFeature.CONFIG, msg.request)
+        cfg = msg.payload
+        assert isinstance(cfg, ConfigSpace)
+        if cfg.flags not in (0, 1):
+            raise PeerError(f"SET_CONFIG flags {cfg.flags:#x} unknown")
+        if cfg.offset + cfg.size > MAX_CONFIG_SIZE:
+            raise PeerError(f"SET_CONFIG {cfg.offset}+{cfg.size} beyond the config space")
+        self.device.set_config(cfg.offset, cfg.data)
+        return NO_REPLY
+
+    # ----------------------------------------------------------------- reset
+    def _reset_device(self, msg: Message) -> _NoReply:
+        self._has_protocol(ProtocolFeature.RESET_DEVICE, msg.request)
+        self._reset_rings()
+        self.features = 0
+        self.features_set = False
+        self.status = 0
+        self.device.reset()
+        return NO_REPLY
+
+    def _set_status(self, msg: Message) -> _NoReply:
+        self._has_protocol(ProtocolFeature.STATUS, msg.request)
+        assert isinstance(msg.payload, int)
+        if msg.payload > 0xFF:
+            raise PeerError(f"SET_STATUS {msg.payload:#x} is not an 8-bit status")
+        # Recorded only: a 0 here is not a reset (QEMU 7.2 writes it on every stop).
+        self.status = msg.payload
+        return NO_REPLY
+
+    def _get_status(self, msg: Message) -> Payload:
+        self._has_protocol(ProtocolFeature.STATUS, msg.request)
+        return self.status
+
+    def _reset_rings(self) -> None:
+        for ring in self.rings:
+            ring.close_fds()
+        self.rings = [Ring(i) for i in range(self.num_queues)]
+        self.kick_generation += 1
+
+    def reset(self) -> None:
+        """Forget the connection (front end gone): rings, fds, memory, features."""
+        self._reset_rings()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.features = self.protocol = self.status = 0
+        self.features_set = self.protocol_set = self.owner = False
+        self.device.reset()
+
+    close = reset
+
+    # ------------------------------------------------------------ processing
+    def start_polling(self, index: int) -> None:
+        """Poll mode: tell the driver not to kick ring ``index`` (it is polled)."""
+        q = self.rings[index].queue
+        if q is not None and q.broken is None:
+            q.disable_notification()
+
+    def run_ring(self, index: int, *, poll: bool = False) -> RunResult:
+        """Process ring ``index`` until it is empty (the back end's kick handler).
+
+        Kick mode: notifications off, process, re-enable and re-check so a
+        buffer added meanwhile is not missed.  Poll mode: one pass, kicks stay
+        off.  The call eventfd is signalled (by the caller) only when the core
+        says so.  A PeerError marks the ring broken and the device NEEDS_RESET.
+        """
+        res = RunResult()
+        ring = self.rings[index]
+        q = ring.queue
+        if q is None or not ring.runnable:
+            return res
+        process = self.device.process_queue
+        try:
+            q.disable_notification()
+            while True:
+                n = process(index, q)
+                if n:
+                    res.published += n
+                    if q.should_notify():
+                        res.notify = True
+                if poll or not q.enable_notification():
+                    break
+        except PeerError as exc:
+            q.mark_broken(str(exc))
+            self.status |= Status.NEEDS_RESET
+            res.broken = q.broken
+        except Exception as exc:  # a device bug must not take the other rings down
+            q.mark_broken(f"device failed: {exc!r}")
+            self.status |= Status.NEEDS_RESET
+            res.broken = q.broken
+        return res
+
+
+class _NoReply:
+    """Marker: the request has no reply body (only a REPLY_ACK if asked)."""
+
+
+NO_REPLY = _NoReply()

@@ -1,0 +1,538 @@
+"""vhost-user messages: constants, payloads and a sans-I/O codec.
+
+Implements QEMU docs/interop/vhost-user.rst, "Message Specification"
+(header: request, flags = version 1 | reply | need_reply, size; the payload
+kinds "A single 64-bit integer", "A vring state description", "A vring address
+description", "Memory regions description", "Single memory region
+description", "Virtio device config space"), "Communication" (which requests
+carry file descriptors in SCM_RIGHTS ancillary data, which ones get replies),
+"Protocol features", "Front-end message types" and "REPLY_ACK".
+
+Like h11 for HTTP, nothing here touches a socket: :class:`Decoder` is fed
+bytes and the file descriptors that arrived with them, and yields frozen
+:class:`Message` objects; :func:`encode` turns a message back into bytes (the
+caller sends its fds).  Every malformed input — unknown request, bad version
+or flags, a payload size wrong for the request, a size field beyond the
+largest message, the wrong number of fds — raises
+:class:`~pyvirtio.core.errors.PeerError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pyvirtio.core.errors import CallerError, PeerError
+
+__all__ = [
+    "CONFIG_HDR_SIZE",
+    "FLAG_NEED_REPLY",
+    "FLAG_REPLY",
+    "F_PROTOCOL_FEATURES",
+    "HEADER",
+    "MAX_CONFIG_SIZE",
+    "MAX_MEM_REGIONS",
+    "MAX_PAYLOAD",
+    "VERSION",
+    "VRING_INDEX_MASK",
+    "VRING_NOFD_MASK",
+    "ConfigSpace",
+    "Decoder",
+    "MemRegion",
+    "MemoryTable",
+    "Message",
+    "Payload",
+    "ProtocolFeature",
+    "RawPayload",
+    "Request",
+    "VringAddr",
+    "VringState",
+    "encode",
+    "reply",
+    "request",
+]
+
+
+class Request(enum.IntEnum):
+    """Front-end message types (vhost-user.rst, "Front-end message types")."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_SLAVE_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+
+
+class ProtocolFeature(enum.IntEnum):
+    """Protocol feature bit numbers (vhost-user.rst, "Protocol features")."""
+
+    MQ = 0
+    LOG_SHMFD = 1
+    RARP = 2
+    REPLY_ACK = 3
+    MTU = 4
+    SLAVE_REQ = 5
+    CROSS_ENDIAN = 6
+    CRYPTO_SESSION = 7
+    PAGEFAULT = 8
+    CONFIG = 9
+    SLAVE_SEND_FD = 10
+    HOST_NOTIFIER = 11
+    INFLIGHT_SHMFD = 12
+    RESET_DEVICE = 13
+    INBAND_NOTIFICATIONS = 14
+    CONFIGURE_MEM_SLOTS = 15
+    STATUS = 16
+
+
+#: Virtio feature bit 30 (UNUSED) reused to announce protocol-feature support.
+F_PROTOCOL_FEATURES = 30
+
+VERSION = 0x1
+VERSION_MASK = 0x3
+FLAG_REPLY = 1 << 2
+FLAG_NEED_REPLY = 1 << 3
+_KNOWN_FLAGS = VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY
+
+#: SET_VRING_KICK/CALL/ERR payload: bits 0-7 the ring index, bit 8 "no fd".
+VRING_INDEX_MASK = 0xFF
+VRING_NOFD_MASK = 1 << 8
+
+#: SET_MEM_TABLE carries at most this many regions (QEMU's VHOST_MEMORY_BASELINE_NREGIONS).
+MAX_MEM_REGIONS = 8
+#: GET_CONFIG/SET_CONFIG payloads are at most this long (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
+MAX_CONFIG_SIZE = 256
+#: No request we understand is longer; a larger size field is refused before reading it.
+MAX_PAYLOAD = 4096
+#: At most this many fds may arrive with one message.
+MAX_FDS = MAX_MEM_REGIONS
+
+HEADER = struct.Struct("<III")
+_U64 = struct.Struct("<Q")
+_STATE = struct.Struct("<II")
+_ADDR = struct.Struct("<IIQQQQ")
+_MEM_HDR = struct.Struct("<II")
+_REGION = struct.Struct("<QQQQ")
+_SINGLE_REGION = struct.Struct("<QQQQQ")
+CONFIG_HDR_SIZE = 12
+_CONFIG_HDR = struct.Struct("<III")
+
+
+# ------------------------------------------------------------------ payloads
+@dataclass(frozen=True, slots=True)
+class VringState:
+    """"A vring state description": ring index and a number (size, base, enable)."""
+
+    index: int
+    num: int
+
+
+@dataclass(frozen=True, slots=True)
+class VringAddr:
+    """"A vring address description": user addresses of the three ring parts."""
+
+    index: int
+    flags: int
+    desc: int
+    used: int
+    avail: int
+    log: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemRegion:
+    """One memory region: guest address, size, front end's user address, mmap offset."""
+
+    gpa: int
+    size: int
+    uaddr: int
+    mmap_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryTable:
+    """"Memory regions description" (SET_MEM_TABLE); one fd per region, same order."""
+
+    regions: tuple[MemRegion, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSpace:
+    """"Virtio device config space": offset, size, flags and ``size`` bytes."""
+
+    offset: int
+    size: int
+    flags: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RawPayload:
+    """A payload of a request pyvirtio does not interpret (it refuses the request)."""
+
+    data: bytes
+
+
+Payload = None | int | VringState | VringAddr | MemoryTable | MemRegion | ConfigSpace | RawPayload
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded (or to-be-encoded) vhost-user message and the fds that came with it.
+
+    The receiver owns ``fds``: it must keep or close each one.
+    """
+
+    request: Request
+    payload: Payload = None
+    flags: int = VERSION
+    fds: tuple[int, ...] = ()
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & FLAG_REPLY)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# --------------------------------------------------------------------- kinds
+class _Kind(enum.Enum):
+    EMPTY = "empty"
+    U64 = "u64"
+    STATE = "state"
+    ADDR = "addr"
+    MEMTABLE = "memtable"
+    REGION = "region"
+    CONFIG = "config"
+    RAW = "raw"
+
+
+# Request payload kind and allowed fd counts (None: decided by the payload).
+_REQUESTS: dict[Request, tuple[_Kind, tuple[int, ...] | None]] = {
+    Request.GET_FEATURES: (_Kind.EMPTY, (0,)),
+    Request.SET_FEATURES: (_Kind.U64, (0,)),
+    Request.SET_OWNER: (_Kind.EMPTY, (0,)),
+    Request.RESET_OWNER: (_Kind.EMPTY, (0,)),
+    Request.SET_MEM_TABLE: (_Kind.MEMTABLE, None),
+    Request.SET_LOG_BASE: (_Kind.RAW, (0, 1)),
+    Request.SET_LOG_FD: (_Kind.RAW, (0, 1)),
+    Request.SET_VRING_NUM: (_Kind.STATE, (0,)),
+    Request.SET_VRING_ADDR: (_Kind.ADDR, (0,)),
+    Request.SET_VRING_BASE: (_Kind.STATE, (0,)),
+    Request.GET_VRING_BASE: (_Kind.STATE, (0,)),
+    Request.SET_VRING_KICK: (_Kind.U64, None),
+    Request.SET_VRING_CALL: (_Kind.U64, None),
+    Request.SET_VRING_ERR: (_Kind.U64, None),
+    Request.GET_PROTOCOL_FEATURES: (_Kind.EMPTY, (0,)),
+    Request.SET_PROTOCOL_FEATURES: (_Kind.U64, (0,)),
+    Request.GET_QUEUE_NUM: (_Kind.EMPTY, (0,)),
+    Request.SET_VRING_ENABLE: (_Kind.STATE, (0,)),
+    Request.SEND_RARP: (_Kind.RAW, (0,)),
+    Request.NET_SET_MTU: (_Kind.RAW, (0,)),
+    Request.SET_SLAVE_REQ_FD: (_Kind.RAW, (0, 1)),
+    Request.IOTLB_MSG: (_Kind.RAW, (0,)),
+    Request.SET_VRING_ENDIAN: (_Kind.RAW, (0,)),
+    Request.GET_CONFIG: (_Kind.CONFIG, (0,)),
+    Request.SET_CONFIG: (_Kind.CONFIG, (0,)),
+    Request.CREATE_CRYPTO_SESSION: (_Kind.RAW, (0,)),
+    Request.CLOSE_CRYPTO_SESSION: (_Kind.RAW, (0,)),
+    Request.POSTCOPY_ADVISE: (_Kind.EMPTY, (0,)),
+    Request.POSTCOPY_LISTEN: (_Kind.EMPTY, (0,)),
+    Request.POSTCOPY_END: (_Kind.EMPTY, (0,)),
+    Request.GET_INFLIGHT_FD: (_Kind.RAW, (0,)),
+    Request.SET_INFLIGHT_FD: (_Kind.RAW, (0, 1)),
+    Request.GPU_SET_SOCKET: (_Kind.RAW, (0, 1)),
+    Request.RESET_DEVICE: (_Kind.EMPTY, (0,)),
+    Request.VRING_KICK: (_Kind.STATE, (0,)),
+    Request.GET_MAX_MEM_SLOTS: (_Kind.EMPTY, (0,)),
+    Request.ADD_MEM_REG: (_Kind.REGION, (1,)),
+    # "For compatibility with existing incorrect implementations, the back-end
+    # MAY accept messages with one file descriptor" (REM_MEM_REG).
+    Request.REM_MEM_REG: (_Kind.REGION, (0, 1)),
+    Request.SET_STATUS: (_Kind.U64, (0,)),
+    Request.GET_STATUS: (_Kind.EMPTY, (0,)),
+}
+
+# Reply payload kinds (back end -> front end).  Any request may also get a u64
+# REPLY_ACK when it was sent with need_reply.
+_REPLIES: dict[Request, _Kind] = {
+    Request.GET_FEATURES: _Kind.U64,
+    Request.GET_PROTOCOL_FEATURES: _Kind.U64,
+    Request.GET_VRING_BASE: _Kind.STATE,
+    Request.GET_QUEUE_NUM: _Kind.U64,
+    Request.GET_CONFIG: _Kind.CONFIG,
+    Request.GET_MAX_MEM_SLOTS: _Kind.U64,
+    Request.GET_STATUS: _Kind.U64,
+}
+
+_FIXED_SIZE = {
+    _Kind.EMPTY: 0,
+    _Kind.U64: _U64.size,
+    _Kind.STATE: _STATE.size,
+    _Kind.ADDR: _ADDR.size,
+    _Kind.REGION: _SINGLE_REGION.size,
+}
+
+
+def _parse(request: Request, kind: _Kind, body: bytes, reply: bool) -> Payload:
+    """Parse ``body`` as ``kind``; PeerError if its size is wrong for the request."""
+    name = request.name
+    fixed = _FIXED_SIZE.get(kind)
+    if fixed is not None and len(body) != fixed:
+        raise PeerError(f"{name}: payload of {len(body)} bytes, expected {fixed}")
+    if kind is _Kind.EMPTY:
+        return None
+    if kind is _Kind.U64:
+        return int(_U64.unpack(body)[0])
+    if kind is _Kind.STATE:
+        return VringState(*_STATE.unpack(body))
+    if kind is _Kind.ADDR:
+        return VringAddr(*_ADDR.unpack(body))
+    if kind is _Kind.REGION:
+        _pad, gpa, size, uaddr, off = _SINGLE_REGION.unpack(body)
+        return MemRegion(gpa, size, uaddr, off)
+    if kind is _Kind.MEMTABLE:
+        if len(body) < _MEM_HDR.size:
+            raise PeerError(f"{name}: payload of {len(body)} bytes has no region count")
+        n, _pad = _MEM_HDR.unpack_from(body)
+        if not 1 <= n <= MAX_MEM_REGIONS:
+            raise PeerError(f"{name}: {n} regions (1..{MAX_MEM_REGIONS} allowed)")
+        want = _MEM_HDR.size + n * _REGION.size
+        if len(body) != want:
+            raise PeerError(f"{name}: payload of {len(body)} bytes for {n} regions, "
+                            f"expected {want}")
+        return MemoryTable(tuple(
+            MemRegion(*_REGION.unpack_from(body, _MEM_HDR.size + i * _REGION.size))
+            for i in range(n)))
+    if kind is _Kind.CONFIG:
+        if reply and len(body) == 0:
+            # "vhost-user back-end uses zero length of payload to indicate an error".
+            return ConfigSpace(0, 0, 0, b"")
+        if len(body) < CONFIG_HDR_SIZE:
+            raise PeerError(f"{name}: payload of {len(body)} bytes, shorter than the "
+                            f"{CONFIG_HDR_SIZE}-byte config header")
+        offset, size, flags = _CONFIG_HDR.unpack_from(body)
+        if size > MAX_CONFIG_SIZE:
+            raise PeerError(f"{name}: config size {size} exceeds {MAX_CONFIG_SIZE}")
+        if len(body) != CONFIG_HDR_SIZE + size:
+            raise PeerError(f"{name}: payload of {len(body)} bytes for a config size of "
+                            f"{size}, expected {CONFIG_HDR_SIZE + size}")
+        return ConfigSpace(offset, size, flags, bytes(body[CONFIG_HDR_SIZE:]))
+    return RawPayload(bytes(body))
+
+
+def _check_fds(request: Request, payload: Payload, nfds: int) -> None:
+    allowed = _REQUESTS[request][1]
+    if allowed is None:
+        if request is Request.SET_MEM_TABLE:
+            assert isinstance(payload, MemoryTable)
+            allowed = (len(payload.regions),)
+        else:  # SET_VRING_KICK / CALL / ERR
+            assert isinstance(payload, int)
+            allowed = (0,) if payload & VRING_NOFD_MASK else (1,)
+    if nfds not in allowed:
+        want = " or ".join(str(a) for a in allowed)
+        raise PeerError(f"{request.name}: {nfds} file descriptors, expected {want}")
+
+
+# ------------------------------------------------------------------- decoder
+class Decoder:
+    """Incremental decoder of one direction of a vhost-user stream.
+
+    ``Decoder()`` decodes requests (the back end's side); ``Decoder(replies=True)``
+    decodes the back end's replies (the front end's side).  Feed it whatever
+    ``recvmsg`` returned with :meth:`feed` and iterate :meth:`messages`.  File
+    descriptors belong to the message whose bytes they arrived with (SCM_RIGHTS
+    data is attached to the first byte of a ``sendmsg``).  After a
+    :class:`PeerError` the decoder is dead and has closed the fds it held.
+    """
+
+    def __init__(self, *, replies: bool = False) -> None:
+        self._replies = replies
+        self._buf = bytearray()
+        self._consumed = 0  # stream offset of self._buf[0]
+        self._fds: list[tuple[int, int]] = []  # (stream offset, fd)
+        self._error: PeerError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        """Add received bytes and the fds that arrived with them (the decoder owns the fds)."""
+        pos = self._consumed + len(self._buf)
+        self._fds.extend((pos, fd) for fd in fds)
+        if self._error is not None:
+            self.close()
+            raise self._error
+        self._buf += data
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except PeerError as exc:
+            self._error = exc
+            self.close()
+            raise
+
+    def messages(self) -> Iterator[Message]:
+        """Every complete message fed so far."""
+        while (msg := self.next_message()) is not None:
+            yield msg
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole message."""
+        return len(self._buf)
+
+    def close(self) -> None:
+        """Close every fd not handed out with a message."""
+        for _pos, fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def _next(self) -> Message | None:
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            if not buf and self._fds:
+                raise PeerError("file descriptors arrived without a message")
+            return None
+        code, flags, size = HEADER.unpack_from(buf)
+        try:
+            request = Request(code)
+        except ValueError:
+            raise PeerError(f"unknown request {code}") from None
+        if flags & VERSION_MASK != VERSION:
+            raise PeerError(f"{request.name}: protocol version {flags & VERSION_MASK}, "
+                            f"expected {VERSION}")
+        if flags & ~_KNOWN_FLAGS:
+            raise PeerError(f"{request.name}: unknown flag bits {flags & ~_KNOWN_FLAGS:#x}")
+        if self._replies:
+            if not flags & FLAG_REPLY:
+                raise PeerError(f"{request.name}: message without the reply flag")
+            if flags & FLAG_NEED_REPLY:
+                raise PeerError(f"{request.name}: reply with the need_reply flag")
+        elif flags & FLAG_REPLY:
+            raise PeerError(f"{request.name}: request with the reply flag set")
+        if size > MAX_PAYLOAD:
+            raise PeerError(f"{request.name}: size field {size} exceeds {MAX_PAYLOAD}")
+        total = HEADER.size + size
+        if len(buf) < total:
+            return None
+        body = bytes(buf[HEADER.size:total])
+        end = self._consumed + total
+        fds = tuple(fd for pos, fd in self._fds if pos < end)
+        self._fds = [(pos, fd) for pos, fd in self._fds if pos >= end]
+        del buf[:total]
+        self._consumed = end
+        try:
+            if self._replies:
+                kind = _REPLIES.get(request, _Kind.U64)
+                payload = _parse(request, kind, body, reply=True)
+                if fds:
+                    raise PeerError(f"{request.name}: reply with {len(fds)} file descriptors")
+            else:
+                payload = _parse(request, _REQUESTS[request][0], body, reply=False)
+                _check_fds(request, payload, len(fds))
+        except PeerError:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return Message(request, payload, flags, fds)
+
+
+# ------------------------------------------------------------------- encoder
+def _encode_payload(payload: Payload) -> bytes:
+    if payload is None:
+        return b""
+    if isinstance(payload, bool):
+        raise CallerError("a boolean is not a vhost-user payload")
+    if isinstance(payload, int):
+        return _U64.pack(payload)
+    if isinstance(payload, VringState):
+        return _STATE.pack(payload.index, payload.num)
+    if isinstance(payload, VringAddr):
+        return _ADDR.pack(payload.index, payload.flags, payload.desc, payload.used,
+                          payload.avail, payload.log)
+    if isinstance(payload, MemRegion):
+        return _SINGLE_REGION.pack(0, payload.gpa, payload.size, payload.uaddr,
+                                   payload.mmap_offset)
+    if isinstance(payload, MemoryTable):
+        return _MEM_HDR.pack(len(payload.regions), 0) + b"".join(
+            _REGION.pack(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in payload.regions)
+    if isinstance(payload, ConfigSpace):
+        if payload.size == 0 and not payload.data and payload.offset == 0:
+            return b""
+        if len(payload.data) != payload.size:
+            raise CallerError("config payload length differs from its size field")
+        return _CONFIG_HDR.pack(payload.offset, payload.size, payload.flags) + payload.data
+    if isinstance(payload, RawPayload):
+        return payload.data
+    raise CallerError(f"not a vhost-user payload: {payload!r}")
+
+
+def encode(msg: Message) -> bytes:
+    """The bytes of ``msg`` (header and payload); send ``msg.fds`` with them."""
+    try:
+        body = _encode_payload(msg.payload)
+        return HEADER.pack(int(msg.request), msg.flags, len(body)) + body
+    except struct.error as exc:
+        raise CallerError(f"{msg.request.name}: field out of range: {exc}") from None
+
+
+def request(req: Request, payload: Payload = None, *, fds: Sequence[int] = (),
+            need_reply: bool = False) -> Message:
+    """A front-end request message."""
+    return Message(req, payload, VERSION | (FLAG_NEED_REPLY if need_reply else 0), tuple(fds))
+
+
+def reply(req: Request, payload: Payload = None) -> Message:
+    """A back-end reply to ``req``."""
+    return Message(req, payload, VERSION | FLAG_REPLY)

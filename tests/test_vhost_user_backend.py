@@ -1,0 +1,504 @@
+"""The sans-I/O vhost-user back end: ring states, memory table, malformed requests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from pyvirtio.core.errors import PeerError
+from pyvirtio.core.layout import (
+    RingViews,
+    SplitLayout,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+from pyvirtio.core.memory import GuestMemory
+from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1, Status
+from pyvirtio.core.split_device import SplitDeviceQueue
+from pyvirtio.core.split_driver import SplitDriverQueue
+from pyvirtio.io.eventfd import EventFd
+from pyvirtio.transports.vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES, VhostUserBackend
+from pyvirtio.transports.vhost_user.messages import (
+    F_PROTOCOL_FEATURES,
+    VRING_NOFD_MASK,
+    ConfigSpace,
+    MemoryTable,
+    MemRegion,
+    Message,
+    Payload,
+    ProtocolFeature,
+    RawPayload,
+    Request,
+    VringAddr,
+    VringState,
+    request,
+)
+
+MEM = 1 << 20
+UADDR = 0x7F00_0000_0000
+NUM = 8
+FEATURES = 1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX
+
+
+class EchoDevice:
+    """Copies each request's readable bytes into its writable buffers."""
+
+    device_id = 99
+
+    def __init__(self, queues: int = 2) -> None:
+        self.queues = queues
+        self.acked = -1
+        self.resets = 0
+        self.config = bytearray(range(16))
+
+    def num_queues(self) -> int:
+        return self.queues
+
+    def max_queue_size(self) -> int:
+        return 256
+
+    def features(self) -> int:
+        return FEATURES
+
+    def protocol_features(self) -> int:
+        return 0
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return bytes(self.config[offset:offset + size])
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        if offset + len(data) > len(self.config):
+            raise PeerError("config write out of range")
+        self.config[offset:offset + len(data)] = data
+
+    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
+        n = 0
+        while (elem := queue.pop()) is not None:
+            data = b"".join(bytes(v) for v in elem.readable)
+            written = 0
+            for v in elem.writable:
+                k = min(len(v), len(data) - written)
+                v[:k] = data[written:written + k]
+                written += k
+            queue.push(elem.head, written)
+            n += 1
+        return n
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class Front:
+    """A hand-driven front end: guest memory, rings, and messages fed straight in."""
+
+    def __init__(self, protocol: int | None = SUPPORTED_PROTOCOL_FEATURES,
+                 queues: int = 2) -> None:
+        self.device = EchoDevice(queues)
+        self.be = VhostUserBackend(self.device)
+        self.memfd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, MEM)
+        self.mem = GuestMemory.from_fd(self.memfd, MEM, gpa=0, uaddr=UADDR)
+        self.next = 0x1000
+        self.eventfds: list[EventFd] = []
+        if protocol is not None:
+            self.send(Request.SET_PROTOCOL_FEATURES, protocol)
+
+    def send(self, req: Request, payload: Payload = None, fds: tuple[int, ...] = (),
+             need_reply: bool = False) -> list[Message]:
+        return self.be.handle(request(req, payload, fds=fds, need_reply=need_reply)).replies
+
+    def one(self, req: Request, payload: Payload = None) -> Payload:
+        (rep,) = self.send(req, payload)
+        assert rep.is_reply and rep.request is req
+        return rep.payload
+
+    def share(self) -> None:
+        region = MemRegion(0, MEM, UADDR, 0)
+        self.send(Request.SET_MEM_TABLE, MemoryTable((region,)), (os.dup(self.memfd),))
+
+    def alloc(self, size: int, align: int) -> int:
+        addr = (self.next + align - 1) & ~(align - 1)
+        self.next = addr + size
+        return addr
+
+    def ring(self, index: int, num: int = NUM, kick: bool = True) -> SplitDriverQueue:
+        """NUM, BASE, ADDR, CALL, KICK as QEMU sends them; returns the driver side."""
+        desc = self.alloc(desc_table_size(num), 16)
+        avail = self.alloc(avail_ring_size(num), 2)
+        used = self.alloc(used_ring_size(num), 4)
+        layout = SplitLayout.modern(num, desc, avail, used)
+        self.send(Request.SET_VRING_NUM, VringState(index, num))
+        self.send(Request.SET_VRING_BASE, VringState(index, 0))
+        self.send(Request.SET_VRING_ADDR, VringAddr(index, 0, UADDR + desc, UADDR + used,
+                                                    UADDR + avail))
+        call = EventFd()
+        self.eventfds.append(call)
+        self.send(Request.SET_VRING_CALL, index, (os.dup(call.fd),))
+        if kick:
+            kfd = EventFd()
+            self.eventfds.append(kfd)
+            self.send(Request.SET_VRING_KICK, index, (os.dup(kfd.fd),))
+        return SplitDriverQueue(RingViews.map(self.mem, layout), FEATURES)
+
+    def close(self) -> None:
+        self.be.reset()
+        for e in self.eventfds:
+            e.close()
+        self.mem.close()
+        os.close(self.memfd)
+
+
+@pytest.fixture
+def front() -> Iterator[Front]:
+    f = Front()
+    f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+    f.share()
+    yield f
+    f.close()
+
+
+def _echo_one(f: Front, drv: SplitDriverQueue, index: int, text: bytes) -> int:
+    out, inn = f.alloc(len(text), 1), f.alloc(64, 1)
+    f.mem.write(out, text)
+    drv.add([(out, len(text))], [(inn, 64)], token=text)
+    f.be.run_ring(index)
+    got = drv.get_buf()
+    if got is None:
+        return -1
+    assert got == (text, len(text))
+    assert f.mem.read(inn, len(text)) == text
+    return got[1]
+
+
+# ------------------------------------------------------------------ handshake
+def test_features_offer_protocol_bit_and_supported_protocol_features() -> None:
+    f = Front(protocol=None)
+    assert f.one(Request.GET_FEATURES) == FEATURES | 1 << F_PROTOCOL_FEATURES
+    proto = f.one(Request.GET_PROTOCOL_FEATURES)
+    assert isinstance(proto, int)
+    for bit in ("MQ", "REPLY_ACK", "CONFIG", "CONFIGURE_MEM_SLOTS", "RESET_DEVICE", "STATUS"):
+        assert proto >> ProtocolFeature[bit] & 1
+    assert not proto >> ProtocolFeature.INFLIGHT_SHMFD & 1
+    assert f.one(Request.GET_QUEUE_NUM) == 2
+    f.send(Request.SET_OWNER)
+    assert f.be.owner
+    f.close()
+
+
+def test_set_features_refuses_bits_not_offered(front: Front) -> None:
+    with pytest.raises(PeerError, match="not offered"):
+        front.send(Request.SET_FEATURES, 1 << 5)
+    assert front.device.acked == FEATURES  # unchanged by the refused request
+
+
+def test_set_protocol_features_refuses_bits_not_offered() -> None:
+    f = Front(protocol=None)
+    with pytest.raises(PeerError, match="not offered"):
+        f.send(Request.SET_PROTOCOL_FEATURES, 1 << ProtocolFeature.INFLIGHT_SHMFD)
+    f.close()
+
+
+def test_set_features_reaches_the_device_without_bit_30(front: Front) -> None:
+    assert front.device.acked == FEATURES
+
+
+# -------------------------------------------------------------- ring states
+def test_ring_states_with_protocol_features(front: Front) -> None:
+    ring = front.be.rings[0]
+    assert ring.state == "stopped"
+    drv = front.ring(0)
+    assert ring.state == "disabled"
+    # Started but disabled: the back end must not process it.
+    assert _echo_one(front, drv, 0, b"early") == -1
+    out = front.be.handle(request(Request.SET_VRING_ENABLE, VringState(0, 1)))
+    assert ring.state == "enabled"
+    assert out.start == [0]  # run it now: a buffer is already waiting
+    front.be.run_ring(0)
+    assert drv.get_buf() == (b"early", 5)
+    assert _echo_one(front, drv, 0, b"hello") == 5
+
+
+def test_ring_starts_enabled_without_protocol_features() -> None:
+    f = Front(protocol=None)
+    f.send(Request.SET_FEATURES, FEATURES)
+    f.share()
+    drv = f.ring(0)
+    assert f.be.rings[0].state == "enabled"
+    assert _echo_one(f, drv, 0, b"x") == 1
+    with pytest.raises(PeerError, match="PROTOCOL_FEATURES"):
+        f.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    f.close()
+
+
+def test_stopped_ring_is_never_processed(front: Front) -> None:
+    drv = front.ring(0, kick=False)
+    front.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    assert front.be.rings[0].state == "stopped"
+    assert _echo_one(front, drv, 0, b"nope") == -1
+
+
+def test_get_vring_base_stops_the_ring_and_returns_next_avail(front: Front) -> None:
+    drv = front.ring(0)
+    front.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    for i in range(5):
+        assert _echo_one(front, drv, 0, b"m%d" % i) == 2
+    kick, call = front.be.rings[0].kick_fd, front.be.rings[0].call_fd
+    assert kick is not None and call is not None
+    assert front.one(Request.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 5)
+    ring = front.be.rings[0]
+    assert ring.state == "stopped"
+    assert not _is_open(kick) and not _is_open(call)
+    # Restart where it stopped.
+    front.send(Request.SET_VRING_BASE, VringState(0, 5))
+    assert front.be.rings[0].base() == (5, 5)
+
+
+def test_set_vring_base_on_started_ring_is_refused(front: Front) -> None:
+    front.ring(0)
+    with pytest.raises(PeerError, match="started"):
+        front.send(Request.SET_VRING_BASE, VringState(0, 3))
+    with pytest.raises(PeerError, match="started"):
+        front.send(Request.SET_VRING_NUM, VringState(0, 16))
+
+
+def test_kick_with_invalid_fd_flag_starts_a_polled_ring(front: Front) -> None:
+    front.ring(1, kick=False)
+    front.send(Request.SET_VRING_KICK, 1 | VRING_NOFD_MASK)
+    ring = front.be.rings[1]
+    assert ring.started and ring.polled and ring.kick_fd is None
+
+
+def test_kick_before_addresses_is_refused(front: Front) -> None:
+    kick = EventFd()
+    dup = os.dup(kick.fd)
+    with pytest.raises(PeerError, match="before SET_VRING_ADDR"):
+        front.send(Request.SET_VRING_KICK, 0, (dup,))
+    assert not _is_open(dup)
+    kick.close()
+
+
+# ----------------------------------------------------------- malformed rings
+@pytest.mark.parametrize("num", [0, 3, 100, 512, 32768 * 2])
+def test_set_vring_num_refuses_bad_sizes(front: Front, num: int) -> None:
+    with pytest.raises(PeerError, match="SET_VRING_NUM"):
+        front.send(Request.SET_VRING_NUM, VringState(0, num))
+
+
+@pytest.mark.parametrize(("req", "payload"), [
+    (Request.SET_VRING_NUM, VringState(2, 8)),
+    (Request.SET_VRING_BASE, VringState(7, 0)),
+    (Request.GET_VRING_BASE, VringState(200, 0)),
+    (Request.SET_VRING_ENABLE, VringState(2, 1)),
+    (Request.SET_VRING_ADDR, VringAddr(5, 0, 0, 0, 0)),
+    (Request.SET_VRING_CALL, 9 | VRING_NOFD_MASK),
+])
+def test_queue_index_beyond_queue_count(front: Front, req: Request, payload: Payload) -> None:
+    with pytest.raises(PeerError, match="beyond"):
+        front.send(req, payload)
+
+
+def test_ring_addresses_in_no_region(front: Front) -> None:
+    front.send(Request.SET_VRING_NUM, VringState(0, NUM))
+    with pytest.raises(PeerError, match="no memory region"):
+        front.send(Request.SET_VRING_ADDR, VringAddr(0, 0, 0x1000, 0x3000, 0x2000))
+    # Guest addresses are not user addresses: the same numbers + UADDR work.
+    front.send(Request.SET_VRING_ADDR, VringAddr(0, 0, UADDR + 0x1000, UADDR + 0x3000,
+                                                 UADDR + 0x2000))
+    assert front.be.rings[0].queue is not None
+
+
+def test_ring_running_past_its_region(front: Front) -> None:
+    front.send(Request.SET_VRING_NUM, VringState(0, 256))
+    with pytest.raises(PeerError, match="runs past"):
+        front.send(Request.SET_VRING_ADDR, VringAddr(0, 0, UADDR + MEM - 16, UADDR, UADDR))
+
+
+def test_error_becomes_a_reply_ack_when_asked(front: Front) -> None:
+    out = front.be.handle(request(Request.SET_VRING_NUM, VringState(0, 3), need_reply=True))
+    assert [(r.request, r.payload) for r in out.replies] == [(Request.SET_VRING_NUM, 1)]
+    assert out.error is not None and "SET_VRING_NUM" in out.error
+    ok = front.be.handle(request(Request.SET_VRING_NUM, VringState(0, 4), need_reply=True))
+    assert [r.payload for r in ok.replies] == [0]
+
+
+def test_need_reply_is_ignored_without_reply_ack() -> None:
+    f = Front(protocol=0)
+    assert f.send(Request.SET_OWNER, need_reply=True) == []
+    with pytest.raises(PeerError):
+        f.send(Request.SET_VRING_NUM, VringState(0, 3), need_reply=True)
+    f.close()
+
+
+@pytest.mark.parametrize(("req", "payload"), [
+    (Request.GET_INFLIGHT_FD, RawPayload(bytes(24))),
+    (Request.SEND_RARP, RawPayload(bytes(8))),
+    (Request.POSTCOPY_ADVISE, None),
+    (Request.IOTLB_MSG, RawPayload(bytes(32))),
+])
+def test_unsupported_requests_are_refused(front: Front, req: Request, payload: Payload) -> None:
+    with pytest.raises(PeerError, match="not supported"):
+        front.send(req, payload)
+    if req not in (Request.GET_INFLIGHT_FD, Request.POSTCOPY_ADVISE):
+        out = front.be.handle(request(req, payload, need_reply=True))
+        assert [r.payload for r in out.replies] == [1]
+
+
+# ------------------------------------------------------------------- memory
+def _region_msg(gpa: int, size: int, uaddr: int, off: int, fd: int) -> Message:
+    return request(Request.SET_MEM_TABLE, MemoryTable((MemRegion(gpa, size, uaddr, off),)),
+                   fds=(fd,))
+
+
+@pytest.mark.parametrize(("gpa", "size", "uaddr", "off", "words"), [
+    (0, 0, UADDR, 0, "size 0"),
+    ((1 << 64) - 0x1000, 0x2000, UADDR, 0, "wraps"),
+    (0, 0x2000, (1 << 64) - 0x1000, 0, "wraps"),
+    (0, 0x1000, UADDR, MEM, "past the end"),
+    (0, MEM, UADDR, 0x1000, "past the end"),
+])
+def test_bad_memory_regions(front: Front, gpa: int, size: int, uaddr: int, off: int,
+                            words: str) -> None:
+    fd = os.dup(front.memfd)
+    with pytest.raises(PeerError, match=words):
+        front.be.handle(_region_msg(gpa, size, uaddr, off, fd))
+    assert not _is_open(fd)
+    assert front.be.memory is not None and len(front.be.memory.regions) == 1  # old table kept
+
+
+def test_memory_region_fd_that_cannot_be_mapped(front: Front) -> None:
+    r, w = os.pipe()
+    with pytest.raises(PeerError):
+        front.be.handle(_region_msg(0, 0x1000, UADDR, 0, r))
+    assert not _is_open(r)
+    os.close(w)
+
+
+def test_memory_region_at_an_offset_maps_the_right_bytes(front: Front) -> None:
+    front.mem.write(0x5000, b"offset-data")
+    fd = os.dup(front.memfd)
+    front.be.handle(_region_msg(0x100000, 0x4000, UADDR, 0x4000, fd))
+    assert not _is_open(fd)  # mapped, then closed
+    assert front.be.memory is not None
+    assert front.be.memory.read(0x101000, 11) == b"offset-data"
+
+
+def test_mem_table_change_remaps_rings_and_keeps_indices(front: Front) -> None:
+    drv = front.ring(0)
+    front.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    assert _echo_one(front, drv, 0, b"one") == 3
+    front.share()  # a fresh table with the same layout
+    assert _echo_one(front, drv, 0, b"two") == 3
+    assert front.be.rings[0].base() == (2, 2)
+
+
+def test_add_and_remove_memory_regions() -> None:
+    f = Front()
+    f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+    assert f.one(Request.GET_MAX_MEM_SLOTS) == 32
+    half = MEM // 2
+    f.send(Request.ADD_MEM_REG, MemRegion(0, half, UADDR, 0), (os.dup(f.memfd),))
+    f.send(Request.ADD_MEM_REG, MemRegion(half, half, UADDR + half, half), (os.dup(f.memfd),))
+    assert f.be.memory is not None and len(f.be.memory.regions) == 2
+    drv = f.ring(0)
+    f.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    f.next = half + 0x100  # buffers in the second region
+    assert _echo_one(f, drv, 0, b"second-region") == 13
+    with pytest.raises(PeerError, match="overlaps"):
+        f.send(Request.ADD_MEM_REG, MemRegion(0x1000, 0x1000, 1 << 50, 0x1000),
+               (os.dup(f.memfd),))
+    # REM_MEM_REG may carry one fd for compatibility; it is closed unused.
+    extra = os.dup(f.memfd)
+    f.send(Request.REM_MEM_REG, MemRegion(half, half, UADDR + half, 0), (extra,))
+    assert not _is_open(extra)
+    assert len(f.be.memory.regions) == 1
+    with pytest.raises(PeerError, match="no region"):
+        f.send(Request.REM_MEM_REG, MemRegion(half, half, UADDR + half, 0))
+    f.close()
+
+
+def test_mem_slot_requests_need_the_protocol_feature() -> None:
+    f = Front(protocol=1 << ProtocolFeature.REPLY_ACK)
+    with pytest.raises(PeerError, match="CONFIGURE_MEM_SLOTS"):
+        f.send(Request.GET_MAX_MEM_SLOTS)
+    f.close()
+
+
+# ------------------------------------------------------------------- config
+def test_get_and_set_config(front: Front) -> None:
+    assert front.one(Request.GET_CONFIG, ConfigSpace(2, 4, 0, bytes(4))) == ConfigSpace(
+        2, 4, 0, bytes([2, 3, 4, 5]))
+    front.send(Request.SET_CONFIG, ConfigSpace(0, 2, 0, b"\xaa\xbb"))
+    assert front.device.config[:2] == b"\xaa\xbb"
+    # Past what the device has: zero-filled, the size the front end asked for.
+    assert front.one(Request.GET_CONFIG, ConfigSpace(12, 8, 0, bytes(8))) == ConfigSpace(
+        12, 8, 0, bytes([12, 13, 14, 15, 0, 0, 0, 0]))
+    # Beyond the config space: an empty reply is the error.
+    assert front.one(Request.GET_CONFIG, ConfigSpace(250, 8, 0, bytes(8))) == ConfigSpace(
+        0, 0, 0, b"")
+    with pytest.raises(PeerError, match="out of range"):
+        front.send(Request.SET_CONFIG, ConfigSpace(15, 4, 0, bytes(4)))
+    with pytest.raises(PeerError, match="flags"):
+        front.send(Request.SET_CONFIG, ConfigSpace(0, 1, 7, b"\0"))
+
+
+def test_config_needs_the_protocol_feature() -> None:
+    f = Front(protocol=0)
+    with pytest.raises(PeerError, match="CONFIG"):
+        f.send(Request.GET_CONFIG, ConfigSpace(0, 4, 0, bytes(4)))
+    f.close()
+
+
+# ----------------------------------------------------------- reset / status
+def test_reset_device_forgets_rings_and_features(front: Front) -> None:
+    front.ring(0)
+    kick = front.be.rings[0].kick_fd
+    assert kick is not None
+    front.send(Request.RESET_DEVICE)
+    assert all(r.state == "stopped" and r.queue is None for r in front.be.rings)
+    assert not _is_open(kick)
+    assert front.be.features == 0 and front.device.resets == 1
+    assert front.be.memory is not None  # memory stays
+
+
+def test_status_round_trip_and_needs_reset_after_a_broken_ring(front: Front) -> None:
+    front.send(Request.SET_STATUS, 0xF)
+    assert front.one(Request.GET_STATUS) == 0xF
+    with pytest.raises(PeerError, match="8-bit"):
+        front.send(Request.SET_STATUS, 0x1FF)
+    drv = front.ring(0)
+    front.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    # A hostile driver: an available head beyond the ring.
+    drv.rings.avail16[2] = 200
+    drv.rings.avail16[1] = 1
+    res = front.be.run_ring(0)
+    assert res.broken is not None and "head 200" in res.broken
+    status = front.one(Request.GET_STATUS)
+    assert isinstance(status, int) and status & Status.NEEDS_RESET
+    # Other rings keep working.
+    drv1 = front.ring(1)
+    front.send(Request.SET_VRING_ENABLE, VringState(1, 1))
+    assert _echo_one(front, drv1, 1, b"still fine") == 10
+    # The broken ring is not run again until the front end restarts it.
+    assert front.be.run_ring(0).published == 0
+
+
+def test_reset_closes_everything(front: Front) -> None:
+    front.ring(0)
+    fds = [front.be.rings[0].kick_fd, front.be.rings[0].call_fd]
+    front.be.reset()
+    assert not any(_is_open(fd) for fd in fds if fd is not None)
+    assert front.be.memory is None and front.be.features == 0 and front.be.protocol == 0
