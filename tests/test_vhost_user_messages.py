@@ -110,17 +110,30 @@ def test_byte_by_byte_feeding(req: Request) -> None:
 
 
 def test_fds_go_to_the_message_they_arrived_with() -> None:
-    a, b = _fd(), _fd()
+    a, b, c = _fd(), _fd(), _fd()
     kick = encode(request(Request.SET_VRING_KICK, 0))
     call = encode(request(Request.SET_VRING_CALL, 0))
+    feat = encode(request(Request.SET_FEATURES, 1))
+    err = encode(request(Request.SET_VRING_ERR, 0))
     dec = Decoder()
     dec.feed(kick[:5], [a])
     dec.feed(kick[5:])
     dec.feed(call, [b])
+    # One recvmsg that read a message without fds and then one with: the fds
+    # are the second one's (the kernel stops a read after an fd-carrying send).
+    dec.feed(feat + err, [c])
     msgs = list(dec.messages())
-    assert [m.fds for m in msgs] == [(a,), (b,)]
+    assert [m.fds for m in msgs] == [(a,), (b,), (), (c,)]
     for m in msgs:
         m.close_fds()
+
+
+def test_fds_without_data_are_refused() -> None:
+    fd = _fd()
+    dec = Decoder()
+    with pytest.raises(PeerError, match="without data"):
+        dec.feed(b"", [fd])
+    assert not _is_open(fd)
 
 
 @pytest.mark.parametrize(("req", "payload"), [
@@ -210,7 +223,7 @@ def test_partial_message_waits_for_more() -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.binary(max_size=80), st.integers(0, 3)), max_size=8),
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=80), st.integers(0, 3)), max_size=8),
        st.booleans())
 def test_garbage_streams_only_raise_peer_errors(chunks: list[tuple[bytes, int]],
                                                replies: bool) -> None:

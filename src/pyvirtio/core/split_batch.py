@@ -73,10 +73,10 @@ BoolArray = npt.NDArray[np.bool_]
 
 # Crossovers measured with bench/ring.py on the 2-core reference machine: below
 # these counts the Python loop beats numpy's fixed per-call cost.
-POP_THRESHOLD = 12
-PUSH_THRESHOLD = 24
-ADD_THRESHOLD = 12
-GET_THRESHOLD = 16
+POP_THRESHOLD = 16
+PUSH_THRESHOLD = 2
+ADD_THRESHOLD = 8
+GET_THRESHOLD = 32
 
 # Chains longer than this many descriptors leave the vectorised walk and take
 # the scalar one (which applies the queue-size hop limit).
@@ -93,6 +93,12 @@ _EMPTY_B = np.zeros(0, np.bool_)
 _ARANGE = np.arange(1 << 16, dtype=np.intp)
 _ARANGE.flags.writeable = False
 _ZEROS_I = np.zeros(1 << 16, dtype=np.intp)
+# ufunc reductions called directly: half the cost of the ndarray methods.
+_max = np.maximum.reduce
+_min = np.minimum.reduce
+_or = np.bitwise_or.reduce
+_lor = np.logical_or.reduce
+_land = np.logical_and.reduce
 _ZEROS_I.flags.writeable = False
 
 Segment = tuple[int, int, int, bool]
@@ -171,7 +177,9 @@ class DeviceBatch:
         rings = queue.rings
         num = queue.num
         self.num = num
-        self._desc: npt.NDArray[Any] = np.frombuffer(rings.desc, DESC_DTYPE, count=num)
+        # Descriptors as two u64 words: plain-dtype gathers are much cheaper
+        # than structured ones; fields are views of a gathered copy.
+        self._desc2 = np.frombuffer(rings.desc, np.uint64, count=2 * num).reshape(num, 2)
         self._avail_ring = np.frombuffer(rings.avail16, np.uint16)[2:2 + num]
         used = np.frombuffer(rings.used32, np.uint32)
         self._used_id = used[1:1 + 2 * num:2]
@@ -200,14 +208,16 @@ class DeviceBatch:
                 regions: list[Region]) -> tuple[IntArray, U64Array, BoolArray | None]:
         """(region index, offset, ok mask or None if all ok) per segment."""
         if len(regions) == 1:
+            r = regions[0]
             ri = _ZEROS_I[:len(addr)]
-            off = addr - self._reg_gpa[0]
-            size = int(self._reg_size[0])
-            # addr < gpa wraps off past every size; then len > 0 and off + len <= size.
-            if (self._reg_safe and len(off) and int(off.max()) < size
-                    and int((off + length).max()) <= size and int(length.min()) > 0):
-                return ri, off, None
+            off = addr - r.gpa
+            size = r.size
             end = off + length
+            # With gpa + size < 2**62, an addr below gpa wraps off past every
+            # size, and off + len cannot wrap for an off that passes.
+            if (self._reg_safe and len(off) and int(_max(np.maximum(off, end))) <= size
+                    and int(_min(length)) > 0):
+                return ri, off, None
             ok = (end > off) & (end <= size)
             return ri, off, ok
         if not regions:
@@ -219,7 +229,7 @@ class DeviceBatch:
         off = addr - self._reg_gpa[ri]
         end = off + length
         ok = inside & (end > off) & (end <= self._reg_size[ri])
-        if bool(ok.all()):
+        if _land(ok):
             return ri, off, None
         return ri, off, ok
 
@@ -365,74 +375,88 @@ class DeviceBatch:
         n = len(heads)
         special: BoolArray | None = None
         orig = heads
-        if int(heads.max()) >= num:
+        if int(_max(heads)) >= num:
             special = heads >= num
             heads = np.where(special, 0, heads)
-        d = self._desc[heads]
-        flags = d["flags"]
-        addr: U64Array = d["addr"]
-        length: U32Array = d["len"]
-        if not int(np.bitwise_or.reduce(flags)) & (_NEXT | _INDIRECT):
-            ids: IntArray | None = None
-            writable = (flags & _WRITE).astype(np.bool_)
-        else:
-            # Walk the chains round by round (one gather per hop); anything
+        desc = self._desc2
+        d = desc[heads]
+        flags = d.view(np.uint16)[:, 6]
+        seen = int(_or(flags))
+        ids: IntArray | None = None
+        starts: IntArray = _ARANGE[:n + 1]
+        if seen & (_NEXT | _INDIRECT):
+            # Walk the chains round by round, one gather per hop.  Anything
             # unusual becomes "special" and takes the scalar walk, which also
-            # gives the exact error.  Checks that need the whole chain run once
-            # at the end over all segments.
-            if special is None:
-                special = np.zeros(n, np.bool_)
-            special |= (flags & _INDIRECT).astype(np.bool_)
+            # gives the exact error; whole-chain checks run once at the end.
+            if seen & _INDIRECT:
+                ind = (flags & _INDIRECT).astype(np.bool_)
+                special = ind if special is None else special | ind
+            cont = flags & _NEXT
+            if special is not None:
+                cont &= ~special
+            active = cont.nonzero()[0]
+            rec_l = [d]
             ids_l = [_ARANGE[:n]]
-            addr_l = [addr]
-            len_l = [length]
-            flags_l = [flags]
-            cont = np.flatnonzero((flags & _NEXT).astype(np.bool_) & ~special)
-            active = cont
-            nxt = d["next"][cont]
+            regular = len(active) == n
+            nxt = d.view(np.uint16)[active, 7]
             hop = 1
             while len(active):
-                if hop >= num or hop >= VECTOR_HOPS:
+                if hop >= num or hop >= VECTOR_HOPS or int(_max(nxt)) >= num:
+                    # Too long (or a loop), or a next out of range: scalar walk.
+                    if special is None:
+                        special = np.zeros(n, np.bool_)
                     special[active] = True
+                    regular = False
                     break
-                if int(nxt.max()) >= num:
-                    bad = nxt >= num
-                    special[active[bad]] = True
-                    keep = ~bad
-                    active = active[keep]
-                    nxt = nxt[keep]
-                dr = self._desc[nxt]
-                fr = dr["flags"]
+                dr = desc[nxt]
+                rec_l.append(dr)
                 ids_l.append(active)
-                addr_l.append(dr["addr"])
-                len_l.append(dr["len"])
-                flags_l.append(fr)
-                c = np.flatnonzero(fr & _NEXT)
-                active = active[c]
-                nxt = dr["next"][c]
+                dr16 = dr.view(np.uint16)
+                c = (dr16[:, 6] & _NEXT).nonzero()[0]
+                if len(c) != len(active):
+                    regular = regular and len(c) == 0
+                    active = active[c]
+                nxt = dr16[c, 7]
                 hop += 1
-            ids = np.concatenate(ids_l)
-            order = np.argsort(ids, kind="stable")
-            ids = ids[order]
-            addr = np.concatenate(addr_l)[order]
-            length = np.concatenate(len_l)[order]
-            fl = np.concatenate(flags_l)[order]
-            writable = (fl & _WRITE).astype(np.bool_)
+            k = len(rec_l)
+            if regular:
+                # Every chain has k descriptors: interleave the rounds.
+                grid = np.empty((n, k, 2), np.uint64)
+                for j, r in enumerate(rec_l):
+                    grid[:, j] = r
+                allr = grid.reshape(n * k, 2)
+                ids = np.repeat(_ARANGE[:n], k)
+                starts = _ARANGE[:n * k + 1:k]
+            else:
+                ids = np.concatenate(ids_l)
+                order = np.argsort(ids, kind="stable")
+                ids = ids[order]
+                allr = np.concatenate(rec_l)[order]
+                starts = np.searchsorted(ids, _ARANGE[:n + 1])
+            flags = allr.view(np.uint16)[:, 6]
+            addr: U64Array = allr[:, 0]
+            length: U32Array = allr.view(np.uint32)[:, 2]
             # Within a chain: no readable segment after a writable one, and no
-            # indirect descriptor after the first (§2.7.5.3.1).
-            same = ids[1:] == ids[:-1]
-            wrong = same & ((writable[:-1] & ~writable[1:]) | (fl[1:] & _INDIRECT).astype(bool))
-            if wrong.any():
-                special[ids[1:][wrong]] = True
+            # indirect descriptor after the first (§2.7.5, §2.7.5.3.1).
+            t = flags & _WRITE
+            step = (t[:-1] > t[1:]) | (flags[1:] & _INDIRECT).astype(np.bool_)
+            step &= ids[1:] == ids[:-1]
+            if _lor(step):
+                if special is None:
+                    special = np.zeros(n, np.bool_)
+                special[ids[1:][step]] = True
+        else:
+            addr = d[:, 0]
+            length = d.view(np.uint32)[:, 2]
+        writable = (flags & _WRITE).astype(np.bool_)
         ri, off, ok = self._locate(addr, length, regions)
         if ok is not None:
             bad_chain = ~ok if ids is None else np.bincount(ids[~ok], minlength=n) > 0
             special = bad_chain if special is None else special | bad_chain
-        if special is not None and special.any():
+        if special is not None and _lor(special):
             return self._pop_mixed(orig, special, ids, ri, off, length, writable, regions)
         self._finish_pop(n)
-        starts = _ARANGE[:n + 1] if ids is None else np.searchsorted(ids, _ARANGE[:n + 1])
-        return Chains(heads, starts, ri, off, length, writable, regions)
+        return Chains(heads, starts, ri, off, length.astype(np.uint32), writable, regions)
 
     def _pop_mixed(self, heads: IntArray, special: BoolArray, ids: IntArray | None,
                    ri: IntArray, off: U64Array, length: U32Array, writable: BoolArray,
@@ -486,8 +510,8 @@ class DeviceBatch:
         if h.ndim != 1 or ln.shape != h.shape:
             raise CallerError("push needs one length per head")
         if n and (h.dtype.kind not in "iu" or ln.dtype.kind not in "iu" or (
-                int(h.min()) < 0 or int(h.max()) > 0xFFFFFFFF
-                or int(ln.min()) < 0 or int(ln.max()) > 0xFFFFFFFF)):
+                int(_min(h)) < 0 or int(_max(h)) > 0xFFFFFFFF
+                or int(_min(ln)) < 0 or int(_max(ln)) > 0xFFFFFFFF)):
             raise CallerError("used ids and lengths must be 32-bit unsigned integers")
         if n < PUSH_THRESHOLD:
             fill = q.fill

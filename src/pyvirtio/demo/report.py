@@ -44,8 +44,7 @@ def result_table(result: dict[str, Any]) -> Table:
                 f"verified {frames['verified']:,}, errors {frames['errors']}"
                 f"  ({frames['per_second']:,.0f} frames/s)",
         title_justify="left", caption_justify="left")
-    for col in ("queue", "buffers", "kicks", "interrupts", "kicks / 1000 buf",
-                "interrupts / 1000 buf"):
+    for col in ("queue", "buffers", "kicks", "interrupts", "kicks/1k buf", "irqs/1k buf"):
         table.add_column(col, justify="left" if col == "queue" else "right")
     rows = [*result["queues"], {"name": "total", **result["total"]}]
     for q in rows:

@@ -388,8 +388,8 @@ class Decoder:
     ``Decoder()`` decodes requests (the back end's side); ``Decoder(replies=True)``
     decodes the back end's replies (the front end's side).  Feed it whatever
     ``recvmsg`` returned with :meth:`feed` and iterate :meth:`messages`.  File
-    descriptors belong to the message whose bytes they arrived with (SCM_RIGHTS
-    data is attached to the first byte of a ``sendmsg``).  After a
+    descriptors belong to the message holding the last byte they arrived with
+    (see :meth:`feed`).  After a
     :class:`PeerError` the decoder is dead and has closed the fds it held.
     """
 
@@ -401,9 +401,17 @@ class Decoder:
         self._error: PeerError | None = None
 
     def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Add received bytes and the fds that arrived with them (the decoder owns the fds)."""
-        pos = self._consumed + len(self._buf)
+        """Add received bytes and the fds that arrived with them (the decoder owns the fds).
+
+        A Unix stream socket hands over a sender's fds with the ``recvmsg`` that
+        reads into that sender's ``sendmsg``, and ends that ``recvmsg`` there
+        (Linux ``unix_stream_read_generic``): so the fds belong to the message
+        holding the *last* byte received with them.
+        """
+        pos = self._consumed + len(self._buf) + len(data) - 1
         self._fds.extend((pos, fd) for fd in fds)
+        if self._error is None and fds and not len(data):
+            self._error = PeerError("file descriptors arrived without data")
         if self._error is not None:
             self.close()
             raise self._error
