@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from blk_peers import REPO, start_pyvirtio_blk, stop
 
+from blk_peers import REPO, start_pyvirtio_blk, stop
 from pyvirtio.cli import blk as blk_cli
 from pyvirtio.cli.main import build_parser
 

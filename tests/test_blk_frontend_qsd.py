@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_peers import start_qsd, stop
 
+from blk_peers import start_qsd, stop
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.spec import ReqType, Status
 
@@ -63,7 +63,7 @@ def test_write_read_verify_flush(qsd: tuple[Path, Path]) -> None:
 
 @pytest.mark.timeout(90)
 def test_two_queues(qsd: tuple[Path, Path]) -> None:
-    img, sock = qsd
+    _img, sock = qsd
     with BlkDriver.connect(str(sock), num_queues=2, timeout=10) as drv:
         assert drv.num_queues == 2
         drv.write(0, b"A" * 4096)   # queue 0

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_peers import start_pyvirtio_blk, stop
 
+from blk_peers import start_pyvirtio_blk, stop
 from pyvirtio.devices.blk.driver import BlkDriver, BlkIOError
 from pyvirtio.devices.blk.spec import BlkFeature, ReqType, Status
 

@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.layout import (
@@ -502,3 +504,84 @@ def test_reset_closes_everything(front: Front) -> None:
     front.be.reset()
     assert not any(_is_open(fd) for fd in fds if fd is not None)
     assert front.be.memory is None and front.be.features == 0 and front.be.protocol == 0
+
+
+# ------------------------------------------------------------------ garbage
+_small = st.integers(0, 4)
+_idx = st.integers(0, 3)
+_addr = st.one_of(st.sampled_from([UADDR + k * 0x400 for k in range(16)]),
+                  st.integers(0, MEM + 0x100), st.integers(UADDR - 0x100, UADDR + MEM + 0x100),
+                  st.integers(0, (1 << 64) - 1))
+_region = st.builds(MemRegion, st.sampled_from([0, 0x1000, MEM // 2, (1 << 64) - 0x1000]),
+                    st.sampled_from([0, 0x1000, MEM // 2, MEM, 1 << 40]),
+                    st.sampled_from([UADDR, UADDR + MEM // 2, 0]),
+                    st.sampled_from([0, 0x1000, MEM // 2, MEM]))
+_msgs = st.one_of(
+    st.tuples(st.just(Request.SET_FEATURES), st.sampled_from([0, FEATURES, FEATURES | 1 << 30,
+                                                              1 << 3])),
+    st.tuples(st.just(Request.SET_PROTOCOL_FEATURES), st.integers(0, (1 << 17) - 1)),
+    st.tuples(st.just(Request.SET_MEM_TABLE), st.lists(_region, min_size=1, max_size=3)),
+    st.tuples(st.just(Request.ADD_MEM_REG), _region),
+    st.tuples(st.just(Request.REM_MEM_REG), _region),
+    st.tuples(st.sampled_from([Request.SET_VRING_NUM, Request.SET_VRING_BASE,
+                               Request.GET_VRING_BASE, Request.SET_VRING_ENABLE]),
+              st.builds(VringState, _idx, st.sampled_from([0, 1, 2, 3, 8, 16, 0xFFFF, 1 << 20]))),
+    st.tuples(st.just(Request.SET_VRING_ADDR),
+              st.builds(VringAddr, _idx, st.sampled_from([0, 1, 2]), _addr, _addr, _addr)),
+    st.tuples(st.sampled_from([Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+                               Request.SET_VRING_ERR]),
+              st.sampled_from([0, 1, 3, 0x100, 0x101, 0x200])),
+    st.tuples(st.sampled_from([Request.GET_CONFIG, Request.SET_CONFIG]),
+              st.builds(lambda o, n, f: ConfigSpace(o, n, f, bytes(n)), st.integers(0, 300),
+                        st.integers(0, 40), _small)),
+    st.tuples(st.sampled_from([Request.RESET_DEVICE, Request.RESET_OWNER, Request.SET_OWNER,
+                               Request.GET_STATUS, Request.GET_FEATURES, Request.GET_QUEUE_NUM,
+                               Request.GET_MAX_MEM_SLOTS, Request.POSTCOPY_END]), st.none()),
+    st.tuples(st.just(Request.SET_STATUS), st.integers(0, 0x1FF)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_msgs, st.booleans()), max_size=25),
+       st.binary(min_size=64, max_size=64), st.booleans())
+def test_random_request_sequences_only_raise_peer_errors(
+        seq: list[tuple[tuple[Request, object], bool]], ring_bytes: bytes, setup: bool) -> None:
+    f = Front()
+    opened: list[int] = []
+    try:
+        if setup:  # start from two running rings so the garbage meets live state
+            f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+            f.share()
+            for index in (0, 1):
+                f.ring(index)
+                f.send(Request.SET_VRING_ENABLE, VringState(index, 1))
+        f.mem.write(0x1000, ring_bytes * (0x3000 // 64))  # hostile ring contents
+        for (req, raw), need_reply in seq:
+            fds: tuple[int, ...] = ()
+            payload: Payload
+            if req is Request.SET_MEM_TABLE:
+                assert isinstance(raw, list)
+                payload = MemoryTable(tuple(raw))
+                fds = tuple(os.dup(f.memfd) for _ in raw)
+            else:
+                payload = raw  # type: ignore[assignment]
+            if req in (Request.ADD_MEM_REG,) or (
+                    req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+                            Request.SET_VRING_ERR) and isinstance(raw, int)
+                    and not raw & VRING_NOFD_MASK):
+                fds = (os.eventfd(0) if req is not Request.ADD_MEM_REG else os.dup(f.memfd),)
+            opened.extend(fds)
+            try:
+                out = f.be.handle(request(req, payload, fds=fds, need_reply=need_reply))
+            except PeerError:
+                f.be.reset()
+                continue
+            for index in range(len(f.be.rings)):
+                for poll in (False, True):
+                    res = f.be.run_ring(index, poll=poll)
+                    event("ring broken" if res.broken else
+                          "ring ran" if f.be.rings[index].runnable else "ring idle")
+            assert all(r.is_reply for r in out.replies)
+    finally:
+        f.close()
+    assert not any(_is_open(fd) for fd in opened)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.core.errors import PeerError
+from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, Status
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.io.eventfd import EventFd
@@ -330,3 +330,49 @@ def test_stop_with_a_connected_front_end(sock_path: str) -> None:
     assert dev.resets >= 1
     assert not os.path.exists(sock_path)
     fe.close()
+
+
+# ----------------------------------------------------- hostile back ends
+@pytest.mark.parametrize("answer", [
+    b"",  # hangs up
+    HEADER.pack(Request.GET_PROTOCOL_FEATURES, VERSION | 4, 8) + bytes(8),  # wrong request
+    HEADER.pack(Request.GET_FEATURES, VERSION, 8) + bytes(8),  # reply flag missing
+    HEADER.pack(Request.GET_FEATURES, VERSION | 4, 4) + bytes(4),  # wrong size
+    HEADER.pack(Request.GET_FEATURES, VERSION | 4, 1 << 20),  # size too large
+    None,  # never answers
+])
+def test_front_end_refuses_a_hostile_back_end(tmp_path: Path, answer: bytes | None) -> None:
+    path = str(tmp_path / "evil.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    done = threading.Event()
+
+    def evil() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(64)  # SET_OWNER and GET_FEATURES
+            if answer:
+                conn.sendall(answer)
+            if answer is None or answer:
+                done.wait(10)
+
+    t = threading.Thread(target=evil, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(PeerError):
+            VhostUserFrontend.connect(path, memory_size=1 << 20,
+                                      timeout=0.5 if answer is None else 10)
+    finally:
+        done.set()
+        t.join(10)
+        listener.close()
+
+
+def test_listen_fd_must_be_a_listening_unix_socket() -> None:
+    a, b = socket.socketpair()
+    with pytest.raises(CallerError, match="listening"):
+        VhostUserServer(EchoDevice(), listen_fd=a.fileno())
+    os.fstat(a.fileno())  # still open: the server neither took nor closed it
+    a.close()
+    b.close()

@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import mmap
 import os
+import stat
 from dataclasses import dataclass, field
 
 from pyvirtio.core.errors import CallerError, PeerError
@@ -79,7 +80,9 @@ class GuestMemory:
         page = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             st = os.fstat(fd)
-            if st.st_size and offset + size > st.st_size:
+            # A mapping past the end of a regular file (memfds are regular) would
+            # SIGBUS on first touch: refuse it now, while it is a clean error.
+            if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
                 raise PeerError(f"region mmap_offset {offset:#x} + size {size:#x} is past the end "
                                 f"of its file ({st.st_size:#x} bytes)")
             mm = mmap.mmap(fd, size + (offset - page), mmap.MAP_SHARED,

@@ -31,9 +31,11 @@ checked, so checks and uses see the same fetch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain as _chain
+from operator import itemgetter as _itemgetter
 from typing import Any
 
 import numpy as np
@@ -608,14 +610,13 @@ class DriverBatch:
         need = n if indirect else n * k
         if need > len(free):
             raise QueueFull(f"{need} descriptors needed, {len(free)} free")
-        flags = np.where(_ARANGE[:k] >= n_out, _WRITE, 0).astype(np.uint16)
-        flags[:-1] |= _NEXT
+        flags = _chain_flags(k, n_out)
         # The scalar add pops the free list from its end, one descriptor at a time.
         area = q._indirect
         if indirect and area is not None and k > area.per_head:
             raise CallerError(f"{k} segments exceed the indirect slot of {area.per_head}")
         cut = len(free) - need
-        taken = np.array(free[cut:], np.intp)[::-1]
+        taken = np.fromiter(free[cut:], np.intp, need)[::-1]
         del free[cut:]
         desc = self._desc
         if indirect:
@@ -657,6 +658,7 @@ class DriverBatch:
             chains_l = q._chains
             for h, c in zip(head_l, chains_v, strict=True):
                 chains_l[h] = c
+            q._multi += n
         q._outstanding += n
         num = self.num
         shadow = q.avail_idx_shadow
@@ -725,34 +727,37 @@ class DriverBatch:
             ids_a = ids_a[:good]
             lens = lens[:good]
         ids = ids_a.tolist()
-        toks = [tokens_l[h] for h in ids]
-        if None in toks or len(set(ids)) != len(ids):
-            seen: set[int] = set()
-            good = 0
-            for h, t in zip(ids, toks, strict=True):
-                if t is None or h in seen:
-                    break
-                seen.add(h)
-                good += 1
-            ids = ids[:good]
-            toks = toks[:good]
-            lens = lens[:good]
-        n = len(ids)
+        toks = list(_itemgetter(*ids)(tokens_l)) if len(ids) > 1 else [tokens_l[h] for h in ids]
+        # Consume in order; a head that is not outstanding (or comes twice)
+        # ends the batch there, as the scalar loop would stop on it.
+        n = 0
+        for h in ids:
+            if tokens_l[h] is None:
+                break
+            tokens_l[h] = None
+            n += 1
         if n == 0:
             # The scalar call raises the exact error (and marks the queue broken).
             one = q.get_buf()
             assert one is not None
             return UsedBatch(_token_array([one[0]]), np.array([one[1]], np.uint32))
-        for h in ids:
-            tokens_l[h] = None
-        chains_l = q._chains
-        descs = list(_chain.from_iterable([chains_l[h] for h in ids]))
-        q._free.extend(descs)
-        if len(descs) != n:
-            # Some chains had several descriptors: their heads get their 1-tuples back.
-            singles = q._singles
-            for h in ids:
-                chains_l[h] = singles[h]
+        if n < len(ids):
+            ids = ids[:n]
+            toks = toks[:n]
+            lens = lens[:n]
+        if q._multi:
+            chains_l = q._chains
+            chains = [chains_l[h] for h in ids]
+            descs = list(_chain.from_iterable(chains))
+            q._free.extend(descs)
+            if len(descs) != n:
+                singles = q._singles
+                for h, c in zip(ids, chains, strict=True):
+                    if len(c) > 1:
+                        chains_l[h] = singles[h]
+                        q._multi -= 1
+        else:
+            q._free.extend(ids)
         q._outstanding -= n
         last = (last + n) & 0xFFFF
         q.last_used_idx = last
@@ -784,8 +789,11 @@ class DriverBatch:
             if t is None:
                 break
             tokens_l[h] = None
-            extend(chains_l[h])
-            chains_l[h] = singles[h]
+            c = chains_l[h]
+            extend(c)
+            if len(c) > 1:
+                chains_l[h] = singles[h]
+                q._multi -= 1
             toks.append(t)
             lens.append(length)
         got = len(toks)
@@ -801,6 +809,15 @@ class DriverBatch:
             q._avail[q._used_event_i] = last
             full_fence()
         return UsedBatch(_token_array(toks), np.array(lens, np.uint32))
+
+
+@functools.cache
+def _chain_flags(k: int, n_out: int) -> npt.NDArray[np.uint16]:
+    """Descriptor flags of a k-segment chain whose first n_out segments are readable."""
+    flags = np.where(_ARANGE[:k] >= n_out, _WRITE, 0).astype(np.uint16)
+    flags[:-1] |= _NEXT
+    flags.flags.writeable = False
+    return flags
 
 
 def _token_array(toks: Sequence[object]) -> npt.NDArray[Any]:

@@ -88,6 +88,9 @@ class SplitDriverQueue:
         self.num_added = 0
         self.avail_flags_shadow = 0
         self._outstanding = 0
+        # Outstanding heads whose chain has several descriptors; while 0, every
+        # returned head frees exactly itself (the batched get relies on it).
+        self._multi = 0
         self.broken: str | None = None
 
     # ------------------------------------------------------------------ state
@@ -182,6 +185,7 @@ class SplitDriverQueue:
                                VRING_DESC_F_WRITE if j >= n_out else 0, 0)
             head = idxs[0]
             self._chains[head] = idxs
+            self._multi += 1
         self._tokens[head] = token
         self._outstanding += 1
         # Ring entry first, then the index (x86 keeps stores in order; barrier.py).
@@ -233,9 +237,11 @@ class SplitDriverQueue:
         if token is None:
             raise self.mark_broken(f"used id {head} is not an outstanding head")
         tokens[head] = None
-        chains = self._chains
-        self._free.extend(chains[head])
-        chains[head] = self._singles[head]
+        chain = self._chains[head]
+        self._free.extend(chain)
+        if len(chain) > 1:
+            self._chains[head] = self._singles[head]
+            self._multi -= 1
         self._outstanding -= 1
         last = (last + 1) & 0xFFFF
         self.last_used_idx = last
@@ -254,6 +260,7 @@ class SplitDriverQueue:
                 self._free.extend(self._chains[head])
                 self._chains[head] = self._singles[head]
         self._outstanding = 0
+        self._multi = 0
         return out
 
     # ------------------------------------------------------------- interrupts

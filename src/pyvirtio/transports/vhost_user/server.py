@@ -96,6 +96,10 @@ class VhostUserServer:
         else:
             assert listen_fd is not None
             self._listener = socket.socket(fileno=listen_fd)
+            if (self._listener.family != socket.AF_UNIX
+                    or not self._listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                self._listener.detach()
+                raise CallerError(f"fd {listen_fd} is not a listening Unix socket")
         self._listener.setblocking(False)
         self._wake = EventFd(nonblocking=True)
         self._stopping = False
@@ -106,6 +110,7 @@ class VhostUserServer:
         self._kick_gen = -1
         self._kicks: dict[int, int] = {}  # fd -> ring index
         self._last_work = 0.0
+        self._negotiated = (-1, -1)
         #: Connections served so far (for tests and tools).
         self.connections = 0
 
@@ -169,6 +174,7 @@ class VhostUserServer:
         self.backend = VhostUserBackend(self.device, max_mem_slots=self.max_mem_slots)
         self._kick_gen = self.backend.kick_generation
         self._kicks = {}
+        self._negotiated = (-1, -1)
         self.connections += 1
         # One front end at a time: the next waits in the backlog until this one leaves.
         self._sel.unregister(self._listener)
@@ -231,13 +237,19 @@ class VhostUserServer:
             return
         try:
             decoder.feed(data, fds)
+            debug = self.log.isEnabledFor(logging.DEBUG)
             for msg in decoder.messages():
+                if debug:
+                    self.log.debug("vhost-user: <- %s %r fds=%s%s", msg.request.name, msg.payload,
+                                   list(msg.fds), " need_reply" if msg.need_reply else "")
                 outcome = backend.handle(msg)
                 if outcome.error is not None:
                     self.log.warning("vhost-user: %s", outcome.error)
                 for rep in outcome.replies:
                     conn.sendall(encode(rep))
-                if msg.request is Request.SET_FEATURES:
+                negotiated = (backend.virtio_features, backend.protocol)
+                if msg.request is Request.SET_FEATURES and negotiated != self._negotiated:
+                    self._negotiated = negotiated
                     self.log.info("vhost-user: negotiated features %#x, protocol features %#x",
                                   backend.virtio_features, backend.protocol)
                 self._sync_kicks()

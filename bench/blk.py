@@ -1,0 +1,183 @@
+"""pyvirtio-blk against qemu-storage-daemon, side by side, driven by pyvirtio's front end.
+
+Issue 3 §8.  Both back ends serve the same page-cached raw image (one after
+the other: qemu-storage-daemon locks the image) over vhost-user (QEMU
+docs/interop/vhost-user.rst); pyvirtio's virtio-blk driver (VIRTIO 1.2
+§5.2) is the front end for both.  Workloads: 4K random read at iodepth 1
+and 32, 64K sequential read (iodepth 8), 4K random write (iodepth 32).
+Reported: IOPS, MiB/s, mean latency, kicks and interrupts per 1,000
+requests, and the back end's CPU time per request (utime + stime from
+/proc/PID/stat around the measured interval), with the pyvirtio / qsd ratio.
+
+    .venv/bin/python bench/blk.py [--seconds 5] [--size 256M] [--poll] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pyvirtio.devices.blk.driver import BlkDriver
+from pyvirtio.devices.blk.workload import parse_size, run_workload
+
+REPO = Path(__file__).resolve().parent.parent
+REF_BACKEND = REPO / "scripts" / "peers" / "ref-blk-backend.sh"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+WORKLOADS = [
+    ("4K randread QD1", "randread", 4096, 1),
+    ("4K randread QD32", "randread", 4096, 32),
+    ("64K read QD8", "read", 65536, 8),
+    ("4K randwrite QD32", "randwrite", 4096, 32),
+]
+
+
+Row = dict[str, Any]
+
+
+@dataclass
+class Backend:
+    name: str
+    argv: list[str]
+    sock: Path
+    env: dict[str, str]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its threads (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def start(backend: Backend, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(backend.argv, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **backend.env))
+    deadline = time.monotonic() + 20
+    while not backend.sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{backend.name} did not start: {log.read_text()[-500:]}")
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure(backend: Backend, log: Path, seconds: float, warmup: float) -> list[Row]:
+    proc = start(backend, log)
+    sock = backend.sock
+    rows: list[Row] = []
+    try:
+        for label, rw, bs, depth in WORKLOADS:
+            with BlkDriver.connect(str(sock), queue_size=256, max_io=65536) as drv:
+                if warmup:
+                    run_workload(drv, rw, bs, depth, warmup)
+                cpu0 = cpu_seconds(proc.pid)
+                res = run_workload(drv, rw, bs, depth, seconds)
+                cpu1 = cpu_seconds(proc.pid)
+            row: Row = {"backend": backend.name, "workload": label, **res.as_dict()}
+            row["backend_cpu_s"] = cpu1 - cpu0
+            row["backend_cpu_us_per_req"] = ((cpu1 - cpu0) * 1e6 / res.requests
+                                             if res.requests else 0.0)
+            rows.append(row)
+            print(f"  {backend.name:<22} {label:<18} {res.iops:>10,.0f} IOPS "
+                  f"{row['backend_cpu_us_per_req']:>7.1f} us CPU/req", file=sys.stderr)
+    finally:
+        stop(proc)
+    return rows
+
+
+def make_image(path: Path, size: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+    with open(path, "rb") as f:  # read it once so both back ends start page-cached
+        while f.read(8 << 20):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per workload (default 5)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
+    ap.add_argument("--size", default="256M", help="image size (default 256M)")
+    ap.add_argument("--poll", action="store_true", help="also run pyvirtio-blk --poll")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    size = parse_size(args.size)
+
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
+        work = Path(tmp)
+        img = work / "disk.img"
+        make_image(img, size)
+        py = [sys.executable, "-m", "pyvirtio.cli.blk", "--blk-file", str(img)]
+        s1, s2, s3 = work / "pyvirtio.sock", work / "pyvirtio-poll.sock", work / "qsd.sock"
+        backends = [
+            Backend("pyvirtio-blk", [*py, "--socket-path", str(s1)], s1, {}),
+            Backend("qemu-storage-daemon", [str(REF_BACKEND), str(img), str(s3)], s3,
+                    {"CACHE_DIRECT": "off"}),
+        ]
+        if args.poll:
+            backends.insert(1, Backend("pyvirtio-blk --poll",
+                                       [*py, "--socket-path", str(s2), "--poll"], s2, {}))
+        rows: list[Row] = []
+        for i, be in enumerate(backends):
+            rows += measure(be, work / f"backend{i}.log", args.seconds, args.warmup)
+
+    ref = {r["workload"]: r for r in rows if r["backend"] == "qemu-storage-daemon"}
+    for r in rows:
+        q = ref.get(r["workload"])
+        if q and float(q["iops"]) and float(q["backend_cpu_us_per_req"]):
+            r["iops_ratio_vs_qsd"] = float(r["iops"]) / float(q["iops"])
+            r["cpu_ratio_vs_qsd"] = (float(r["backend_cpu_us_per_req"])
+                                     / float(q["backend_cpu_us_per_req"]))
+    if args.json:
+        print(json.dumps({"seconds": args.seconds, "image_bytes": size,
+                          "cpus": os.cpu_count(), "results": rows}, indent=2))
+        return 0
+    table = Table(title=f"vhost-user-blk back ends, pyvirtio front end, {args.seconds:g} s each, "
+                        f"{size >> 20} MiB page-cached image, {os.cpu_count()} CPUs")
+    for col in ("workload", "back end", "IOPS", "MiB/s", "lat avg us", "p99 us",
+                "kicks/1k", "irqs/1k", "back-end CPU us/req", "IOPS ratio", "CPU ratio"):
+        table.add_column(col, justify="left" if col in ("workload", "back end") else "right")
+    for label, *_ in WORKLOADS:
+        for r in rows:
+            if r["workload"] != label:
+                continue
+            pct = r["percentiles_us"]
+            assert isinstance(pct, dict)
+            table.add_row(
+                label, str(r["backend"]), f"{float(r['iops']):,.0f}",
+                f"{float(r['mib_s']):.1f}", f"{float(r['lat_us_avg']):.1f}",
+                f"{pct['99.00']:.1f}", f"{float(r['kicks_per_1000']):.1f}",
+                f"{float(r['interrupts_per_1000']):.1f}",
+                f"{float(r['backend_cpu_us_per_req']):.1f}",
+                f"{r['iops_ratio_vs_qsd']:.2f}" if "iops_ratio_vs_qsd" in r else "",
+                f"{r['cpu_ratio_vs_qsd']:.2f}" if "cpu_ratio_vs_qsd" in r else "")
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
