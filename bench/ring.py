@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=1.5,
                     help="time per row and implementation (default 1.5)")
     args = ap.parse_args(argv)
-    console = Console()
+    console = Console(width=max(110, Console().width))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
         exe = build_c(Path(tmp))

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blk_loop_harness import make_loop
 from pyvirtio.core.errors import PeerError, QueueBrokenError
@@ -178,3 +180,57 @@ def test_descriptor_outside_memory_is_refused(img: Path) -> None:
     with pytest.raises(PeerError):
         d.process_queue(0, ports[0].dev_queue)
     assert ports[0].dev_queue.broken
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.binary(min_size=0, max_size=40),
+       rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 14, 99, 0xFFFFFFFF]),
+       sector=st.one_of(st.integers(0, 9000), st.integers(0, 2**64 - 1)),
+       use_header=st.booleans(),
+       out_lens=st.lists(st.integers(1, 3000), max_size=3),
+       in_lens=st.lists(st.integers(1, 5000), max_size=3))
+def test_hostile_requests_only_answer_or_break_the_queue(
+        img: Path, header: bytes, rtype: int, sector: int, use_header: bool,
+        out_lens: list[int], in_lens: list[int]) -> None:
+    """Any request: a status byte and a right used length, or a PeerError; no stray writes."""
+    if not out_lens and not in_lens:
+        in_lens = [1]
+    d = dev(img)
+    drv, ports = make_loop(d, mem_size=2 << 20)
+    mem = drv.memory
+    base = 1 << 20
+    pos = base
+    out_segs, in_segs = [], []
+    body = (REQ_HEADER.pack(rtype, 0, sector) + header) if use_header else header
+    body = body + os.urandom(max(0, sum(out_lens) - len(body)))
+    off = 0
+    for n in out_lens:
+        mem.write(pos, body[off:off + n].ljust(n, b"\0"))
+        out_segs.append((pos, n))
+        off += n
+        pos += n + 64
+    for n in in_lens:
+        in_segs.append((pos, n))
+        pos += n + 64
+    mem.write(base - 64, b"\xee" * 64)
+    snapshot_end = pos
+    before = bytes(mem.translate(base - 64, snapshot_end - base + 64))
+    ports[0].queue.add(out_segs, in_segs, "req")
+    try:
+        n = d.process_queue(0, ports[0].dev_queue)
+    except PeerError:
+        assert ports[0].dev_queue.broken
+        return
+    assert n == 1
+    token, used = ports[0].queue.get_buf()  # type: ignore[misc]
+    assert token == "req"
+    after = bytes(mem.translate(base - 64, snapshot_end - base + 64))
+    writable = set()
+    for a, ln in in_segs:
+        writable.update(range(a - base + 64, a - base + 64 + ln))
+    changed = {i for i in range(len(before)) if before[i] != after[i]}
+    assert changed <= writable  # nothing outside the device-writable buffers
+    assert 1 <= used <= sum(ln for _a, ln in in_segs)
+    last_a, last_n = in_segs[-1]
+    assert mem.read(last_a + last_n - 1, 1)[0] in (Status.OK, Status.IOERR, Status.UNSUPP)

@@ -118,6 +118,9 @@ def test_guest_writes_reads_and_qemu_restart(initramfs: Path, backend: Path, dis
     rc, out = boot(initramfs, backend, SECOND_GUEST)
     assert rc == 0 and "SECOND-OK" in out, out[-3000:]
     assert disk.read_bytes()[:4096] == pattern("SECOND-GUEST", 4096)
+    log = backend.with_suffix(".log").read_text()
+    assert log.count("front end connected") == 2  # one back-end process served both QEMUs
+    assert log.count("front end disconnected") == 2
 
 
 MULTIQUEUE = """

@@ -36,7 +36,7 @@ DATA = 0x4000  # data buffers live in [DATA, IND)
 IND = 0x8000  # indirect tables live in [IND, IND + IND_SIZE)
 IND_SIZE = 0x100
 
-GARBAGE = settings(max_examples=300, deadline=None,
+GARBAGE = settings(max_examples=400, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                           HealthCheck.large_base_example])
 

@@ -92,8 +92,8 @@ class RingMachine(RuleBasedStateMachine):
 
     def _drain_and_check(self) -> None:
         """Finish everything through the public API: every buffer back exactly once."""
-        for elem, buf in list(self.held):
-            self._push_one(elem, buf)
+        for held, buf in list(self.held):
+            self._push_one(held, buf)
         self.held.clear()
         while (elem := self.p.device.pop()) is not None:
             self._push_one(elem, self._check_popped(elem))
@@ -339,7 +339,7 @@ class RingMachine(RuleBasedStateMachine):
             assert self.p.used_flags == 0 and self.p.avail_flags == 0
 
 
-SETTINGS = settings(max_examples=120, stateful_step_count=60, deadline=None,
+SETTINGS = settings(max_examples=250, stateful_step_count=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -6,12 +6,12 @@ from pyvirtio.core import spec
 
 
 def test_device_status_bits_match_section_2_1() -> None:
-    assert spec.Status.ACKNOWLEDGE == 1
-    assert spec.Status.DRIVER == 2
-    assert spec.Status.DRIVER_OK == 4
-    assert spec.Status.FEATURES_OK == 8
-    assert spec.Status.NEEDS_RESET == 64
-    assert spec.Status.FAILED == 128
+    assert int(spec.Status.ACKNOWLEDGE) == 1
+    assert int(spec.Status.DRIVER) == 2
+    assert int(spec.Status.DRIVER_OK) == 4
+    assert int(spec.Status.FEATURES_OK) == 8
+    assert int(spec.Status.NEEDS_RESET) == 64
+    assert int(spec.Status.FAILED) == 128
     # Status bits are distinct single bits that combine into one byte.
     values = [int(s) for s in spec.Status]
     assert all(v & (v - 1) == 0 for v in values)
@@ -48,13 +48,13 @@ def test_descriptor_and_ring_flags() -> None:
 
 
 def test_device_ids_match_section_5() -> None:
-    assert spec.DeviceId.NET == 1
-    assert spec.DeviceId.BLOCK == 2
-    assert spec.DeviceId.CONSOLE == 3
-    assert spec.DeviceId.ENTROPY == 4
-    assert spec.DeviceId.SCSI == 8
-    assert spec.DeviceId.VSOCK == 19
-    assert spec.DeviceId.FS == 26
+    assert int(spec.DeviceId.NET) == 1
+    assert int(spec.DeviceId.BLOCK) == 2
+    assert int(spec.DeviceId.CONSOLE) == 3
+    assert int(spec.DeviceId.ENTROPY) == 4
+    assert int(spec.DeviceId.SCSI) == 8
+    assert int(spec.DeviceId.VSOCK) == 19
+    assert int(spec.DeviceId.FS) == 26
 
 
 def test_queue_limits() -> None:

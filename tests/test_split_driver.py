@@ -26,7 +26,8 @@ Pair = Callable[..., RingPair]
 
 
 def _desc(pair: RingPair, i: int) -> tuple[int, int, int, int]:
-    return DESC.unpack_from(pair.driver.rings.desc, i * DESC_SIZE)  # type: ignore[return-value]
+    addr, length, flags, nxt = DESC.unpack_from(pair.driver.rings.desc, i * DESC_SIZE)
+    return int(addr), int(length), int(flags), int(nxt)
 
 
 def test_round_trip_with_real_bytes(ring_pair: Pair) -> None:

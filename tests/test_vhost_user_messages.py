@@ -64,7 +64,7 @@ def _valid(req: Request) -> tuple[Payload, int]:
         Request.SET_VRING_ENABLE: (VringState(0, 1), 0),
         Request.SEND_RARP: (RawPayload(bytes(8)), 0),
         Request.NET_SET_MTU: (RawPayload(bytes(8)), 0),
-        Request.SET_SLAVE_REQ_FD: (RawPayload(b""), 1),
+        Request.SET_BACKEND_REQ_FD: (None, 1),
         Request.IOTLB_MSG: (RawPayload(bytes(32)), 0),
         Request.SET_VRING_ENDIAN: (RawPayload(bytes(8)), 0),
         Request.GET_CONFIG: (ConfigSpace(0, 60, 0, bytes(60)), 0),

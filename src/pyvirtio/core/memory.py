@@ -36,6 +36,8 @@ class Region:
     fd: int = -1
     mmap_offset: int = 0
     owner: object = field(default=None, repr=False)
+    #: Whether GuestMemory.close() closes ``fd`` (true for memory it created).
+    owns_fd: bool = False
 
     @property
     def end(self) -> int:
@@ -59,7 +61,8 @@ class GuestMemory:
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        region = Region(gpa=gpa, size=size, view=memoryview(mm), uaddr=gpa, fd=fd, owner=mm)
+        region = Region(gpa=gpa, size=size, view=memoryview(mm), uaddr=gpa, fd=fd, owner=mm,
+                        owns_fd=True)
         return cls([region])
 
     @classmethod
@@ -119,8 +122,12 @@ class GuestMemory:
         raise PeerError(f"no memory region at {gpa:#x} of size {size:#x}")
 
     def close(self) -> None:
-        """Release every mapping; views handed out before must not be used after."""
+        """Release every mapping (and the fds it created); views handed out before must
+        not be used after."""
         for r in self._regions:
+            if r.owns_fd and r.fd >= 0:
+                os.close(r.fd)
+                r.fd = -1
             r.view.release()
             if isinstance(r.owner, mmap.mmap):
                 # Someone may still hold a view; the mapping then dies with the last one.

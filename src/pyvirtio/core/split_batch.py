@@ -73,8 +73,9 @@ U64Array = npt.NDArray[np.uint64]
 U32Array = npt.NDArray[np.uint32]
 BoolArray = npt.NDArray[np.bool_]
 
-# Crossovers measured with bench/ring.py on the 2-core reference machine: below
-# these counts the Python loop beats numpy's fixed per-call cost.
+# Crossovers measured on the 2-core reference machine (chains of 1 and 3
+# descriptors): below these counts the Python loop beats numpy's fixed cost of
+# roughly a microsecond per array operation.
 POP_THRESHOLD = 16
 PUSH_THRESHOLD = 2
 ADD_THRESHOLD = 8
@@ -245,6 +246,8 @@ class DeviceBatch:
         q = self.q
         if q.broken is not None:
             raise QueueBrokenError(f"queue is broken: {q.broken}")
+        if max_n <= 0:
+            return _empty_chains(self._regions())
         last = q.last_avail_idx
         have = (q.shadow_avail_idx - last) & 0xFFFF
         if have == 0:

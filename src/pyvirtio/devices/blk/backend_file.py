@@ -66,24 +66,30 @@ class FileBackend:
         self._closed = False
 
     # ------------------------------------------------------------------ data
-    def read(self, sector: int, views: list[memoryview]) -> tuple[Status, int]:
-        """Fill ``views`` from ``sector``; returns (status, bytes read)."""
+    def read(self, sector: int, views: list[memoryview],
+             total: int | None = None) -> tuple[Status, int]:
+        """Fill ``views`` (``total`` bytes, if the caller knows) from ``sector``.
+
+        Returns (status, bytes read).
+        """
         try:
             n = os.preadv(self.fd, views, sector << SECTOR_SHIFT)
         except OSError as exc:
             log.warning("%s: read at sector %d failed: %s", self.path, sector, exc)
             return Status.IOERR, 0
-        total = sum(len(v) for v in views)
+        if total is None:
+            total = sum(len(v) for v in views)
         if n < total:
             # The file shrank under us: the rest of the buffer would be stale guest memory.
             return Status.IOERR, n
         return Status.OK, n
 
-    def write(self, sector: int, views: list[memoryview]) -> Status:
+    def write(self, sector: int, views: list[memoryview], total: int | None = None) -> Status:
         if self.read_only:
             return Status.IOERR
         offset = sector << SECTOR_SHIFT
-        total = sum(len(v) for v in views)
+        if total is None:
+            total = sum(len(v) for v in views)
         try:
             n = os.pwritev(self.fd, views, offset)
             while n < total:  # short writes are legal; finish them

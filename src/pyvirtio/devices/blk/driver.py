@@ -42,7 +42,6 @@ from pyvirtio.devices.blk.spec import (
     CONFIG_SIZE_WRITE_ZEROES,
     DWZ_F_UNMAP,
     DWZ_SEGMENT,
-    DWZ_SEGMENT_SIZE,
     ID_BYTES,
     REQ_HEADER,
     REQ_HEADER_SIZE,
@@ -436,5 +435,4 @@ class BlkDriver:
             "num_queues": len(self.ports),
             "queue_depth": self._depth,
             "features": self.features,
-            "segment_size": DWZ_SEGMENT_SIZE,
         }

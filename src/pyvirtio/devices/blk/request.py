@@ -83,7 +83,13 @@ def parse_request(elem: Element) -> BlkRequest:
         data = []
     else:
         data = rest
-    return BlkRequest(elem.head, rtype, sector, data, status, sum(len(v) for v in data))
+    if len(data) == 1:
+        nbytes = len(data[0])
+    else:
+        nbytes = 0
+        for v in data:
+            nbytes += len(v)
+    return BlkRequest(elem.head, rtype, sector, data, status, nbytes)
 
 
 def _gather_header(head: int, readable: list[memoryview]) -> tuple[int, int, list[memoryview]]:

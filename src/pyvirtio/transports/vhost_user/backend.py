@@ -6,14 +6,22 @@ GET_VRING_BASE; without VHOST_USER_F_PROTOCOL_FEATURES it starts enabled,
 with it disabled until SET_VRING_ENABLE 1), "Memory access" and "Memory
 regions description" (regions mmapped from their fds at their mmap offsets;
 ring addresses are user addresses, descriptors hold guest addresses),
-"Multiple queue support", "Front-end message types" and "REPLY_ACK".  The ring
+"Multiple queue support", "Front-end message types" and "REPLY_ACK", and
+"Back-end communication": with protocol feature BACKEND_REQ (SLAVE_REQ in
+QEMU 7.2) the front end hands over a socket with SET_BACKEND_REQ_FD, and
+when a ring breaks the back end sends CONFIG_CHANGE_MSG on it (with
+need_reply when REPLY_ACK is negotiated) after setting NEEDS_RESET (VIRTIO
+1.2 §2.1.2: the device sets DEVICE_NEEDS_RESET and, when DRIVER_OK is set,
+sends a configuration change notification).  The ring
 layout itself is VIRTIO 1.2 §2.7, handled by
 :class:`~pyvirtio.core.split_device.SplitDeviceQueue`.
 
 :meth:`VhostUserBackend.handle` takes one decoded :class:`Message` and returns
 an :class:`Outcome`: the replies to send and the rings that just became
-runnable.  It never touches the socket; the fds it keeps (kick, call, err) are
-plain ints the I/O layer (``server.py``) watches and signals.  Broken rules
+runnable; :meth:`VhostUserBackend.run_ring` returns a :class:`RunResult`
+whose ``backend_messages`` are for the back-end channel.  It never touches a
+socket; the fds it keeps (kick, call, err, back-end channel) are plain ints
+the I/O layer (``server.py``) watches, signals and writes to.  Broken rules
 raise :class:`PeerError` — unless the request asked for a REPLY_ACK, in which
 case the error becomes a non-zero reply and the connection survives.
 """
@@ -24,6 +32,7 @@ import contextlib
 import mmap
 import os
 import stat
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +53,8 @@ from pyvirtio.transports.vhost_user.messages import (
     MAX_CONFIG_SIZE,
     VRING_INDEX_MASK,
     VRING_NOFD_MASK,
+    BackendMessage,
+    BackendRequest,
     ConfigSpace,
     MemoryTable,
     MemRegion,
@@ -53,16 +64,20 @@ from pyvirtio.transports.vhost_user.messages import (
     Request,
     VringAddr,
     VringState,
+    backend_request,
     reply,
 )
 
 __all__ = ["SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult", "VhostUserBackend"]
 
 #: Protocol features the back end implements (and offers).  INFLIGHT_SHMFD is
-#: deliberately absent: QEMU then never sends GET_INFLIGHT_FD.
+#: deliberately absent: QEMU then never sends GET_INFLIGHT_FD.  BACKEND_REQ
+#: goes with REPLY_ACK: the back end asks for (and reads) an ack of each
+#: back-end request when REPLY_ACK is negotiated, without ever waiting for it.
 SUPPORTED_PROTOCOL_FEATURES = (
     1 << ProtocolFeature.MQ
     | 1 << ProtocolFeature.REPLY_ACK
+    | 1 << ProtocolFeature.BACKEND_REQ
     | 1 << ProtocolFeature.CONFIG
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
     | 1 << ProtocolFeature.RESET_DEVICE
@@ -148,17 +163,22 @@ class RunResult:
     notify: bool = False
     #: The ring just broke for this reason (mark NEEDS_RESET, log once).
     broken: str | None = None
+    #: Send these on the back-end channel (CONFIG_CHANGE_MSG after a break).
+    backend_messages: list[BackendMessage] = field(default_factory=list)
 
 
 class VhostUserBackend:
     """Protocol state of one front-end connection, serving ``device``."""
 
-    def __init__(self, device: VhostUserDevice, *, max_mem_slots: int = 32) -> None:
+    def __init__(self, device: VhostUserDevice, *, max_mem_slots: int = 32,
+                 backend_req: bool = True) -> None:
         self.device = device
         self.max_mem_slots = max_mem_slots
         self.offered_features = device.features() | 1 << F_PROTOCOL_FEATURES
         self.offered_protocol = SUPPORTED_PROTOCOL_FEATURES | (
             device.protocol_features() & SUPPORTED_PROTOCOL_FEATURES)
+        if not backend_req:
+            self.offered_protocol &= ~(1 << ProtocolFeature.BACKEND_REQ)
         self.num_queues = device.num_queues()
         self.max_queue_size = min(device.max_queue_size(), MAX_QUEUE_SIZE)
         self.features = 0
@@ -171,6 +191,12 @@ class VhostUserBackend:
         self.rings = [Ring(i) for i in range(self.num_queues)]
         #: Bumped whenever a kick fd changes, so the I/O layer re-registers them.
         self.kick_generation = 0
+        #: The back-end channel (SET_BACKEND_REQ_FD), non-blocking; None without one.
+        self.backend_fd: int | None = None
+        #: Bumped whenever ``backend_fd`` changes, so the I/O layer re-registers it.
+        self.backend_generation = 0
+        #: Back-end requests sent with need_reply whose REPLY_ACK has not come yet.
+        self._awaiting: deque[BackendRequest] = deque()
         self._adopted: set[int] = set()
         self._handlers: dict[Request, Callable[[Message], Payload | _NoReply]] = {
             Request.GET_FEATURES: self._get_features,
@@ -197,6 +223,7 @@ class VhostUserBackend:
             Request.RESET_DEVICE: self._reset_device,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
         self._outcome = Outcome()
 
@@ -586,6 +613,7 @@ class VhostUserBackend:
 
     def reset(self) -> None:
         """Forget the connection (front end gone): rings, fds, memory, features."""
+        self.drop_backend_channel()
         self._reset_rings()
         if self.memory is not None:
             self.memory.close()
@@ -595,6 +623,67 @@ class VhostUserBackend:
         self.device.reset()
 
     close = reset
+
+    # ------------------------------------------------------- back-end channel
+    def _set_backend_req_fd(self, msg: Message) -> _NoReply:
+        self._has_protocol(ProtocolFeature.BACKEND_REQ, msg.request)
+        fd = msg.fds[0]
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise PeerError(f"{msg.request.name}: the fd is not a socket")
+            # Never block on a front end that stops reading the channel.
+            os.set_blocking(fd, False)
+        except OSError as exc:
+            raise PeerError(f"{msg.request.name}: unusable fd: {exc}") from None
+        self.drop_backend_channel()
+        self._adopted.add(fd)
+        self.backend_fd = fd
+        self.backend_generation += 1
+        return NO_REPLY
+
+    def drop_backend_channel(self) -> None:
+        """Close the back-end channel (the front end closed it or broke its rules)."""
+        if self.backend_fd is not None:
+            _close(self.backend_fd)
+            self.backend_fd = None
+            self.backend_generation += 1
+        self._awaiting.clear()
+
+    @property
+    def backend_replies_due(self) -> int:
+        """REPLY_ACKs the front end still owes on the back-end channel."""
+        return len(self._awaiting)
+
+    def config_change_message(self) -> BackendMessage | None:
+        """CONFIG_CHANGE_MSG for the back-end channel, or None if it cannot be sent.
+
+        It needs the channel and protocol feature CONFIG ("When
+        VHOST_USER_PROTOCOL_F_CONFIG is negotiated, vhost-user back-end sends
+        such messages"); it asks for a REPLY_ACK when REPLY_ACK is negotiated.
+        """
+        if self.backend_fd is None or not self.protocol >> ProtocolFeature.CONFIG & 1:
+            return None
+        return backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=self.reply_ack)
+
+    def backend_sent(self, msg: BackendMessage) -> None:
+        """The I/O layer wrote ``msg`` on the back-end channel: expect its ack if asked."""
+        if msg.need_reply:
+            self._awaiting.append(msg.request)
+
+    def handle_backend_reply(self, msg: BackendMessage) -> str | None:
+        """A REPLY_ACK read from the back-end channel; returns an error to log, if any.
+
+        Raises PeerError for a reply nobody asked for (drop the channel).
+        """
+        if not self._awaiting:
+            raise PeerError(f"unsolicited back-end channel reply to {msg.request.name}")
+        expected = self._awaiting.popleft()
+        if msg.request is not expected:
+            raise PeerError(f"back-end channel reply to {msg.request.name}, "
+                            f"expected one to {expected.name}")
+        if msg.payload != 0:
+            return f"the front end answered {msg.request.name} with {msg.payload}"
+        return None
 
     # ------------------------------------------------------------ processing
     def start_polling(self, index: int) -> None:
@@ -635,6 +724,13 @@ class VhostUserBackend:
             q.mark_broken(f"device failed: {exc!r}")
             self.status |= Status.NEEDS_RESET
             res.broken = q.broken
+        if res.broken is not None:
+            # VIRTIO 1.2 §2.1.2: after setting DEVICE_NEEDS_RESET the device
+            # sends a configuration change notification; a vhost-user back end
+            # can only ask the front end for it.
+            change = self.config_change_message()
+            if change is not None:
+                res.backend_messages.append(change)
         return res
 
 

@@ -8,7 +8,16 @@ the front end's user addresses, descriptors as guest addresses), "Ring states"
 (SET_VRING_NUM/BASE/ADDR, CALL, KICK, then SET_VRING_ENABLE; GET_VRING_BASE
 stops a ring), GET_CONFIG / SET_CONFIG, GET_QUEUE_NUM and REPLY_ACK (every
 request without a reply of its own asks for an ack when negotiated, so a
-refusal surfaces as :class:`VhostUserRefused` right at the call).  The ring
+refusal surfaces as :class:`VhostUserRefused` right at the call).
+"Back-end communication": with protocol feature BACKEND_REQ the front end
+hands the back end one end of a socketpair (SET_BACKEND_REQ_FD) and answers
+the back end's requests on it ("Back-end message types"): CONFIG_CHANGE_MSG
+is counted in :attr:`VhostUserFrontend.config_changes`, passed to
+:attr:`VhostUserFrontend.on_config_change` by :meth:`poll_backend_channel`,
+and acknowledged (REPLY_ACK, when the back end asks); other back-end requests
+are refused with a non-zero ack.  While the front end waits for a reply it
+also answers the back-end channel, so a back end that blocks on an ack there
+cannot deadlock it.  The ring
 itself is VIRTIO 1.2 §2.7 driven by :class:`~pyvirtio.core.split_driver.SplitDriverQueue`.
 
 Example (a back end serving a device whose queue 0 takes a readable and a
@@ -27,6 +36,8 @@ writable buffer)::
     q.notify()                                # kicks only if the back end wants it
     q.call.wait(5.0)                          # interrupt
     token, written = q.queue.get_buf()
+    if fe.poll_backend_channel(0):            # CONFIG_CHANGE_MSG (e.g. a broken ring)
+        print(fe.config_changes, hex(fe.get_status()))  # NEEDS_RESET is 0x40
     fe.stop_queue(0)                          # GET_VRING_BASE
     fe.close()
 """
@@ -36,7 +47,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import selectors
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtio.core.errors import CallerError, PeerError
@@ -56,6 +70,9 @@ from pyvirtio.transports.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     MAX_FDS,
     VRING_NOFD_MASK,
+    BackendDecoder,
+    BackendMessage,
+    BackendRequest,
     ConfigSpace,
     Decoder,
     MemoryTable,
@@ -66,6 +83,7 @@ from pyvirtio.transports.vhost_user.messages import (
     Request,
     VringAddr,
     VringState,
+    backend_reply,
     encode,
     request,
 )
@@ -77,6 +95,7 @@ __all__ = ["FRONTEND_PROTOCOL_FEATURES", "FrontendQueue", "VhostUserFrontend",
 FRONTEND_PROTOCOL_FEATURES = (
     1 << ProtocolFeature.MQ
     | 1 << ProtocolFeature.REPLY_ACK
+    | 1 << ProtocolFeature.BACKEND_REQ
     | 1 << ProtocolFeature.CONFIG
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
     | 1 << ProtocolFeature.RESET_DEVICE
@@ -130,6 +149,7 @@ class VhostUserFrontend:
                  protocol_mask: int = FRONTEND_PROTOCOL_FEATURES,
                  use_mem_slots: bool = False) -> None:
         self._sock = sock
+        self._timeout = sock.gettimeout()
         self._decoder = Decoder(replies=True)
         self.memory = memory
         region = memory.regions[0]
@@ -146,6 +166,14 @@ class VhostUserFrontend:
         self.queues: dict[int, FrontendQueue] = {}
         self._memory_shared = False
         self._closed = False
+        # The back-end channel (our end of the socketpair) and its request decoder.
+        self._chan: socket.socket | None = None
+        self._chan_decoder = BackendDecoder()
+        self._callbacks_due = 0
+        #: CONFIG_CHANGE_MSG requests received from the back end so far.
+        self.config_changes = 0
+        #: Called (no arguments) by :meth:`poll_backend_channel` once per CONFIG_CHANGE_MSG.
+        self.on_config_change: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ connecting
     @classmethod
@@ -192,7 +220,24 @@ class VhostUserFrontend:
             # REPLY_ACK applies from the next message on, not to this one.
             self._send(Request.SET_PROTOCOL_FEATURES, wanted)
             self.protocol_features = wanted
+            if self.has_protocol(ProtocolFeature.BACKEND_REQ):
+                self._open_backend_channel()
 
+    def _open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD with one end of a fresh socketpair; keep the other."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.settimeout(self._timeout)
+        try:
+            self._send(Request.SET_BACKEND_REQ_FD, None, (theirs.fileno(),))
+        except VhostUserRefused:
+            ours.close()  # the back end keeps no channel; everything else works
+            return
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._chan = ours
     def has_protocol(self, bit: ProtocolFeature) -> bool:
         return bool(self.protocol_features >> bit & 1)
 
@@ -208,10 +253,13 @@ class VhostUserFrontend:
             raise PeerError(f"{msg.request.name}: cannot send to the back end: {exc}") from None
 
     def _read_reply(self, req: Request) -> Payload:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
             msg = self._decoder.next_message()
             if msg is not None:
                 break
+            if self._chan is not None:
+                self._wait_main_socket(req, deadline)
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self._sock, 4096, MAX_FDS)
             except TimeoutError:
@@ -227,6 +275,28 @@ class VhostUserFrontend:
             msg.close_fds()
             raise PeerError(f"reply to {msg.request.name} while waiting for {req.name}")
         return msg.payload
+
+    def _wait_main_socket(self, req: Request, deadline: float | None) -> None:
+        """Wait for the main socket, answering the back-end channel meanwhile.
+
+        A back end may block on the ack of a back-end request (libvhost-user
+        does) before it answers us: serving the channel here avoids the deadlock.
+        """
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ, "main")
+            if self._chan is not None:
+                sel.register(self._chan, selectors.EVENT_READ, "backend")
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = {key.data for key, _ in sel.select(left)}
+                if "main" in ready:
+                    return
+                if "backend" in ready and self._chan is not None:
+                    self._serve_backend_channel()
+                    if self._chan is None:  # the back end closed it: just wait for the reply
+                        return
+                elif not ready:
+                    raise PeerError(f"{req.name}: the back end did not reply in time")
 
     def _call(self, req: Request, payload: Payload = None) -> int:
         """A request whose reply is a u64."""
@@ -399,6 +469,80 @@ class VhostUserFrontend:
         """SET_VRING_CALL with the invalid-fd flag (the front end polls the used ring)."""
         self._send(Request.SET_VRING_CALL, index | VRING_NOFD_MASK)
 
+    # ------------------------------------------------------ back-end channel
+    @property
+    def backend_channel_fd(self) -> int | None:
+        """Our end of the back-end channel (readable when the back end sent a request)."""
+        return self._chan.fileno() if self._chan is not None else None
+
+    def poll_backend_channel(self, timeout: float | None = 0) -> int:
+        """Answer the back end's requests; returns how many CONFIG_CHANGE_MSG were new.
+
+        Waits up to ``timeout`` seconds (None: forever) for the channel to
+        become readable, then handles everything that arrived, runs
+        :attr:`on_config_change` once per config change (including those
+        acknowledged while waiting for a reply) and returns their number.  0
+        without a channel.  A back end breaking the channel's rules raises
+        PeerError and the channel is closed.
+        """
+        if self._chan is not None:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self._chan, selectors.EVENT_READ)
+                if sel.select(timeout):
+                    self._serve_backend_channel()
+        due, self._callbacks_due = self._callbacks_due, 0
+        if self.on_config_change is not None:
+            for _ in range(due):
+                self.on_config_change()
+        return due
+
+    def _serve_backend_channel(self) -> None:
+        """Read what the channel holds now; answer each back-end request."""
+        chan = self._chan
+        assert chan is not None
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(chan, 4096, MAX_FDS, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close_backend_channel()
+            raise PeerError(f"back-end channel: cannot read: {exc}") from None
+        if not data:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._close_backend_channel()  # the back end closed it: no more requests
+            return
+        try:
+            self._chan_decoder.feed(data, fds)
+            for msg in self._chan_decoder.messages():
+                self._answer_backend(msg)
+        except PeerError:
+            self._close_backend_channel()
+            raise
+
+    def _answer_backend(self, msg: BackendMessage) -> None:
+        msg.close_fds()  # no back-end request we accept carries an fd
+        if msg.request is BackendRequest.CONFIG_CHANGE_MSG:
+            self.config_changes += 1
+            self._callbacks_due += 1
+            result = 0
+        else:
+            result = 1  # IOTLB, host notifiers, in-band notifications: not negotiated
+        if msg.need_reply:
+            assert self._chan is not None
+            try:
+                self._chan.sendall(encode(backend_reply(msg.request, result)))
+            except OSError as exc:
+                raise PeerError(f"back-end channel: cannot answer {msg.request.name}: "
+                                f"{exc}") from None
+
+    def _close_backend_channel(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+        self._chan_decoder.close()
+
     # ----------------------------------------------------------------- close
     def close(self) -> None:
         """Disconnect and release guest memory and eventfds."""
@@ -408,6 +552,7 @@ class VhostUserFrontend:
         with contextlib.suppress(OSError):
             self._sock.close()
         self._decoder.close()
+        self._close_backend_channel()
         for fq in self.queues.values():
             fq.close()
         self.queues.clear()

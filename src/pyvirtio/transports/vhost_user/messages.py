@@ -6,7 +6,11 @@ kinds "A single 64-bit integer", "A vring state description", "A vring address
 description", "Memory regions description", "Single memory region
 description", "Virtio device config space"), "Communication" (which requests
 carry file descriptors in SCM_RIGHTS ancillary data, which ones get replies),
-"Protocol features", "Front-end message types" and "REPLY_ACK".
+"Protocol features", "Front-end message types", "Back-end communication" and
+"Back-end message types" (the second socket, handed over with
+SET_BACKEND_REQ_FD — SET_SLAVE_REQ_FD in QEMU 7.2 — on which the back end
+sends requests such as CONFIG_CHANGE_MSG and the front end replies), and
+"REPLY_ACK" (on both channels).
 
 Like h11 for HTTP, nothing here touches a socket: :class:`Decoder` is fed
 bytes and the file descriptors that arrived with them, and yields frozen
@@ -25,6 +29,7 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from pyvirtio.core.errors import CallerError, PeerError
 
@@ -40,6 +45,9 @@ __all__ = [
     "VERSION",
     "VRING_INDEX_MASK",
     "VRING_NOFD_MASK",
+    "BackendDecoder",
+    "BackendMessage",
+    "BackendRequest",
     "ConfigSpace",
     "Decoder",
     "MemRegion",
@@ -51,6 +59,8 @@ __all__ = [
     "Request",
     "VringAddr",
     "VringState",
+    "backend_reply",
+    "backend_request",
     "encode",
     "reply",
     "request",
@@ -80,7 +90,7 @@ class Request(enum.IntEnum):
     SET_VRING_ENABLE = 18
     SEND_RARP = 19
     NET_SET_MTU = 20
-    SET_SLAVE_REQ_FD = 21
+    SET_BACKEND_REQ_FD = 21
     IOTLB_MSG = 22
     SET_VRING_ENDIAN = 23
     GET_CONFIG = 24
@@ -100,6 +110,8 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    #: QEMU 7.2's name of SET_BACKEND_REQ_FD (an alias: same member).
+    SET_SLAVE_REQ_FD = 21
 
 
 class ProtocolFeature(enum.IntEnum):
@@ -110,18 +122,35 @@ class ProtocolFeature(enum.IntEnum):
     RARP = 2
     REPLY_ACK = 3
     MTU = 4
-    SLAVE_REQ = 5
+    BACKEND_REQ = 5
     CROSS_ENDIAN = 6
     CRYPTO_SESSION = 7
     PAGEFAULT = 8
     CONFIG = 9
-    SLAVE_SEND_FD = 10
+    BACKEND_SEND_FD = 10
     HOST_NOTIFIER = 11
     INFLIGHT_SHMFD = 12
     RESET_DEVICE = 13
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+    #: QEMU 7.2's names (aliases: same members).
+    SLAVE_REQ = 5
+    SLAVE_SEND_FD = 10
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end message types (vhost-user.rst, "Back-end message types").
+
+    Sent by the back end on the back-end channel; the front end replies.
+    QEMU 7.2 spells them ``VHOST_USER_SLAVE_*``.
+    """
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
 
 
 #: Virtio feature bit 30 (UNUSED) reused to announce protocol-feature support.
@@ -241,6 +270,33 @@ class Message:
                 os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class BackendMessage:
+    """One message of the back-end channel: a back-end request or the front end's reply.
+
+    Same framing as :class:`Message` (vhost-user.rst, "Back-end communication");
+    the receiver owns ``fds``.
+    """
+
+    request: BackendRequest
+    payload: Payload = None
+    flags: int = VERSION
+    fds: tuple[int, ...] = ()
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & FLAG_REPLY)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 # --------------------------------------------------------------------- kinds
 class _Kind(enum.Enum):
     EMPTY = "empty"
@@ -275,7 +331,8 @@ _REQUESTS: dict[Request, tuple[_Kind, tuple[int, ...] | None]] = {
     Request.SET_VRING_ENABLE: (_Kind.STATE, (0,)),
     Request.SEND_RARP: (_Kind.RAW, (0,)),
     Request.NET_SET_MTU: (_Kind.RAW, (0,)),
-    Request.SET_SLAVE_REQ_FD: (_Kind.RAW, (0, 1)),
+    # "request payload: N/A", the socket in the ancillary data (QEMU sends size 0).
+    Request.SET_BACKEND_REQ_FD: (_Kind.EMPTY, (1,)),
     Request.IOTLB_MSG: (_Kind.RAW, (0,)),
     Request.SET_VRING_ENDIAN: (_Kind.RAW, (0,)),
     Request.GET_CONFIG: (_Kind.CONFIG, (0,)),
@@ -311,6 +368,17 @@ _REPLIES: dict[Request, _Kind] = {
     Request.GET_STATUS: _Kind.U64,
 }
 
+# Back-end requests: payload kind and allowed fd counts.  Every reply on the
+# back-end channel is a u64 REPLY_ACK.
+_BACKEND_REQUESTS: dict[BackendRequest, tuple[_Kind, tuple[int, ...]]] = {
+    BackendRequest.IOTLB_MSG: (_Kind.RAW, (0,)),
+    BackendRequest.CONFIG_CHANGE_MSG: (_Kind.EMPTY, (0,)),
+    # "vring area description", the notifier's fd in the ancillary data (or none).
+    BackendRequest.VRING_HOST_NOTIFIER_MSG: (_Kind.RAW, (0, 1)),
+    BackendRequest.VRING_CALL: (_Kind.STATE, (0,)),
+    BackendRequest.VRING_ERR: (_Kind.STATE, (0,)),
+}
+
 _FIXED_SIZE = {
     _Kind.EMPTY: 0,
     _Kind.U64: _U64.size,
@@ -320,9 +388,8 @@ _FIXED_SIZE = {
 }
 
 
-def _parse(request: Request, kind: _Kind, body: bytes, reply: bool) -> Payload:
-    """Parse ``body`` as ``kind``; PeerError if its size is wrong for the request."""
-    name = request.name
+def _parse(name: str, kind: _Kind, body: bytes, reply: bool) -> Payload:
+    """Parse ``body`` as ``kind``; PeerError if its size is wrong for request ``name``."""
     fixed = _FIXED_SIZE.get(kind)
     if fixed is not None and len(body) != fixed:
         raise PeerError(f"{name}: payload of {len(body)} bytes, expected {fixed}")
@@ -382,16 +449,17 @@ def _check_fds(request: Request, payload: Payload, nfds: int) -> None:
 
 
 # ------------------------------------------------------------------- decoder
-class Decoder:
-    """Incremental decoder of one direction of a vhost-user stream.
+_M = TypeVar("_M", Message, BackendMessage)
 
-    ``Decoder()`` decodes requests (the back end's side); ``Decoder(replies=True)``
-    decodes the back end's replies (the front end's side).  Feed it whatever
-    ``recvmsg`` returned with :meth:`feed` and iterate :meth:`messages`.  File
-    descriptors belong to the message holding the last byte they arrived with
-    (see :meth:`feed`).  After a
-    :class:`PeerError` the decoder is dead and has closed the fds it held.
-    """
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class _StreamDecoder(Generic[_M]):
+    """Framing shared by both channels: header, size limit, fds, dead after an error."""
 
     def __init__(self, *, replies: bool = False) -> None:
         self._replies = replies
@@ -417,7 +485,7 @@ class Decoder:
             raise self._error
         self._buf += data
 
-    def next_message(self) -> Message | None:
+    def next_message(self) -> _M | None:
         """The next complete message, or None if more bytes are needed."""
         if self._error is not None:
             raise self._error
@@ -428,7 +496,7 @@ class Decoder:
             self.close()
             raise
 
-    def messages(self) -> Iterator[Message]:
+    def messages(self) -> Iterator[_M]:
         """Every complete message fed so far."""
         while (msg := self.next_message()) is not None:
             yield msg
@@ -440,22 +508,24 @@ class Decoder:
 
     def close(self) -> None:
         """Close every fd not handed out with a message."""
-        for _pos, fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all([fd for _pos, fd in self._fds])
         self._fds.clear()
 
-    def _next(self) -> Message | None:
+    def _lookup(self, code: int) -> Request | BackendRequest:
+        raise NotImplementedError
+
+    def _build(self, request: Request | BackendRequest, flags: int, body: bytes,
+               fds: tuple[int, ...]) -> _M:
+        raise NotImplementedError
+
+    def _next(self) -> _M | None:
         buf = self._buf
         if len(buf) < HEADER.size:
             if not buf and self._fds:
                 raise PeerError("file descriptors arrived without a message")
             return None
         code, flags, size = HEADER.unpack_from(buf)
-        try:
-            request = Request(code)
-        except ValueError:
-            raise PeerError(f"unknown request {code}") from None
+        request = self._lookup(code)
         if flags & VERSION_MASK != VERSION:
             raise PeerError(f"{request.name}: protocol version {flags & VERSION_MASK}, "
                             f"expected {VERSION}")
@@ -480,20 +550,72 @@ class Decoder:
         del buf[:total]
         self._consumed = end
         try:
-            if self._replies:
-                kind = _REPLIES.get(request, _Kind.U64)
-                payload = _parse(request, kind, body, reply=True)
-                if fds:
-                    raise PeerError(f"{request.name}: reply with {len(fds)} file descriptors")
-            else:
-                payload = _parse(request, _REQUESTS[request][0], body, reply=False)
-                _check_fds(request, payload, len(fds))
+            return self._build(request, flags, body, fds)
         except PeerError:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close_all(fds)
             raise
+
+
+class Decoder(_StreamDecoder[Message]):
+    """Incremental decoder of one direction of a vhost-user stream.
+
+    ``Decoder()`` decodes requests (the back end's side); ``Decoder(replies=True)``
+    decodes the back end's replies (the front end's side).  Feed it whatever
+    ``recvmsg`` returned with :meth:`feed` and iterate :meth:`messages`.  File
+    descriptors belong to the message holding the last byte they arrived with
+    (see :meth:`feed`).  After a
+    :class:`PeerError` the decoder is dead and has closed the fds it held.
+    """
+
+    def _lookup(self, code: int) -> Request:
+        try:
+            return Request(code)
+        except ValueError:
+            raise PeerError(f"unknown request {code}") from None
+
+    def _build(self, request: Request | BackendRequest, flags: int, body: bytes,
+               fds: tuple[int, ...]) -> Message:
+        assert isinstance(request, Request)
+        if self._replies:
+            kind = _REPLIES.get(request, _Kind.U64)
+            payload = _parse(request.name, kind, body, reply=True)
+            if fds:
+                raise PeerError(f"{request.name}: reply with {len(fds)} file descriptors")
+        else:
+            payload = _parse(request.name, _REQUESTS[request][0], body, reply=False)
+            _check_fds(request, payload, len(fds))
         return Message(request, payload, flags, fds)
+
+
+class BackendDecoder(_StreamDecoder[BackendMessage]):
+    """Incremental decoder of the back-end channel (vhost-user.rst, "Back-end communication").
+
+    ``BackendDecoder()`` decodes the back end's requests (the front end's
+    side); ``BackendDecoder(replies=True)`` decodes the front end's REPLY_ACKs
+    (the back end's side).  Same framing and fd rules as :class:`Decoder`.
+    """
+
+    def _lookup(self, code: int) -> BackendRequest:
+        try:
+            return BackendRequest(code)
+        except ValueError:
+            raise PeerError(f"unknown back-end request {code}") from None
+
+    def _build(self, request: Request | BackendRequest, flags: int, body: bytes,
+               fds: tuple[int, ...]) -> BackendMessage:
+        assert isinstance(request, BackendRequest)
+        name = f"back-end {request.name}"
+        if self._replies:
+            payload = _parse(name, _Kind.U64, body, reply=True)
+            if fds:
+                raise PeerError(f"{name}: reply with {len(fds)} file descriptors")
+        else:
+            kind, allowed = _BACKEND_REQUESTS[request]
+            payload = _parse(name, kind, body, reply=False)
+            if len(fds) not in allowed:
+                want = " or ".join(str(a) for a in allowed)
+                raise PeerError(f"{name}: {len(fds)} file descriptors, expected {want}")
+        return BackendMessage(request, payload, flags, fds)
 
 
 # ------------------------------------------------------------------- encoder
@@ -526,7 +648,7 @@ def _encode_payload(payload: Payload) -> bytes:
     raise CallerError(f"not a vhost-user payload: {payload!r}")
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message | BackendMessage) -> bytes:
     """The bytes of ``msg`` (header and payload); send ``msg.fds`` with them."""
     try:
         body = _encode_payload(msg.payload)
@@ -544,3 +666,15 @@ def request(req: Request, payload: Payload = None, *, fds: Sequence[int] = (),
 def reply(req: Request, payload: Payload = None) -> Message:
     """A back-end reply to ``req``."""
     return Message(req, payload, VERSION | FLAG_REPLY)
+
+
+def backend_request(req: BackendRequest, payload: Payload = None, *, fds: Sequence[int] = (),
+                    need_reply: bool = False) -> BackendMessage:
+    """A back-end request for the back-end channel."""
+    return BackendMessage(req, payload, VERSION | (FLAG_NEED_REPLY if need_reply else 0),
+                          tuple(fds))
+
+
+def backend_reply(req: BackendRequest, value: int) -> BackendMessage:
+    """The front end's REPLY_ACK to back-end request ``req`` (0: success)."""
+    return BackendMessage(req, value, VERSION | FLAG_REPLY)

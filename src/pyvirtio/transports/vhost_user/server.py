@@ -5,7 +5,12 @@ connection; fds in ancillary data), "Ring states" (rings are processed on a
 kick once started), "Backend program conventions" (``--socket-path`` or an
 inherited listening ``--fd``; end quickly on SIGTERM), and the reconnection
 note: after the front end goes away the back end resets and accepts the next
-one (QEMU restarted, ``reconnect=``).
+one (QEMU restarted, ``reconnect=``); "Back-end communication": the socket the
+front end hands over with SET_BACKEND_REQ_FD carries the back end's requests
+(CONFIG_CHANGE_MSG when a ring breaks) and the front end's REPLY_ACKs.  The
+back end never waits for those acks: it writes without blocking and reads the
+acks when they come, so a front end that never answers, stops reading or
+closes the channel costs one log line and nothing else.
 
 Everything protocol-related lives in the sans-I/O
 :class:`~pyvirtio.transports.vhost_user.backend.VhostUserBackend`; this module
@@ -15,7 +20,7 @@ due.  ``poll=True`` busy-polls the rings with spin-then-sleep instead of
 waiting for kicks (VIRTIO 1.2 §2.7.10: the driver is told not to kick).
 
 Logging: one line per connect, disconnect or dropped connection (with the
-reason), negotiated feature set, and broken queue.  Hostile front ends cost
+reason), negotiated feature set, broken queue, and lost back-end channel.  Hostile front ends cost
 their own connection only; the server keeps listening.
 """
 
@@ -37,6 +42,8 @@ from pyvirtio.transports.vhost_user.backend import VhostUserBackend
 from pyvirtio.transports.vhost_user.device import VhostUserDevice
 from pyvirtio.transports.vhost_user.messages import (
     MAX_FDS,
+    BackendDecoder,
+    BackendMessage,
     Decoder,
     Request,
     encode,
@@ -52,6 +59,8 @@ _ONE = (1).to_bytes(8, "little")
 _LISTEN = "listen"
 _WAKE = "wake"
 _CONN = "conn"
+_BACKEND = "backend"
+_NO_WAIT = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
 def _signal_fd(fd: int | None) -> None:
@@ -68,13 +77,15 @@ class VhostUserServer:
     Listens on ``socket_path`` (created now; a stale socket file is replaced) or
     on the already-listening socket ``listen_fd``.  :meth:`serve_forever` runs
     the loop in the calling thread; :meth:`stop` (from any thread or a signal
-    handler) makes it return.
+    handler) makes it return.  ``backend_req=False`` stops offering protocol
+    feature BACKEND_REQ (no back-end channel, no CONFIG_CHANGE_MSG).
     """
 
     def __init__(self, device: VhostUserDevice, socket_path: str | None = None,
                  listen_fd: int | None = None, poll: bool = False, *,
                  spin_seconds: float = 200e-6, idle_sleep: float = 1e-3,
-                 max_mem_slots: int = 32, logger: logging.Logger | None = None) -> None:
+                 max_mem_slots: int = 32, logger: logging.Logger | None = None,
+                 backend_req: bool = True) -> None:
         if (socket_path is None) == (listen_fd is None):
             raise CallerError("give exactly one of socket_path and listen_fd")
         self.device = device
@@ -82,6 +93,7 @@ class VhostUserServer:
         self.spin_seconds = spin_seconds
         self.idle_sleep = idle_sleep
         self.max_mem_slots = max_mem_slots
+        self.backend_req = backend_req
         self.log = logger or log
         self.socket_path = socket_path
         self._owns_path = False
@@ -111,6 +123,12 @@ class VhostUserServer:
         self._kicks: dict[int, int] = {}  # fd -> ring index
         self._last_work = 0.0
         self._negotiated = (-1, -1)
+        # The back-end channel: our own dup of the back end's fd, as a socket
+        # object (MSG_DONTWAIT | MSG_NOSIGNAL sends), and its reply decoder.
+        self._chan: socket.socket | None = None
+        self._chan_decoder: BackendDecoder | None = None
+        self._chan_gen = -1
+        self._config_change_requested = False
         #: Connections served so far (for tests and tools).
         self.connections = 0
 
@@ -118,6 +136,16 @@ class VhostUserServer:
     def stop(self) -> None:
         """Make :meth:`serve_forever` return soon (thread- and signal-safe)."""
         self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake.signal()
+
+    def notify_config_change(self) -> None:
+        """Send CONFIG_CHANGE_MSG to the connected front end soon (thread-safe).
+
+        For devices whose configuration changed (a resized disk, say).  Nothing
+        is sent without a back-end channel and protocol feature CONFIG.
+        """
+        self._config_change_requested = True
         with contextlib.suppress(OSError):
             self._wake.signal()
 
@@ -132,6 +160,9 @@ class VhostUserServer:
                     if self._stopping:
                         break
                     self._dispatch(key.data, key.fd)
+                if self._config_change_requested:
+                    self._config_change_requested = False
+                    self._send_config_change()
                 if self._conn is not None and not self._stopping:
                     self._poll_rings()
         finally:
@@ -153,6 +184,9 @@ class VhostUserServer:
         elif tag == _CONN:
             if self._conn is not None and self._conn.fileno() == fd:
                 self._on_readable()
+        elif tag == _BACKEND:
+            if self._chan is not None and self._chan.fileno() == fd:
+                self._on_backend_readable()
         elif isinstance(tag, int) and self._kicks.get(fd) == tag:
             # (An event from this batch may name a kick fd a message just replaced.)
             self._on_kick(tag, fd)
@@ -171,8 +205,10 @@ class VhostUserServer:
         conn.settimeout(_SEND_TIMEOUT)
         self._conn = conn
         self._decoder = Decoder()
-        self.backend = VhostUserBackend(self.device, max_mem_slots=self.max_mem_slots)
+        self.backend = VhostUserBackend(self.device, max_mem_slots=self.max_mem_slots,
+                                        backend_req=self.backend_req)
         self._kick_gen = self.backend.kick_generation
+        self._chan_gen = self.backend.backend_generation
         self._kicks = {}
         self._negotiated = (-1, -1)
         self.connections += 1
@@ -191,6 +227,7 @@ class VhostUserServer:
             self._unregister_kicks()
             with contextlib.suppress(KeyError, ValueError, OSError):
                 sel.unregister(conn)
+        self._close_channel()
         conn.close()
         self._conn = None
         if self._decoder is not None:
@@ -253,6 +290,7 @@ class VhostUserServer:
                     self.log.info("vhost-user: negotiated features %#x, protocol features %#x",
                                   backend.virtio_features, backend.protocol)
                 self._sync_kicks()
+                self._sync_backend_channel()
                 for index in outcome.start:
                     self._run(index)
         except PeerError as exc:
@@ -318,7 +356,111 @@ class VhostUserServer:
             self.log.error("vhost-user: queue %d broken, device needs reset: %s",
                            index, res.broken)
             _signal_fd(ring.err_fd)
+        if res.backend_messages:
+            self._send_backend(res.backend_messages)
         return res.published
+
+    # ------------------------------------------------------ back-end channel
+    def _close_channel(self) -> None:
+        chan = self._chan
+        if chan is None:
+            return
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(chan)
+        chan.close()
+        self._chan = None
+        if self._chan_decoder is not None:
+            self._chan_decoder.close()
+            self._chan_decoder = None
+
+    def _sync_backend_channel(self) -> None:
+        """Watch the back-end channel the last SET_BACKEND_REQ_FD gave (for its acks)."""
+        backend, sel = self.backend, self._sel
+        assert backend is not None and sel is not None
+        if backend.backend_generation == self._chan_gen:
+            return
+        self._chan_gen = backend.backend_generation
+        self._close_channel()
+        if backend.backend_fd is None:
+            return
+        chan = socket.socket(fileno=os.dup(backend.backend_fd))
+        chan.setblocking(False)
+        self._chan = chan
+        self._chan_decoder = BackendDecoder(replies=True)
+        sel.register(chan, selectors.EVENT_READ, _BACKEND)
+
+    def _lose_channel(self, why: str) -> None:
+        """Give up the back-end channel with one log line; the connection goes on."""
+        self.log.warning("vhost-user: back-end channel %s; not using it any more", why)
+        self._close_channel()
+        if self.backend is not None:
+            self.backend.drop_backend_channel()
+            self._chan_gen = self.backend.backend_generation
+
+    def _send_backend(self, msgs: list[BackendMessage]) -> None:
+        """Write back-end requests without ever blocking; never wait for their acks."""
+        backend = self.backend
+        assert backend is not None
+        self._sync_backend_channel()
+        for msg in msgs:
+            chan = self._chan
+            if chan is None:
+                return
+            data = encode(msg)
+            try:
+                sent = chan.send(data, _NO_WAIT)
+            except BlockingIOError:
+                # The front end does not read the channel: drop this message, keep the channel.
+                self.log.warning("vhost-user: back-end channel full (the front end does not "
+                                 "read it): %s not sent", msg.request.name)
+                continue
+            except OSError as exc:
+                self._lose_channel(f"closed by the front end ({exc.strerror or exc}): "
+                                   f"{msg.request.name} not sent")
+                return
+            if sent != len(data):
+                self._lose_channel(f"took {sent} of {len(data)} bytes of {msg.request.name}")
+                return
+            backend.backend_sent(msg)
+            if self.log.isEnabledFor(logging.DEBUG):
+                self.log.debug("vhost-user: => %s%s", msg.request.name,
+                               " need_reply" if msg.need_reply else "")
+
+    def _send_config_change(self) -> None:
+        backend = self.backend
+        if backend is None or self._conn is None:
+            return
+        msg = backend.config_change_message()
+        if msg is not None:
+            self._send_backend([msg])
+
+    def _on_backend_readable(self) -> None:
+        chan, decoder, backend = self._chan, self._chan_decoder, self.backend
+        assert chan is not None and decoder is not None and backend is not None
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(chan, 4096, MAX_FDS, _NO_WAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose_channel(f"failed: {exc}")
+            return
+        if not data:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            due = backend.backend_replies_due
+            self._lose_channel("closed by the front end" + (
+                f" ({due} acks unanswered)" if due else ""))
+            return
+        try:
+            decoder.feed(data, fds)
+            for rep in decoder.messages():
+                error = backend.handle_backend_reply(rep)
+                if error is not None:
+                    self.log.warning("vhost-user: %s", error)
+        except PeerError as exc:
+            self._lose_channel(f"broke the protocol: {exc}")
 
     # --------------------------------------------------------------- polling
     def _polled_rings(self) -> list[int]:
