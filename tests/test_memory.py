@@ -57,9 +57,13 @@ def test_anonymous_translate_write_read_round_trip() -> None:
         other = GuestMemory.from_fd(fd, 1 << 16, gpa=0)
         assert other.read(0x10, 5) == b"heLLo"
         other.close()
+        # from_fd borrows the fd: it is still open after other.close().
+        os.fstat(fd)
     finally:
         mem.close()
-        os.close(fd)
+    # anonymous() owns its memfd: close() closed it.
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 def test_translation_in_each_region(three: GuestMemory) -> None:

@@ -76,10 +76,10 @@ BoolArray = npt.NDArray[np.bool_]
 # Crossovers measured on the 2-core reference machine (chains of 1 and 3
 # descriptors): below these counts the Python loop beats numpy's fixed cost of
 # roughly a microsecond per array operation.
-POP_THRESHOLD = 16
+POP_THRESHOLD = 20
 PUSH_THRESHOLD = 2
 ADD_THRESHOLD = 8
-GET_THRESHOLD = 32
+GET_THRESHOLD = 24
 
 # Chains longer than this many descriptors leave the vectorised walk and take
 # the scalar one (which applies the queue-size hop limit).
@@ -345,6 +345,9 @@ class DeviceBatch:
     def _pop_scalar(self, heads: IntArray, regions: list[Region]) -> Chains:
         num = self.num
         walk = self._walk
+        table = self.q._desc
+        single = regions[0] if len(regions) == 1 else None
+        gpa, size = (single.gpa, single.size) if single is not None else (0, -1)
         starts = [0]
         segs: list[Segment] = []
         hl = heads.tolist()
@@ -354,12 +357,19 @@ class DeviceBatch:
                 if done == 0:
                     raise self._fail_first(h, None)
                 break
-            try:
-                segs.extend(walk(h, regions))
-            except PeerError as exc:
-                if done == 0:
-                    raise self._fail_first(h, exc) from None
-                break
+            # One direct descriptor inside the only region: no walk needed.  On
+            # any doubt the walk re-reads and decides; its values alone are used.
+            addr, length, flags, _ = _unpack_desc(table, h * DESC_SIZE)
+            off = addr - gpa
+            if not flags & (_NEXT | _INDIRECT) and off >= 0 and 0 < length <= size - off:
+                segs.append((0, off, length, bool(flags & _WRITE)))
+            else:
+                try:
+                    segs.extend(walk(h, regions))
+                except PeerError as exc:
+                    if done == 0:
+                        raise self._fail_first(h, exc) from None
+                    break
             starts.append(len(segs))
             done += 1
         self._finish_pop(done)
@@ -514,9 +524,7 @@ class DeviceBatch:
         n = len(h) if h.ndim == 1 else -1
         if h.ndim != 1 or ln.shape != h.shape:
             raise CallerError("push needs one length per head")
-        if n and (h.dtype.kind not in "iu" or ln.dtype.kind not in "iu" or (
-                int(_min(h)) < 0 or int(_max(h)) > 0xFFFFFFFF
-                or int(_min(ln)) < 0 or int(_max(ln)) > 0xFFFFFFFF)):
+        if n and not (_fits_u32(h) and _fits_u32(ln)):
             raise CallerError("used ids and lengths must be 32-bit unsigned integers")
         if n < PUSH_THRESHOLD:
             fill = q.fill
@@ -812,6 +820,13 @@ class DriverBatch:
             q._avail[q._used_event_i] = last
             full_fence()
         return UsedBatch(_token_array(toks), np.array(lens, np.uint32))
+
+
+def _fits_u32(a: npt.NDArray[Any]) -> bool:
+    """Every element is an integer in 0..2**32-1 (no range scan for narrow unsigned types)."""
+    if a.dtype.kind == "u" and a.dtype.itemsize <= 4:
+        return True
+    return a.dtype.kind in "iu" and int(_min(a)) >= 0 and int(_max(a)) <= 0xFFFFFFFF
 
 
 @functools.cache

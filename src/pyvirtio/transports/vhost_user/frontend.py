@@ -226,7 +226,8 @@ class VhostUserFrontend:
     def _open_backend_channel(self) -> None:
         """SET_BACKEND_REQ_FD with one end of a fresh socketpair; keep the other."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.settimeout(self._timeout)
+        # Non-blocking: reads happen after a readiness wait, acks are 20 bytes.
+        ours.setblocking(False)
         try:
             self._send(Request.SET_BACKEND_REQ_FD, None, (theirs.fileno(),))
         except VhostUserRefused:
