@@ -92,10 +92,7 @@ class Rig:
         self.chain = chain
 
     def close(self) -> None:
-        fds = [r.fd for r in self.mem.regions if r.fd >= 0]
-        self.mem.close()
-        for fd in fds:
-            os.close(fd)
+        self.mem.close()   # also closes the memfd anonymous() created
 
     def segs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         segs = [(a, 64) for a in self.addrs]

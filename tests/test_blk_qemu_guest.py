@@ -10,7 +10,8 @@ boot reuses it (boot-guest.sh -i DIR).  Each boot takes ~5-10 s under TCG.
   those bytes in the image; data the host wrote before boot reads back right;
 * QEMU restarted against the same back-end process: the second guest works
   (and sees the first one's data);
-* 2 queues with 2 vCPUs (blk-mq has 2 hardware queues; I/O from both CPUs);
+* 2 queues with 2 vCPUs (blk-mq has 2 hardware queues; I/O from both CPUs),
+  with the back end woken by kicks and with ``--poll``;
 * --read-only: the guest sees a read-only disk (VIRTIO_BLK_F_RO), its
   O_DIRECT writes fail and the image is unchanged.  (Linux refuses them
   itself, even after ``blockdev --setrw``; the device's own IOERR answer to a
@@ -139,7 +140,8 @@ echo MQ-OK
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", [("--num-queues", "2")], indirect=True)
+@pytest.mark.parametrize("backend", [("--num-queues", "2"), ("--num-queues", "2", "--poll")],
+                         indirect=True, ids=["kicks", "poll"])
 def test_two_queues_two_vcpus(initramfs: Path, backend: Path, disk: Path) -> None:
     rc, out = boot(initramfs, backend, MULTIQUEUE, smp=2, queues=2)
     assert rc == 0 and "MQ-OK" in out, out[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +27,8 @@ from pyvirtio.transports.vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES, 
 from pyvirtio.transports.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     VRING_NOFD_MASK,
+    BackendMessage,
+    BackendRequest,
     ConfigSpace,
     MemoryTable,
     MemRegion,
@@ -36,6 +39,8 @@ from pyvirtio.transports.vhost_user.messages import (
     Request,
     VringAddr,
     VringState,
+    backend_reply,
+    backend_request,
     request,
 )
 
@@ -506,6 +511,127 @@ def test_reset_closes_everything(front: Front) -> None:
     assert front.be.memory is None and front.be.features == 0 and front.be.protocol == 0
 
 
+# --------------------------------------------------------- back-end channel
+def _channel(f: Front) -> socket.socket:
+    """SET_BACKEND_REQ_FD with one end of a socketpair; returns the front end's end."""
+    ours, theirs = socket.socketpair()
+    f.send(Request.SET_BACKEND_REQ_FD, None, (theirs.detach(),))
+    return ours
+
+
+def _break_ring(f: Front, index: int) -> tuple[SplitDriverQueue, list[BackendMessage]]:
+    drv = f.ring(index)
+    f.send(Request.SET_VRING_ENABLE, VringState(index, 1))
+    drv.rings.avail16[2] = 200  # a head beyond the ring
+    drv.rings.avail16[1] = 1
+    res = f.be.run_ring(index)
+    assert res.broken is not None
+    return drv, list(res.backend_messages)
+
+
+def test_backend_req_is_offered_unless_disabled() -> None:
+    f = Front(protocol=None)
+    proto = f.one(Request.GET_PROTOCOL_FEATURES)
+    assert isinstance(proto, int) and proto >> ProtocolFeature.BACKEND_REQ & 1
+    f.close()
+    be = VhostUserBackend(EchoDevice(), backend_req=False)
+    assert not be.offered_protocol >> ProtocolFeature.BACKEND_REQ & 1
+    assert be.offered_protocol >> ProtocolFeature.REPLY_ACK & 1
+
+
+def test_broken_ring_asks_for_a_config_change_with_reply_ack(front: Front) -> None:
+    chan = _channel(front)
+    fd = front.be.backend_fd
+    assert fd is not None and not os.get_blocking(fd)
+    _drv, msgs = _break_ring(front, 0)
+    assert msgs == [backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=True)]
+    status = front.one(Request.GET_STATUS)
+    assert isinstance(status, int) and status & Status.NEEDS_RESET
+    # The ack protocol: expected only after the I/O layer sent the request.
+    change = msgs[0]
+    front.be.backend_sent(change)
+    assert front.be.backend_replies_due == 1
+    assert front.be.handle_backend_reply(
+        backend_reply(BackendRequest.CONFIG_CHANGE_MSG, 0)) is None
+    assert front.be.backend_replies_due == 0
+    with pytest.raises(PeerError, match="unsolicited"):
+        front.be.handle_backend_reply(backend_reply(BackendRequest.CONFIG_CHANGE_MSG, 0))
+    front.be.backend_sent(change)
+    with pytest.raises(PeerError, match="expected one to CONFIG_CHANGE_MSG"):
+        front.be.handle_backend_reply(backend_reply(BackendRequest.IOTLB_MSG, 0))
+    front.be.backend_sent(change)
+    error = front.be.handle_backend_reply(backend_reply(BackendRequest.CONFIG_CHANGE_MSG, 7))
+    assert error is not None and "7" in error
+    chan.close()
+
+
+def test_config_change_without_reply_ack_asks_for_no_reply() -> None:
+    f = Front(protocol=SUPPORTED_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.REPLY_ACK))
+    f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+    f.share()
+    chan = _channel(f)
+    _drv, msgs = _break_ring(f, 1)
+    assert msgs == [backend_request(BackendRequest.CONFIG_CHANGE_MSG)]
+    f.be.backend_sent(msgs[0])
+    assert f.be.backend_replies_due == 0
+    chan.close()
+    f.close()
+
+
+def test_no_config_change_without_channel_or_config_feature() -> None:
+    f = Front()
+    f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+    f.share()
+    assert _break_ring(f, 0)[1] == []  # no channel
+    f.close()
+    f = Front(protocol=SUPPORTED_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.CONFIG))
+    f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+    f.share()
+    chan = _channel(f)
+    assert _break_ring(f, 0)[1] == []  # "When VHOST_USER_PROTOCOL_F_CONFIG is negotiated"
+    assert f.be.config_change_message() is None
+    chan.close()
+    f.close()
+
+
+def test_set_backend_req_fd_is_refused_without_the_feature_or_a_socket() -> None:
+    f = Front(protocol=SUPPORTED_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.BACKEND_REQ))
+    ours, theirs = socket.socketpair()
+    fd = theirs.detach()
+    out = f.be.handle(request(Request.SET_BACKEND_REQ_FD, fds=(fd,), need_reply=True))
+    assert [r.payload for r in out.replies] == [1] and out.error is not None
+    assert not _is_open(fd) and f.be.backend_fd is None
+    ours.close()
+    f.close()
+    f = Front()
+    efd = os.eventfd(0)
+    with pytest.raises(PeerError, match="not a socket"):
+        f.send(Request.SET_BACKEND_REQ_FD, None, (efd,))
+    assert not _is_open(efd)
+    f.close()
+
+
+def test_channel_lifetime(front: Front) -> None:
+    first = _channel(front)
+    fd1 = front.be.backend_fd
+    gen = front.be.backend_generation
+    second = _channel(front)  # replaces (and closes) the first
+    fd2 = front.be.backend_fd
+    assert fd1 is not None and fd2 is not None and front.be.backend_generation > gen
+    assert first.recv(16) == b""  # the back end's end of the first pair is closed
+    front.send(Request.RESET_DEVICE)  # device state only: the channel stays
+    assert front.be.backend_fd == fd2 and _is_open(fd2)
+    front.be.drop_backend_channel()
+    assert front.be.backend_fd is None and not _is_open(fd2)
+    third = _channel(front)
+    fd3 = front.be.backend_fd
+    assert fd3 is not None
+    front.be.reset()  # the front end went away
+    assert front.be.backend_fd is None and not _is_open(fd3)
+    for s in (first, second, third):
+        s.close()
+
+
 # ------------------------------------------------------------------ garbage
 _small = st.integers(0, 4)
 _idx = st.integers(0, 3)
@@ -538,6 +664,7 @@ _msgs = st.one_of(
                                Request.GET_STATUS, Request.GET_FEATURES, Request.GET_QUEUE_NUM,
                                Request.GET_MAX_MEM_SLOTS, Request.POSTCOPY_END]), st.none()),
     st.tuples(st.just(Request.SET_STATUS), st.integers(0, 0x1FF)),
+    st.tuples(st.just(Request.SET_BACKEND_REQ_FD), st.none()),
 )
 
 
@@ -555,6 +682,10 @@ def test_random_request_sequences_only_raise_peer_errors(
             for index in (0, 1):
                 f.ring(index)
                 f.send(Request.SET_VRING_ENABLE, VringState(index, 1))
+            ours, theirs = socket.socketpair()
+            ours.close()
+            opened.append(theirs.fileno())
+            f.send(Request.SET_BACKEND_REQ_FD, None, (theirs.detach(),))
         f.mem.write(0x1000, ring_bytes * (0x3000 // 64))  # hostile ring contents
         for (req, raw), need_reply in seq:
             fds: tuple[int, ...] = ()
@@ -570,6 +701,10 @@ def test_random_request_sequences_only_raise_peer_errors(
                             Request.SET_VRING_ERR) and isinstance(raw, int)
                     and not raw & VRING_NOFD_MASK):
                 fds = (os.eventfd(0) if req is not Request.ADD_MEM_REG else os.dup(f.memfd),)
+            if req is Request.SET_BACKEND_REQ_FD:
+                ours, theirs = socket.socketpair()
+                ours.close()  # a front end that already hung up its end
+                fds = (theirs.detach(),)
             opened.extend(fds)
             try:
                 out = f.be.handle(request(req, payload, fds=fds, need_reply=need_reply))
@@ -579,6 +714,8 @@ def test_random_request_sequences_only_raise_peer_errors(
             for index in range(len(f.be.rings)):
                 for poll in (False, True):
                     res = f.be.run_ring(index, poll=poll)
+                    if res.backend_messages:
+                        event("config change asked")
                     event("ring broken" if res.broken else
                           "ring ran" if f.be.rings[index].runnable else "ring idle")
             assert all(r.is_reply for r in out.replies)

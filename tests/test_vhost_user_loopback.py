@@ -5,11 +5,13 @@ Real eventfds, real SCM_RIGHTS, real memfd mappings in a server thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,10 +28,16 @@ from pyvirtio.transports.vhost_user.frontend import (
     VhostUserRefused,
 )
 from pyvirtio.transports.vhost_user.messages import (
+    FLAG_REPLY,
     HEADER,
     VERSION,
+    BackendDecoder,
+    BackendRequest,
     ProtocolFeature,
     Request,
+    VringState,
+    backend_request,
+    encode,
 )
 from pyvirtio.transports.vhost_user.server import VhostUserServer
 
@@ -376,3 +384,237 @@ def test_listen_fd_must_be_a_listening_unix_socket() -> None:
     os.fstat(a.fileno())  # still open: the server neither took nor closed it
     a.close()
     b.close()
+
+
+# ------------------------------------------------- back-end channel (issue 3 §7)
+GARBAGE = b"\xde\xad\xbe\xef"
+
+
+def _garbage_descriptors(fe: VhostUserFrontend, q: FrontendQueue) -> None:
+    """The guest makes a request, then scribbles over its descriptor table and kicks."""
+    out = fe.alloc(16)
+    q.queue.add([(out, 16)], [], token="doomed")
+    desc = q.queue.rings.desc
+    desc[:] = GARBAGE * (len(desc) // len(GARBAGE))
+    q.kick.signal()
+
+
+def _eventually(cond: object, timeout: float = 10.0) -> bool:
+    """Wait for a condition another thread makes true (bounded; not a timing assertion)."""
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return bool(cond())
+
+
+def _lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+def test_hostile_descriptors_raise_a_config_change_at_the_front_end(
+        served: Running, sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = served.server
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+            assert fe.has_protocol(ProtocolFeature.BACKEND_REQ)
+            assert fe.backend_channel_fd is not None
+            fe.negotiate(ALL)
+            q0 = fe.setup_queue(0, 8)
+            q1 = fe.setup_queue(1, 8)
+            seen: list[int] = []
+            fe.on_config_change = lambda: seen.append(fe.config_changes)
+            assert fe.poll_backend_channel(0) == 0
+            _garbage_descriptors(fe, q0)
+            # The driver side sees the configuration change ...
+            assert fe.poll_backend_channel(10) == 1
+            assert fe.config_changes == 1 and seen == [1]
+            # ... re-reads the device state as QEMU does, finds NEEDS_RESET ...
+            assert fe.get_status() & Status.NEEDS_RESET
+            assert fe.get_config(0, 8) == b"pyvirtio"
+            # ... and the other queue keeps working.
+            assert roundtrip(fe, q1, [b"q1 alive"]) == [xor(b"q1 alive", 1)]
+            backend = server.backend
+            assert backend is not None
+            assert _eventually(lambda: backend.backend_replies_due == 0), "ack not read"
+            assert fe.poll_backend_channel(0) == 0 and fe.config_changes == 1
+        # The process survives and serves the next front end.
+        with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe2:
+            fe2.negotiate(ALL)
+            q = fe2.setup_queue(0, 8)
+            assert roundtrip(fe2, q, [b"next"]) == [b"next"]
+    assert served.thread.is_alive()
+    assert len(_lines(caplog, "broken")) == 1
+    assert _lines(caplog, "back-end channel") == []
+
+
+def test_config_change_without_reply_ack(served: Running, sock_path: str) -> None:
+    mask = FRONTEND_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.REPLY_ACK)
+    with VhostUserFrontend.connect(sock_path, memory_size=1 << 20, protocol_mask=mask) as fe:
+        fe.negotiate(ALL)
+        q0 = fe.setup_queue(0, 8)
+        q1 = fe.setup_queue(1, 8)
+        _garbage_descriptors(fe, q0)
+        assert fe.poll_backend_channel(10) == 1
+        assert fe.get_status() & Status.NEEDS_RESET
+        assert roundtrip(fe, q1, [b"ok"]) == [xor(b"ok", 1)]
+        backend = served.server.backend
+        assert backend is not None and backend.backend_replies_due == 0
+
+
+def test_config_change_acked_while_waiting_for_a_reply(served: Running, sock_path: str) -> None:
+    """A CONFIG_CHANGE_MSG arriving during another request is answered at once."""
+    with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        q0 = fe.setup_queue(0, 8)
+        fe.setup_queue(1, 8)
+        seen: list[int] = []
+        fe.on_config_change = lambda: seen.append(1)
+        _garbage_descriptors(fe, q0)
+        backend = served.server.backend
+        assert backend is not None
+        # Requests keep the channel served; the ack reaches the back end ...
+        assert _eventually(lambda: fe.get_status() & Status.NEEDS_RESET
+                           and fe.config_changes == 1 and backend.backend_replies_due == 0)
+        assert seen == []  # ... the callback waits for poll_backend_channel
+        assert fe.poll_backend_channel(0) == 1 and seen == [1]
+
+
+def test_server_notify_config_change(served: Running, sock_path: str) -> None:
+    with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        served.server.notify_config_change()
+        assert fe.poll_backend_channel(10) == 1
+        assert fe.get_status() & Status.NEEDS_RESET == 0
+
+
+def _own_channel(fe: VhostUserFrontend) -> socket.socket:
+    """Replace the back-end channel with a socketpair the test drives by hand."""
+    ours, theirs = socket.socketpair()
+    try:
+        fe._send(Request.SET_BACKEND_REQ_FD, None, (theirs.fileno(),))
+    finally:
+        theirs.close()
+    return ours
+
+
+def test_front_end_that_never_answers(served: Running, sock_path: str,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=LOGGER), \
+            VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        chan = _own_channel(fe)
+        q0 = fe.setup_queue(0, 8)
+        q1 = fe.setup_queue(1, 8)
+        _garbage_descriptors(fe, q0)
+        chan.settimeout(10)
+        dec = BackendDecoder()
+        while (msg := dec.next_message()) is None:
+            dec.feed(chan.recv(64))
+        assert msg == backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=True)
+        # Never answered: the back end keeps serving everything else.
+        assert fe.get_status() & Status.NEEDS_RESET
+        assert roundtrip(fe, q1, [b"unanswered"]) == [xor(b"unanswered", 1)]
+        backend = served.server.backend
+        assert backend is not None and backend.backend_replies_due == 1
+        chan.close()
+    assert served.thread.is_alive()
+
+
+def test_front_end_closed_the_channel(served: Running, sock_path: str,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=LOGGER), \
+            VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        chan = _own_channel(fe)
+        chan.close()
+        q0 = fe.setup_queue(0, 8)
+        q1 = fe.setup_queue(1, 8)
+        _garbage_descriptors(fe, q0)
+        assert _eventually(lambda: fe.get_status() & Status.NEEDS_RESET)
+        assert roundtrip(fe, q1, [b"alone"]) == [xor(b"alone", 1)]
+        assert _eventually(lambda: len(_lines(caplog, "back-end channel")) == 1)
+    assert served.thread.is_alive()
+    assert len(_lines(caplog, "back-end channel")) == 1
+    assert len(_lines(caplog, "broken")) == 1
+
+
+def test_front_end_that_stops_reading_the_channel(served: Running, sock_path: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=LOGGER), \
+            VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # fill the channel: the back end's sends would block
+                theirs.send(bytes(4096))
+        fe._send(Request.SET_BACKEND_REQ_FD, None, (theirs.fileno(),))
+        theirs.close()
+        q0 = fe.setup_queue(0, 8)
+        q1 = fe.setup_queue(1, 8)
+        _garbage_descriptors(fe, q0)
+        assert _eventually(lambda: fe.get_status() & Status.NEEDS_RESET)
+        assert roundtrip(fe, q1, [b"not blocked"]) == [xor(b"not blocked", 1)]
+        assert _eventually(lambda: len(_lines(caplog, "back-end channel full")) == 1)
+        ours.close()
+    assert served.thread.is_alive()
+
+
+@pytest.mark.parametrize("junk", [
+    encode(backend_request(BackendRequest.CONFIG_CHANGE_MSG)),  # a request, not a reply
+    HEADER.pack(BackendRequest.CONFIG_CHANGE_MSG, VERSION | FLAG_REPLY, 8) + bytes(8),  # unasked
+    b"\xff" * 40,
+])
+def test_garbage_on_the_channel_costs_only_the_channel(
+        served: Running, sock_path: str, caplog: pytest.LogCaptureFixture, junk: bytes) -> None:
+    with caplog.at_level(logging.INFO, logger=LOGGER), \
+            VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        chan = _own_channel(fe)
+        chan.sendall(junk)
+        assert _eventually(lambda: len(_lines(caplog, "back-end channel")) == 1)
+        assert chan.recv(16) == b""  # the back end closed its end
+        q = fe.setup_queue(0, 8)
+        assert roundtrip(fe, q, [b"still here"]) == [b"still here"]
+        chan.close()
+    assert "broke the protocol" in _lines(caplog, "back-end channel")[0]
+
+
+def test_front_end_refuses_requests_it_did_not_negotiate_and_garbage(
+        served: Running, sock_path: str) -> None:
+    with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+        fe.negotiate(ALL)
+        backend = served.server.backend
+        assert backend is not None and backend.backend_fd is not None
+        # Written straight on the back end's end: an in-band VRING_CALL asking for an ack.
+        peer = socket.socket(fileno=os.dup(backend.backend_fd))
+        peer.setblocking(True)
+        peer.sendall(encode(backend_request(BackendRequest.VRING_CALL, VringState(0, 0),
+                                            need_reply=True)))
+        assert fe.poll_backend_channel(10) == 0 and fe.config_changes == 0
+        peer.sendall(b"\x02\x00\x00\x00" + b"\xff" * 8)  # bad flags
+        with pytest.raises(PeerError):
+            fe.poll_backend_channel(10)
+        assert fe.backend_channel_fd is None
+        assert fe.poll_backend_channel(0) == 0
+        peer.close()
+        q = fe.setup_queue(0, 8)  # the main connection is unaffected
+        assert roundtrip(fe, q, [b"fine"]) == [b"fine"]
+
+
+def test_backend_req_can_be_turned_off(sock_path: str) -> None:
+    run = Running(VhostUserServer(EchoDevice(), socket_path=sock_path, backend_req=False))
+    try:
+        with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
+            assert not fe.backend_protocol_features >> ProtocolFeature.BACKEND_REQ & 1
+            assert fe.backend_channel_fd is None
+            fe.negotiate(ALL)
+            q0 = fe.setup_queue(0, 8)
+            _garbage_descriptors(fe, q0)
+            assert _eventually(lambda: fe.get_status() & Status.NEEDS_RESET)
+            assert fe.poll_backend_channel(0) == 0
+    finally:
+        run.stop()

@@ -17,16 +17,22 @@ from pyvirtio.transports.vhost_user.messages import (
     MAX_PAYLOAD,
     VERSION,
     VRING_NOFD_MASK,
+    BackendDecoder,
+    BackendMessage,
+    BackendRequest,
     ConfigSpace,
     Decoder,
     MemoryTable,
     MemRegion,
     Message,
     Payload,
+    ProtocolFeature,
     RawPayload,
     Request,
     VringAddr,
     VringState,
+    backend_reply,
+    backend_request,
     encode,
     reply,
     request,
@@ -263,3 +269,113 @@ def test_any_header_with_any_body_is_decoded_or_refused(code: Request, flags: in
     dec2 = Decoder()
     dec2.feed(again)
     assert list(dec2.messages()) == msgs
+
+
+# ------------------------------------------------------- back-end channel
+def test_qemu_7_2_names_are_aliases_of_the_current_ones() -> None:
+    assert Request.SET_SLAVE_REQ_FD is Request.SET_BACKEND_REQ_FD
+    assert Request(21) is Request.SET_BACKEND_REQ_FD
+    assert ProtocolFeature.SLAVE_REQ is ProtocolFeature.BACKEND_REQ
+    assert ProtocolFeature.BACKEND_REQ == 5 and ProtocolFeature.SLAVE_SEND_FD == 10
+    assert BackendRequest.CONFIG_CHANGE_MSG == 2
+
+
+def test_set_backend_req_fd_carries_exactly_one_fd_and_no_payload() -> None:
+    fd = _fd()
+    dec = Decoder()
+    dec.feed(encode(request(Request.SET_BACKEND_REQ_FD, fds=(fd,))), [fd])
+    (msg,) = dec.messages()
+    assert msg.payload is None and msg.fds == (fd,)
+    msg.close_fds()
+    for data, nfds in ((_frame(Request.SET_BACKEND_REQ_FD, VERSION, b""), 0),
+                       (_frame(Request.SET_BACKEND_REQ_FD, VERSION, bytes(8)), 1)):
+        fds = [_fd() for _ in range(nfds)]
+        dec = Decoder()
+        with pytest.raises(PeerError, match="SET_BACKEND_REQ_FD"):
+            dec.feed(data, fds)
+            list(dec.messages())
+        assert not any(_is_open(f) for f in fds)
+
+
+def _valid_backend(req: BackendRequest) -> tuple[Payload, int]:
+    table: dict[BackendRequest, tuple[Payload, int]] = {
+        BackendRequest.IOTLB_MSG: (RawPayload(bytes(32)), 0),
+        BackendRequest.CONFIG_CHANGE_MSG: (None, 0),
+        BackendRequest.VRING_HOST_NOTIFIER_MSG: (RawPayload(bytes(24)), 1),
+        BackendRequest.VRING_CALL: (VringState(1, 0), 0),
+        BackendRequest.VRING_ERR: (VringState(0, 0), 0),
+    }
+    return table[req]
+
+
+@pytest.mark.parametrize("req", list(BackendRequest))
+@pytest.mark.parametrize("need_reply", [False, True])
+def test_every_backend_request_and_its_ack_round_trip(req: BackendRequest,
+                                                      need_reply: bool) -> None:
+    payload, nfds = _valid_backend(req)
+    fds = tuple(_fd() for _ in range(nfds))
+    msg = backend_request(req, payload, fds=fds, need_reply=need_reply)
+    dec = BackendDecoder()
+    dec.feed(encode(msg), fds)
+    (got,) = dec.messages()
+    assert got == msg and got.need_reply == need_reply and not got.is_reply
+    got.close_fds()
+    ack = BackendDecoder(replies=True)
+    ack.feed(encode(backend_reply(req, 1)))
+    (rep,) = ack.messages()
+    assert rep == BackendMessage(req, 1, VERSION | FLAG_REPLY) and rep.is_reply
+
+
+def test_config_change_msg_is_a_bare_header() -> None:
+    # What QEMU 7.2's slave_read expects: a 12-byte header, size 0.
+    data = encode(backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=True))
+    assert data == HEADER.pack(2, VERSION | FLAG_NEED_REPLY, 0)
+    assert encode(backend_reply(BackendRequest.CONFIG_CHANGE_MSG, 0)) == (
+        HEADER.pack(2, VERSION | FLAG_REPLY, 8) + bytes(8))
+
+
+@pytest.mark.parametrize(("data", "nfds", "replies", "words"), [
+    (_frame(99, VERSION, b""), 0, False, "unknown back-end request 99"),
+    (_frame(0, VERSION, b""), 0, False, "unknown back-end request"),
+    (_frame(2, VERSION, bytes(8)), 0, False, "expected 0"),
+    (_frame(2, VERSION, b""), 1, False, "file descriptors"),
+    (_frame(4, VERSION, bytes(4)), 0, False, "expected 8"),
+    (_frame(2, VERSION | FLAG_REPLY, bytes(8)), 0, False, "reply flag"),
+    (_frame(2, VERSION, bytes(8)), 0, True, "without the reply flag"),
+    (_frame(2, VERSION | FLAG_REPLY, bytes(4)), 0, True, "expected 8"),
+    (_frame(2, VERSION | FLAG_REPLY, bytes(8)), 1, True, "file descriptors"),
+    (_frame(2, VERSION | FLAG_REPLY | FLAG_NEED_REPLY, bytes(8)), 0, True, "need_reply"),
+    (_frame(2, 2, b""), 0, False, "version"),
+    (_frame(2, VERSION, b"", size=MAX_PAYLOAD + 1), 0, False, "size field"),
+])
+def test_malformed_backend_channel_messages(data: bytes, nfds: int, replies: bool,
+                                            words: str) -> None:
+    fds = [_fd() for _ in range(nfds)]
+    dec = BackendDecoder(replies=replies)
+    with pytest.raises(PeerError, match=words):
+        dec.feed(data, fds)
+        list(dec.messages())
+    assert not any(_is_open(fd) for fd in fds)
+    with pytest.raises(PeerError):
+        dec.next_message()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=60), st.integers(0, 2)), max_size=8),
+       st.booleans())
+def test_backend_channel_garbage_only_raises_peer_errors(chunks: list[tuple[bytes, int]],
+                                                        replies: bool) -> None:
+    dec = BackendDecoder(replies=replies)
+    opened: list[int] = []
+    try:
+        for data, nfds in chunks:
+            fds = [_fd() for _ in range(nfds)]
+            opened.extend(fds)
+            dec.feed(data, fds)
+            for msg in dec.messages():
+                assert msg.request in BackendRequest
+                msg.close_fds()
+    except PeerError:
+        pass
+    dec.close()
+    assert not any(_is_open(fd) for fd in opened)
