@@ -459,6 +459,8 @@ class VhostUserServer:
                 error = backend.handle_backend_reply(rep)
                 if error is not None:
                     self.log.warning("vhost-user: %s", error)
+                elif self.log.isEnabledFor(logging.DEBUG):
+                    self.log.debug("vhost-user: <= %s ack %r", rep.request.name, rep.payload)
         except PeerError as exc:
             self._lose_channel(f"broke the protocol: {exc}")
 

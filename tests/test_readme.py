@@ -1,0 +1,29 @@
+"""The README's ring example runs as written, and its first lines are the two set-up commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    text = README.read_text()
+    first_block = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert first_block is not None
+    lines = [ln for ln in first_block.group(1).splitlines() if ln.strip()]
+    assert lines[0].startswith("bash scripts/bootstrap.sh && .venv/bin/pyvirtio demo")
+    assert lines[1].startswith("bash scripts/test.sh")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
+
+
+def test_readme_ring_example_runs() -> None:
+    text = README.read_text()
+    section = text.split("### Use the rings directly", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    namespace: dict[str, object] = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    assert "drv" in namespace and "dev" in namespace
