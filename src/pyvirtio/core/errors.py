@@ -31,3 +31,23 @@ class CallerError(VirtioError):
 
 class QueueFull(VirtioError):
     """No free descriptors are left for the buffer being added."""
+
+
+class Breakable:
+    """A queue that a :class:`PeerError` marks broken until it is reset (DESIGN.md).
+
+    Both ring sides use it, so "broken" means the same thing on each: the
+    first reason is kept, and every later use raises :class:`QueueBrokenError`.
+    """
+
+    broken: str | None = None
+
+    def mark_broken(self, reason: str) -> PeerError:
+        """Mark the queue broken; returns the error for the caller to raise."""
+        if self.broken is None:
+            self.broken = reason
+        return PeerError(reason)
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")

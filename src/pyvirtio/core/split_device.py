@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvirtio.core.barrier import full_fence
-from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
+from pyvirtio.core.errors import Breakable, CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
 from pyvirtio.core.memory import GuestMemory, Region
 from pyvirtio.core.spec import (
@@ -43,6 +43,20 @@ from pyvirtio.core.spec import (
 
 _unpack_desc = DESC.unpack_from
 _NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
+
+
+def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
+    """Whether moving used.idx from ``old`` to ``new`` passed the last signalled index.
+
+    Then ``used_event`` may lie behind us where vring_need_event can no longer
+    see it, so the next interrupt must be sent unconditionally (QEMU
+    ``virtqueue_flush``; its distance is a signed 16-bit value, so a device that
+    ran 32768 or more entries past its last notification re-arms too).
+    """
+    dist = (new - signalled) & 0xFFFF
+    if dist >= 0x8000:
+        dist -= 0x10000
+    return dist < ((new - old) & 0xFFFF)
 
 
 @dataclass(slots=True)
@@ -66,7 +80,7 @@ class Element:
         return sum(len(v) for v in self.writable)
 
 
-class SplitDeviceQueue:
+class SplitDeviceQueue(Breakable):
     """The device's view of one split virtqueue."""
 
     def __init__(self, rings: RingViews, memory: GuestMemory, features: int = 0) -> None:
@@ -109,15 +123,6 @@ class SplitDeviceQueue:
         self.inuse = 0
         self.broken = None
 
-    def mark_broken(self, reason: str) -> PeerError:
-        """Mark the queue broken; returns the error to raise."""
-        if self.broken is None:
-            self.broken = reason
-        return PeerError(reason)
-
-    def _check_usable(self) -> None:
-        if self.broken is not None:
-            raise QueueBrokenError(f"queue is broken: {self.broken}")
 
     # ----------------------------------------------------------------- avail
     def _fetch_avail_idx(self) -> int:
@@ -131,7 +136,12 @@ class SplitDeviceQueue:
         return idx
 
     def available(self) -> int:
-        """How many heads the driver has made available and the device not yet popped."""
+        """How many heads are known to be available and not yet popped.
+
+        Like QEMU's ``virtio_queue_empty`` it trusts the cached avail.idx while
+        that still shows work and re-reads the ring only when it shows none, so
+        the answer is "at least this many"; zero is exact.
+        """
         self._check_usable()
         if self.shadow_avail_idx != self.last_avail_idx:
             return (self.shadow_avail_idx - self.last_avail_idx) & 0xFFFF
@@ -293,28 +303,26 @@ class SplitDeviceQueue:
         self._used16[1] = new
         self.used_idx = new
         self.inuse -= count
-        if ((new - self.signalled_used) & 0xFFFF) < ((new - old) & 0xFFFF):
-            # The flush jumped over the last signalled index: re-arm the first interrupt.
+        if _jumped_over_signalled(new, old, self.signalled_used):
             self.signalled_used_valid = False
 
     def push(self, head: int, length: int) -> None:
         """Return one buffer: fill + flush."""
-        # fill + flush inlined (same stores, same checks, same order).
+        # fill + flush inlined (same checks, same stores, same order).
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+        if self.inuse < 1:
+            raise CallerError(f"flush of 1 entries with only {self.inuse} in use")
         old = self.used_idx
         slot = old & self._mask
         used32 = self._used32
         used32[1 + 2 * slot] = head
         used32[2 + 2 * slot] = length
-        if self.broken is not None:
-            raise QueueBrokenError(f"queue is broken: {self.broken}")
-        if self.inuse < 1:
-            raise CallerError(f"flush of 1 entries with only {self.inuse} in use")
         new = (old + 1) & 0xFFFF
         self._used16[1] = new
         self.used_idx = new
         self.inuse -= 1
-        if new == self.signalled_used:
-            # The flush jumped over the last signalled index: re-arm the first interrupt.
+        if _jumped_over_signalled(new, old, self.signalled_used):
             self.signalled_used_valid = False
 
     # ------------------------------------------------------------ interrupts

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvirtio.core.barrier import full_fence
-from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
+from pyvirtio.core.errors import Breakable, CallerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
 from pyvirtio.core.spec import (
     F_RING_EVENT_IDX,
@@ -56,7 +56,7 @@ class IndirectArea:
         return num * per_head * DESC_SIZE
 
 
-class SplitDriverQueue:
+class SplitDriverQueue(Breakable):
     """The driver's view of one split virtqueue. The ring memory must start zeroed."""
 
     def __init__(self, rings: RingViews, features: int = 0,
@@ -103,14 +103,6 @@ class SplitDriverQueue:
         """Buffers made available and not yet returned by get_buf."""
         return self._outstanding
 
-    def mark_broken(self, reason: str) -> PeerError:
-        if self.broken is None:
-            self.broken = reason
-        return PeerError(reason)
-
-    def _check_usable(self) -> None:
-        if self.broken is not None:
-            raise QueueBrokenError(f"queue is broken: {self.broken}")
 
     # -------------------------------------------------------------------- add
     def add(self, out_segs: Sequence[Segment], in_segs: Sequence[Segment],
