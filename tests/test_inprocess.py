@@ -1,13 +1,11 @@
 """In-process transport: real rings in one GuestMemory, kicks and interrupts as counted calls.
 
-Also replays the seed article's worked example of EVENT_IDX delayed
-notification (VIRTIO 1.2 §2.7.7.2, §2.7.10) through it.
+(The seed article's worked example is replayed in test_seed_example.py.)
 """
 
 from __future__ import annotations
 
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
-from pyvirtio.core.spec import F_RING_EVENT_IDX, bit
 from pyvirtio.transports.inprocess import InProcessTransport
 
 MEM = 1 << 20
@@ -64,37 +62,6 @@ def test_flags_suppress_kicks_and_interrupts() -> None:
     drv.add([(BUF, 16)], [], 9)
     assert t.kick(0) is True
     assert t.queues[0].kicks == 1 and t.queues[0].interrupts == 0
-
-
-def test_seed_worked_example_event_idx() -> None:
-    """The seed article's duel: 8 buffers, avail_event 4, +5 buffers; used_event 2, +3 used."""
-    t, kicked, irqs = make(bit(F_RING_EVENT_IDX))
-    drv, dev = t.driver(0), t.device(0)
-    for i in range(8):
-        drv.add([(BUF + 64 * i, 64)], [], i)
-    assert t.kick(0) is True  # the first kick is always sent (avail_event starts at 0)
-    popped = [dev.pop() for _ in range(4)]
-    assert all(e is not None for e in popped)
-    assert dev.rings.used16[2 + 4 * 16] == 4  # avail_event = last_avail_idx
-    for i in range(8, 13):
-        drv.add([(BUF + 64 * i, 64)], [], i)
-    # old = 8, new = 13, avail_event = 4: (13 - 4 - 1) = 8 is not < 5: no kick.
-    assert t.kick(0) is False
-    assert kicked == [0]
-    popped += [dev.pop(), dev.pop()]
-    for e in popped[:3]:
-        assert e is not None
-        dev.push(e.head, 0)
-    assert t.interrupt(0) is True  # the first interrupt is always sent
-    assert drv.get_buf() is not None and drv.get_buf() is not None  # used_event = 2
-    assert drv.rings.avail16[2 + 16] == 2
-    for e in popped[3:6]:
-        assert e is not None
-        dev.push(e.head, 0)
-    # old = 3, new = 6, used_event = 2: (6 - 2 - 1) = 3 is not < 3: no interrupt.
-    assert t.interrupt(0) is False
-    assert irqs == [0]
-    assert t.kicks == 1 and t.interrupts == 1
 
 
 def test_unconditional_notifications_count() -> None:

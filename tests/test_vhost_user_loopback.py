@@ -595,8 +595,10 @@ def test_front_end_refuses_requests_it_did_not_negotiate_and_garbage(
         peer.sendall(encode(backend_request(BackendRequest.VRING_CALL, VringState(0, 0),
                                             need_reply=True)))
         assert fe.poll_backend_channel(10) == 0 and fe.config_changes == 0
-        peer.sendall(b"\x02\x00\x00\x00" + b"\xff" * 8)  # bad flags
-        with pytest.raises(PeerError):
+        peer.sendall(b"\x02\x00\x00\x00" + b"\xff" * 8)  # bad version and flags
+        # A request in flight meanwhile is not failed by the channel's garbage ...
+        assert fe.get_status() & Status.NEEDS_RESET == 0
+        with pytest.raises(PeerError, match="version"):  # ... the next poll reports it
             fe.poll_backend_channel(10)
         assert fe.backend_channel_fd is None
         assert fe.poll_backend_channel(0) == 0

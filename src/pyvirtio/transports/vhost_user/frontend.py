@@ -170,6 +170,7 @@ class VhostUserFrontend:
         self._chan: socket.socket | None = None
         self._chan_decoder = BackendDecoder()
         self._callbacks_due = 0
+        self._chan_error: PeerError | None = None
         #: CONFIG_CHANGE_MSG requests received from the back end so far.
         self.config_changes = 0
         #: Called (no arguments) by :meth:`poll_backend_channel` once per CONFIG_CHANGE_MSG.
@@ -293,8 +294,12 @@ class VhostUserFrontend:
                 if "main" in ready:
                     return
                 if "backend" in ready and self._chan is not None:
-                    self._serve_backend_channel()
-                    if self._chan is None:  # the back end closed it: just wait for the reply
+                    try:
+                        self._serve_backend_channel()
+                    except PeerError as exc:
+                        # Not this request's fault: report it at the next poll.
+                        self._chan_error = exc
+                    if self._chan is None:  # closed: just wait for the reply
                         return
                 elif not ready:
                     raise PeerError(f"{req.name}: the back end did not reply in time")
@@ -484,8 +489,12 @@ class VhostUserFrontend:
         :attr:`on_config_change` once per config change (including those
         acknowledged while waiting for a reply) and returns their number.  0
         without a channel.  A back end breaking the channel's rules raises
-        PeerError and the channel is closed.
+        PeerError (here, even if it happened while waiting for a reply) and the
+        channel is closed.
         """
+        if self._chan_error is not None:
+            error, self._chan_error = self._chan_error, None
+            raise error
         if self._chan is not None:
             with selectors.DefaultSelector() as sel:
                 sel.register(self._chan, selectors.EVENT_READ)
@@ -533,7 +542,7 @@ class VhostUserFrontend:
         if msg.need_reply:
             assert self._chan is not None
             try:
-                self._chan.sendall(encode(backend_reply(msg.request, result)))
+                self._chan.sendall(encode(backend_reply(msg.request, result)), socket.MSG_NOSIGNAL)
             except OSError as exc:
                 raise PeerError(f"back-end channel: cannot answer {msg.request.name}: "
                                 f"{exc}") from None

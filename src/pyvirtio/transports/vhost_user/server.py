@@ -20,8 +20,8 @@ due.  ``poll=True`` busy-polls the rings with spin-then-sleep instead of
 waiting for kicks (VIRTIO 1.2 §2.7.10: the driver is told not to kick).
 
 Logging: one line per connect, disconnect or dropped connection (with the
-reason), negotiated feature set, broken queue, and lost back-end channel.  Hostile front ends cost
-their own connection only; the server keeps listening.
+reason), negotiated feature set, broken queue, and lost back-end channel.
+Hostile front ends cost their own connection only; the server keeps listening.
 """
 
 from __future__ import annotations
