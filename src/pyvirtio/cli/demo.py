@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from pyvirtio.core.layout import is_valid_queue_size
 from pyvirtio.demo.host import SUPPRESSION_MODES, DemoConfig, Snapshot, run_demo
 from pyvirtio.demo.report import live_view, result_table
 
@@ -22,7 +23,7 @@ def _queue_size(text: str) -> int:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not 4 <= n <= 32768 or n & (n - 1):
+    if n < 4 or not is_valid_queue_size(n):
         raise argparse.ArgumentTypeError("a queue size is a power of two in 4..32768")
     return n
 
