@@ -18,7 +18,7 @@ from pyvirtio.core.errors import PeerError, QueueBrokenError
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
 from pyvirtio.devices.blk.backend_file import FileBackend
 from pyvirtio.devices.blk.device import BlkDevice
-from pyvirtio.devices.blk.driver import BlkIOError
+from pyvirtio.devices.blk.driver import BlkIOError, Slot
 from pyvirtio.devices.blk.spec import (
     REQ_HEADER,
     BlkConfig,
@@ -145,7 +145,7 @@ def test_many_in_flight_over_two_queues(img: Path) -> None:
         slots = [drv.submit(ReqType.IN, i * 8, 4096, queue=q, kick=False)
                  for i in range(drv.depth(q))]
         drv.kick(q)
-        done = []
+        done: list[Slot] = []
         while len(done) < len(slots):
             done += drv.reap(q)
         for s in slots:
@@ -226,7 +226,7 @@ def test_hostile_requests_only_answer_or_break_the_queue(
     token, used = ports[0].queue.get_buf()  # type: ignore[misc]
     assert token == "req"
     after = bytes(mem.translate(base - 64, snapshot_end - base + 64))
-    writable = set()
+    writable: set[int] = set()
     for a, ln in in_segs:
         writable.update(range(a - base + 64, a - base + 64 + ln))
     changed = {i for i in range(len(before)) if before[i] != after[i]}

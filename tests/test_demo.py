@@ -160,9 +160,9 @@ def test_frames() -> None:
         f = make_frame(seq, mac)
         assert len(f) == frame_length(seq) and 60 <= len(f) <= 1514
         assert frame_seq(f) == seq and check_frame(f, seq, mac) is None
-    f = bytearray(make_frame(5, mac))
-    f[-1] ^= 1
-    assert "differ" in (check_frame(bytes(f), 5, mac) or "")
+    bad = bytearray(make_frame(5, mac))
+    bad[-1] ^= 1
+    assert "differ" in (check_frame(bytes(bad), 5, mac) or "")
     assert "out of order" in (check_frame(make_frame(6, mac), 5, mac) or "")
     assert frame_seq(b"short") is None
 
