@@ -83,13 +83,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def measure(backend: Backend, log: Path, seconds: float, warmup: float) -> list[Row]:
+def measure(backend: Backend, log: Path, seconds: float, warmup: float,
+            spin: float = 0.0) -> list[Row]:
     proc = start(backend, log)
     sock = backend.sock
     rows: list[Row] = []
     try:
         for label, rw, bs, depth in WORKLOADS:
-            with BlkDriver.connect(str(sock), queue_size=256, max_io=65536) as drv:
+            with BlkDriver.connect(str(sock), queue_size=256, max_io=65536,
+                                   spin=spin) as drv:
                 if warmup:
                     run_workload(drv, rw, bs, depth, warmup)
                 cpu0 = cpu_seconds(proc.pid)
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll", action="store_true", help="also run pyvirtio-blk --poll")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the back ends this many times; report the median round")
+    ap.add_argument("--spin-us", type=float, default=0.0, metavar="US",
+                    help="front end busy-polls completions this long before sleeping")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         # Rounds alternate the back ends so load drift on a shared machine hits all of them.
         for rnd in range(args.rounds):
             for i, be in enumerate(backends):
-                for row in measure(be, work / f"backend{i}.log", args.seconds, args.warmup):
+                for row in measure(be, work / f"backend{i}.log", args.seconds, args.warmup,
+                                   args.spin_us / 1e6):
                     row["round"] = rnd
                     runs.append(row)
     rows = median_rows(runs, [b.name for b in backends])
@@ -175,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                                      / float(q["backend_cpu_us_per_req"]))
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "image_bytes": size,
+                          "spin_us": args.spin_us,
                           "cpus": os.cpu_count(), "results": rows}, indent=2))
         return 0
     table = Table(title=f"vhost-user-blk back ends, pyvirtio front end, {args.seconds:g} s each, "
                         f"median of {args.rounds} round(s), {size >> 20} MiB page-cached image, "
-                        f"{os.cpu_count()} CPUs")
+                        f"{os.cpu_count()} CPUs"
+                        + (f", front end spins {args.spin_us:g} us" if args.spin_us else ""))
     for col in ("workload", "back end", "IOPS", "MiB/s", "lat avg us", "p99 us",
                 "kicks/1k", "irqs/1k", "back-end CPU us/req", "IOPS ratio", "CPU ratio"):
         table.add_column(col, justify="left" if col in ("workload", "back end") else "right")

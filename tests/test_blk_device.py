@@ -234,3 +234,101 @@ def test_hostile_requests_only_answer_or_break_the_queue(
     assert 1 <= used <= sum(ln for _a, ln in in_segs)
     last_a, last_n = in_segs[-1]
     assert mem.read(last_a + last_n - 1, 1)[0] in (Status.OK, Status.IOERR, Status.UNSUPP)
+
+
+def test_bad_request_mid_batch_leaves_later_ones_in_the_ring(img: Path) -> None:
+    """A batch that breaks on its 3rd request has popped exactly 3, like the scalar loop."""
+    d = dev(img)
+    drv, ports = make_loop(d)
+    a = drv.submit(ReqType.IN, 0, 512, kick=False)
+    b = drv.submit(ReqType.IN, 1, 512, kick=False)
+    hdr = drv.memory.translate(0x100, 16)
+    hdr[:] = REQ_HEADER.pack(ReqType.IN, 0, 0)
+    ports[0].queue.add([(0x100, 16)], [], "evil")
+    drv.submit(ReqType.IN, 2, 512, kick=False)
+    q = ports[0].dev_queue
+    with pytest.raises(PeerError, match="status"):
+        d.process_queue(0, q)
+    assert q.broken and q.get_state() == (3, 2)
+    assert [s.index for s in drv.poll(0)] == [a.index, b.index]
+    assert a.status == b.status == Status.OK
+
+
+@pytest.mark.parametrize("spin", [0.2, 0.001])
+def test_reap_spins_then_sleeps(img: Path, spin: float) -> None:
+    """With ``spin`` the driver polls the used ring before sleeping; either way it completes."""
+    import threading
+
+    drv, ports = make_loop(dev(img))
+    drv.spin = spin
+    slot = drv.submit(ReqType.IN, 8, 4096, kick=False)
+    timer = threading.Timer(0.02, ports[0].kick.signal)
+    timer.start()
+    try:
+        assert drv.reap(0, timeout=10) == [slot]
+    finally:
+        timer.join()
+    assert slot.status == Status.OK and bytes(slot.payload()) == img.read_bytes()[4096:8192]
+
+
+@pytest.mark.parametrize(("rtype", "sector", "nbytes", "extra"), [
+    (ReqType.IN, 3, 4096, 0), (ReqType.IN, 0, 0, 0), (ReqType.IN, 5, 1000, 0),
+    (ReqType.IN, SIZE // 512 - 1, 1024, 0), (ReqType.IN, 2**64 - 1, 512, 0),
+    (ReqType.IN, 9, 512, 7), (ReqType.OUT, 4, 2048, 0), (ReqType.OUT, 4, 0, 3),
+    (ReqType.OUT, 4, 700, 0), (ReqType.OUT, SIZE // 512, 512, 0),
+    (ReqType.OUT, 11, 512, 5),
+])
+def test_one_header_one_reply_shape_answers_like_any_other(
+        img: Path, rtype: int, sector: int, nbytes: int, extra: int) -> None:
+    """The two-descriptor fast path gives the general path's status, length and bytes."""
+    original = img.read_bytes()
+    d = dev(img)
+    _drv, ports = make_loop(d)
+    q, dq, mem = ports[0].queue, ports[0].dev_queue, ports[0].memory
+    hdr, buf = 16 << 20, 20 << 20  # far above the rings and slots
+    payload = bytes(range(256)) * (nbytes // 256 + 1)
+    results = []
+    for split in (False, True):
+        mem.translate(buf, 8192)[:] = b"\xee" * 8192
+        view = mem.translate(hdr, 16 + max(nbytes, extra))
+        view[:16] = REQ_HEADER.pack(rtype, 0, sector)
+        if rtype == ReqType.IN:
+            out = [(hdr, 16 + extra)] if not split else [(hdr, 8), (hdr + 8, 8 + extra)]
+            inn = [(buf, nbytes + 1)]
+        else:
+            view[16:16 + nbytes] = payload[:nbytes]
+            out = [(hdr, 16 + nbytes)] if not split else [(hdr, 16)] + (
+                [(hdr + 16, nbytes)] if nbytes else [])
+            inn = [(buf, 1 + extra)]
+        q.add(out, inn, "req")
+        assert d.process_queue(0, dq) == 1
+        got = q.get_buf()
+        assert got is not None
+        results.append((got[1], bytes(mem.translate(buf, 8192)), img.read_bytes()))
+        img.write_bytes(original)
+    assert results[0] == results[1]
+    used, memory, disk = results[0]
+    cap = SIZE // 512
+    ok = nbytes % 512 == 0 and sector <= cap and nbytes // 512 <= cap - sector
+    assert memory[nbytes if rtype == ReqType.IN else extra] == (Status.OK if ok else Status.IOERR)
+    if rtype == ReqType.IN:
+        assert used == (nbytes + 1 if ok else 1)
+        if ok:
+            assert memory[:nbytes] == original[sector * 512:sector * 512 + nbytes]
+    else:
+        assert used == 1
+        assert disk[sector * 512:sector * 512 + nbytes] == (
+            payload[:nbytes] if ok else original[sector * 512:sector * 512 + nbytes])
+
+
+def test_batch_limits_each_process_queue_call(img: Path) -> None:
+    d = dev(img, batch=4)
+    drv, ports = make_loop(d)
+    slots = [drv.submit(ReqType.IN, 8 * i, 4096, kick=False) for i in range(10)]
+    q = ports[0].dev_queue
+    # Half of what waits, at most 4: 10 -> 4, 6 -> 3, 3 -> 2, 1 -> 1.
+    assert [d.process_queue(0, q) for _ in range(5)] == [4, 3, 2, 1, 0]
+    assert [s.index for s in drv.poll(0)] == [s.index for s in slots]
+    data = img.read_bytes()
+    for i, s in enumerate(slots):
+        assert s.status == Status.OK and bytes(s.payload()) == data[4096 * i:4096 * (i + 1)]

@@ -183,3 +183,26 @@ def test_non_mergeable_too_small_frame_dropped_not_broken() -> None:
     tx.add([(0x200000, 10), (0x200100, 1600)], [], "big")
     loop.dev.poll()
     assert loop.dev.dropped == 1 and loop.dev.broken is None
+
+
+def test_tx_chain_naming_gigabytes_is_dropped_without_a_copy() -> None:
+    """15 descriptors on the same 4 MiB: the device drops the frame instead of joining 60 MiB."""
+    import tracemalloc
+
+    loop = Loop(bit(F_MRG_RXBUF), True, qsize=16)
+    loop.drv.try_fill_recv()
+    tx = loop.t.driver(TX_QUEUE)
+    tx.add([(0x400000, 4 << 20)] * 15, [], "huge")
+    tracemalloc.start()
+    try:
+        res = loop.dev.poll()
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    assert res.frames == 1 and loop.dev.dropped == 1 and loop.dev.broken is None
+    assert tx.get_buf() == ("huge", 0)
+    assert loop.drv.xmit(make_frame(1, MAC))  # the queue pair still loops frames
+    loop.deliver()
+    loop.drv.napi_poll(64)
+    assert [check_frame(f, 1, MAC) for f in loop.frames] == [None]

@@ -339,3 +339,94 @@ def test_resume_mid_stream_with_set_state(ring_pair: Pair) -> None:
         dev2.push(e.head, 0)
     assert len(heads) == 4
     assert [drv.get_buf() for _ in range(6)] == [(t, 0) for t in range(6)]
+
+
+# ------------------------------------------------------------ pop_batch
+# Chains by name: (descriptor index, data offset or -1 for unmapped, len, flags, next).
+# Good ones use descriptors 8..15, odd or bad ones 0..7 (queue of 16).
+_BATCH_CHAINS: dict[str, tuple[int, list[tuple[int, int, int, int, int]]]] = {
+    "w": (8, [(8, 0, 16, WRITE, 0)]),
+    "r+w": (9, [(9, 16, 16, NEXT, 10), (10, 32, 17, WRITE, 0)]),
+    "r+r": (11, [(11, 64, 16, NEXT, 12), (12, 80, 8, 0, 0)]),
+    "w+w": (13, [(13, 96, 8, NEXT | WRITE, 14), (14, 104, 8, WRITE, 0)]),
+    "r": (15, [(15, 112, 16, 0, 0)]),
+    "three": (0, [(0, 0, 8, NEXT, 1), (1, 8, 8, NEXT, 2), (2, 16, 8, WRITE, 0)]),
+    "loop": (0, [(0, 0, 8, NEXT, 1), (1, 8, 8, NEXT, 0)]),
+    "self-loop": (0, [(0, 0, 8, NEXT, 0)]),
+    "next-out-of-range": (0, [(0, 0, 8, NEXT, 16)]),
+    "zero-length": (0, [(0, 0, 0, 0, 0)]),
+    "zero-length-second": (0, [(0, 0, 8, NEXT, 1), (1, 8, 0, WRITE, 0)]),
+    "unmapped": (0, [(0, -1, 8, 0, 0)]),
+    "unmapped-second": (0, [(0, 0, 8, NEXT, 1), (1, -1, 8, WRITE, 0)]),
+    "past-the-end-second": (0, [(0, 0, 8, NEXT, 1), (1, -2, 8, WRITE, 0)]),
+    "readable-after-writable": (0, [(0, 0, 8, NEXT | WRITE, 1), (1, 8, 8, 0, 0)]),
+    "indirect-mid-chain": (0, [(0, 0, 8, NEXT, 1), (1, 0, 32, IND, 0)]),
+    "indirect-without-feature": (0, [(0, 0, 32, IND, 0)]),
+    "head-out-of-range": (16, []),
+}
+_GOOD = ["w", "r+w", "r+r", "w+w", "r"]
+
+
+def _batch_pair(ring_pair: Pair, odd: str, where: int) -> RingPair:
+    pair = ring_pair(num=16)
+    data = pair.buf(256, bytes(range(256)))
+    end = pair.mem.regions[-1].gpa + pair.mem.regions[-1].size
+    heads: list[int] = []
+    names = [*_GOOD[:where], odd, *_GOOD[where:]]
+    for name in names:
+        head, descs = _BATCH_CHAINS[name]
+        for i, off, length, flags, nxt in descs:
+            addr = {-1: 1 << 40, -2: end - 4}.get(off, data + off)
+            write_desc(pair, i, addr, length, flags, nxt)
+        heads.append(head)
+    publish_heads(pair, *heads)
+    return pair
+
+
+def _drain(pair: RingPair, batched: bool) -> tuple[list[object], object]:
+    """Everything popped (as comparable tuples) and the error that ended it."""
+    got: list[object] = []
+    dev = pair.device
+    try:
+        while True:
+            batch = dev.pop_batch() if batched else [e for e in [dev.pop()] if e is not None]
+            if not batch:
+                return got, None
+            for e in batch:
+                # The fast paths give what the general chain walk gives.
+                readable: list[memoryview] = []
+                writable: list[memoryview] = []
+                dev.walk_chain(e.head, readable, writable)
+                assert [bytes(v) for v in readable] == [bytes(v) for v in e.readable]
+                assert [bytes(v) for v in writable] == [bytes(v) for v in e.writable]
+                got.append((e.head, [bytes(v) for v in e.readable],
+                            [bytes(v) for v in e.writable],
+                            [v.readonly for v in e.readable], [v.readonly for v in e.writable]))
+    except PeerError as exc:
+        return got, (type(exc), str(exc))
+
+
+@pytest.mark.parametrize("odd", sorted(_BATCH_CHAINS))
+@pytest.mark.parametrize("where", [0, 2, 5])
+def test_pop_batch_is_repeated_pop(ring_pair: Pair, odd: str, where: int) -> None:
+    scalar = _batch_pair(ring_pair, odd, where)
+    batched = _batch_pair(ring_pair, odd, where)
+    expect = _drain(scalar, batched=False)
+    assert _drain(batched, batched=True) == expect
+    assert len(expect[0]) >= where  # the good ones before the odd one always come out
+    for attr in ("last_avail_idx", "shadow_avail_idx", "inuse", "broken"):
+        assert getattr(batched.device, attr) == getattr(scalar.device, attr), attr
+    assert batched.avail_event == scalar.avail_event
+
+
+def test_pop_batch_limit_and_event_idx(ring_pair: Pair) -> None:
+    pair = ring_pair(num=8, features=EVENT_IDX)
+    for i in range(6):
+        _add(pair, token=i + 1)
+    first = pair.device.pop_batch(4)
+    assert [e.head for e in first] == [0, 1, 2, 3]
+    assert pair.avail_event == 4 and pair.device.inuse == 4
+    rest = pair.device.pop_batch()
+    assert [e.head for e in rest] == [4, 5]
+    assert pair.device.pop_batch() == [] and pair.device.pop_batch(0) == []
+    assert pair.avail_event == 6 and pair.device.get_state() == (6, 0)

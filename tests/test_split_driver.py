@@ -328,3 +328,71 @@ def test_publish_heads_helper_matches_driver_layout(ring_pair: Pair) -> None:
     publish_heads(pair, 2, 3)
     assert pair.avail_idx == 2
     assert list(pair.driver.rings.avail16[2:4]) == [2, 3]
+
+
+@pytest.mark.parametrize("n_out", [0, 1, 2])
+def test_two_segment_add_writes_one_chain(ring_pair: Pair, n_out: int) -> None:
+    pair = ring_pair(num=4)
+    drv = pair.driver
+    a, b = pair.buf(8), pair.buf(24)
+    segs = [(a, 8), (b, 24)]
+    head = drv.add(segs[:n_out], segs[n_out:], token="t")
+    first, second = _desc(pair, head), _desc(pair, _desc(pair, head)[3])
+    w0 = VRING_DESC_F_WRITE if n_out == 0 else 0
+    w1 = VRING_DESC_F_WRITE if n_out < 2 else 0
+    assert first == (a, 8, w0 | VRING_DESC_F_NEXT, first[3])
+    assert second == (b, 24, w1, 0) and first[3] != head
+    assert drv.num_free == 2 and pair.avail_idx == 1
+    drv.add([(a, 8)], [(b, 24)], token="u")
+    with pytest.raises(QueueFull):
+        drv.add([(a, 8)], [(b, 24)], token="v")
+    pair.device.pop()
+    pair.device.push(head, 3)
+    assert drv.get_buf() == ("t", 3) and drv.num_free == 2
+
+
+# Used elements a device writes: (i < 4: the i-th added buffer, else a raw id; length).
+_USED_CASES: dict[str, list[tuple[int, int]]] = {
+    "good": [(0, 1), (1, 2), (2, 3), (3, 4)],
+    "id-out-of-range-first": [(99, 1), (0, 1)],
+    "id-out-of-range-later": [(0, 1), (1, 2), (99, 3)],
+    "not-outstanding": [(0, 1), (5, 2)],
+    "twice": [(0, 1), (1, 2), (0, 3)],
+    "too-far-ahead": [(0, 1)] * 9,
+}
+
+
+def _used_pair(ring_pair: Pair, case: str) -> RingPair:
+    pair = ring_pair(num=8, features=EVENT_IDX)
+    heads = [pair.driver.add([], [(pair.buf(4), 4)], token=f"tok{i}") for i in range(4)]
+    used32 = pair.device.rings.used32
+    entries = _USED_CASES[case]
+    for i, (ident, length) in enumerate(entries):
+        slot = i & (pair.num - 1)
+        used32[1 + 2 * slot] = heads[ident] if ident < 4 else ident
+        used32[2 + 2 * slot] = length
+    pair.device.rings.used16[1] = len(entries)
+    return pair
+
+
+@pytest.mark.parametrize("case", sorted(_USED_CASES))
+def test_get_bufs_is_repeated_get_buf(ring_pair: Pair, case: str) -> None:
+    def drain(pair: RingPair, batched: bool) -> tuple[list[object], object]:
+        got: list[object] = []
+        try:
+            while True:
+                bufs = pair.driver.get_bufs() if batched else [
+                    b for b in [pair.driver.get_buf()] if b is not None]
+                if not bufs:
+                    return got, None
+                got += bufs
+        except PeerError as exc:
+            return got, (type(exc), str(exc))
+
+    scalar, batched = _used_pair(ring_pair, case), _used_pair(ring_pair, case)
+    expect = drain(scalar, batched=False)
+    assert drain(batched, batched=True) == expect
+    for attr in ("last_used_idx", "outstanding", "num_free", "broken"):
+        assert getattr(batched.driver, attr) == getattr(scalar.driver, attr), attr
+    assert batched.used_event == scalar.used_event
+    assert sorted(batched.driver._free) == sorted(scalar.driver._free)

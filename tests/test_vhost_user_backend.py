@@ -722,3 +722,41 @@ def test_random_request_sequences_only_raise_peer_errors(
     finally:
         f.close()
     assert not any(_is_open(fd) for fd in opened)
+
+
+class _TwoAtATime(EchoDevice):
+    """Completes at most two requests per process_queue call (a batching device)."""
+
+    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
+        n = 0
+        while n < 2 and (elem := queue.pop()) is not None:
+            queue.push(elem.head, 0)
+            n += 1
+        return n
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_run_ring_drains_a_batching_device_and_interrupts_per_batch(with_callback: bool) -> None:
+    f = Front()
+    f.device = f.be.device = _TwoAtATime()
+    f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
+    f.share()
+    try:
+        drv = f.ring(0)
+        f.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+        for i in range(5):
+            drv.add([], [(f.alloc(8, 1), 8)], token=i)
+        calls: list[int] = []
+        res = f.be.run_ring(0, notify=(lambda: calls.append(1)) if with_callback else None)
+        assert res.published == 5 and res.broken is None
+        got = []
+        while (b := drv.get_buf()) is not None:
+            got.append(b[0])
+        assert got == [0, 1, 2, 3, 4]
+        if with_callback:
+            # EVENT_IDX with used_event never moved: only the first batch crosses it.
+            assert not res.notify and len(calls) == 1
+        else:
+            assert res.notify
+    finally:
+        f.close()

@@ -29,7 +29,7 @@ def run_blk(args: argparse.Namespace) -> int:
         bs = parse_size(args.bs)
         queue_size = max(args.queue_size, _pow2_at_least(2 * args.iodepth))
         with BlkDriver.connect(args.socket_path, queue_size=queue_size,
-                               max_io=max(bs, 4096)) as drv:
+                               max_io=max(bs, 4096), spin=args.spin_us / 1e6) as drv:
             result = run_workload(drv, args.rw, bs, args.iodepth, args.seconds,
                                   warmup=args.warmup)
     except Exception as exc:  # a CLI reports every failure in one line
@@ -51,5 +51,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     b.add_argument("--seconds", type=float, default=10.0, help="run time (default 10)")
     b.add_argument("--warmup", type=float, default=0.0, help="unmeasured seconds first")
     b.add_argument("--queue-size", type=int, default=256, help="ring size (default 256)")
+    b.add_argument("--spin-us", type=float, default=0.0, metavar="US",
+                   help="busy-poll for completions this long before sleeping (default 0)")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=run_blk)

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=1024, metavar="N",
                    help="largest ring size accepted (default 1024)")
     p.add_argument("--serial", default="pyvirtio-blk", help="GET_ID string (<= 20 ASCII)")
+    p.add_argument("--batch", type=int, default=16, metavar="N",
+                   help="complete and interrupt after half of the waiting requests, at "
+                        "most N, so the driver refills the ring meanwhile (0: all "
+                        "available at once; default 16)")
     p.add_argument("--poll", action="store_true",
                    help="busy-poll the rings (spin, then sleep) instead of waiting for kicks")
     p.add_argument("--print-capabilities", action="store_true",
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pyvirtio-blk: cannot open {args.blk_file}: {exc}", file=sys.stderr)
         return 1
     device = BlkDevice(backend, num_queues=args.num_queues, queue_size=args.queue_size,
-                       serial=args.serial)
+                       serial=args.serial, batch=max(0, args.batch))
     try:
         server = VhostUserServer(device, socket_path=args.socket_path, listen_fd=args.fd,
                                  poll=args.poll)

@@ -51,7 +51,7 @@ from pyvirtio.core.spec import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-from pyvirtio.core.split_device import Element, SplitDeviceQueue
+from pyvirtio.core.split_device import Element, SplitDeviceQueue, indirect_hop_limit
 from pyvirtio.core.split_driver import SplitDriverQueue
 
 __all__ = [
@@ -300,7 +300,7 @@ class DeviceBatch:
         memory = q.memory
         region_of = memory.region_of
         table: memoryview = q._desc
-        limit = q.num
+        limit = hop_limit = q.num
         hops = 0
         in_indirect = False
         segs: list[Segment] = []
@@ -322,6 +322,7 @@ class DeviceBatch:
                                     f"positive multiple of 16")
                 table = memory.translate(addr, length)
                 limit = length // DESC_SIZE
+                hop_limit = indirect_hop_limit(limit, q.num)
                 in_indirect = True
                 addr, length, flags, nxt = _unpack_desc(table, 0)
                 continue
@@ -336,8 +337,9 @@ class DeviceBatch:
             hops += 1
             if not flags & _NEXT:
                 return segs
-            if hops >= limit:
-                raise PeerError(f"descriptor chain longer than its table ({limit}): a loop")
+            if hops >= hop_limit:
+                raise PeerError(f"descriptor chain longer than {hop_limit} descriptors "
+                                f"(table of {limit}): a loop or an oversized chain")
             if nxt >= limit:
                 raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
             addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)

@@ -139,6 +139,36 @@ class SplitDriverQueue(Breakable):
         if total == 0:
             raise CallerError("a buffer needs at least one segment")
         free = self._free
+        if total == 2 and not self.use_indirect and len(free) >= 2:
+            # Two direct descriptors (a request and its reply, e.g. virtio-blk):
+            # the general loop below, unrolled; same stores in the same order.
+            first = free.pop()
+            second = free.pop()
+            if n_out == 2:
+                (a0, l0), (a1, l1) = out_segs
+                f0, f1 = VRING_DESC_F_NEXT, 0
+            elif n_out == 1:
+                a0, l0 = out_segs[0]
+                a1, l1 = in_segs[0]
+                f0, f1 = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+            else:
+                (a0, l0), (a1, l1) = in_segs
+                f0, f1 = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+            desc = self._desc
+            _pack_desc(desc, first * DESC_SIZE, a0, l0, f0, second)
+            _pack_desc(desc, second * DESC_SIZE, a1, l1, f1, 0)
+            self._chains[first] = (first, second)
+            self._multi += 1
+            self._tokens[first] = token
+            self._outstanding += 1
+            shadow = self.avail_idx_shadow
+            avail = self._avail
+            avail[2 + (shadow & self._mask)] = first
+            shadow = (shadow + 1) & 0xFFFF
+            self.avail_idx_shadow = shadow
+            avail[1] = shadow
+            self.num_added += 1
+            return first
         indirect = self.use_indirect and total > 1 and self._indirect is not None
         if indirect:
             assert self._indirect is not None
@@ -241,6 +271,58 @@ class SplitDriverQueue(Breakable):
             self._avail[self._used_event_i] = last
             full_fence()
         return token, length
+
+    def get_bufs(self) -> list[tuple[object, int]]:
+        """Every used buffer available now, as get_buf would return them one by one.
+
+        ``used_event`` is published once, after the last one (§2.7.7.2): until
+        then the device sees an older value, which can only cause an extra
+        interrupt, never a lost one.  A bad used element ends the batch before
+        it; the next call (or get_buf) meets it again and raises, exactly as
+        get_buf does when it is the first.
+        """
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+        last = self.last_used_idx
+        used_idx = self._used16[1]
+        if last == used_idx:
+            return []
+        if ((used_idx - last) & 0xFFFF) > self.num:
+            raise self.mark_broken(f"device moved used.idx from {last} to {used_idx}: "
+                                   f"more than the queue size ahead")
+        num = self.num
+        mask = self._mask
+        used32 = self._used32
+        tokens = self._tokens
+        chains = self._chains
+        extend = self._free.extend
+        out: list[tuple[object, int]] = []
+        append = out.append
+        while last != used_idx:
+            slot = 1 + 2 * (last & mask)
+            head = used32[slot]
+            if head >= num or tokens[head] is None:
+                if out:
+                    break
+                # The first one is bad: get_buf's errors, nothing consumed.
+                if head >= num:
+                    raise self.mark_broken(f"used id {head} out of range (queue size {num})")
+                raise self.mark_broken(f"used id {head} is not an outstanding head")
+            token = tokens[head]
+            tokens[head] = None
+            chain = chains[head]
+            extend(chain)
+            if len(chain) > 1:
+                chains[head] = self._singles[head]
+                self._multi -= 1
+            append((token, used32[slot + 1]))
+            last = (last + 1) & 0xFFFF
+        self._outstanding -= len(out)
+        self.last_used_idx = last
+        if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            self._avail[self._used_event_i] = last
+            full_fence()
+        return out
 
     def detach_unused(self) -> list[object]:
         """Take back every outstanding token (after a device reset)."""

@@ -127,12 +127,15 @@ Segment = tuple[int, int, int]
 def parse_segments(req: BlkRequest, max_seg: int, max_sectors: int,
                    capacity: int) -> list[Segment] | Status:
     """The segments of a DISCARD or WRITE_ZEROES request, or the status that refuses it."""
-    raw = b"".join(req.data)
-    if not raw or len(raw) % DWZ_SEGMENT_SIZE:
+    # Sizes first: the driver may name gigabytes of guest memory here (the same
+    # buffer many times over); only an acceptable payload is ever copied.
+    nbytes = req.data_len
+    if not nbytes or nbytes % DWZ_SEGMENT_SIZE:
         return Status.IOERR
-    count = len(raw) // DWZ_SEGMENT_SIZE
+    count = nbytes // DWZ_SEGMENT_SIZE
     if count > max_seg:
         return Status.UNSUPP
+    raw = b"".join(req.data)
     is_discard = req.type == ReqType.DISCARD
     segs: list[Segment] = []
     for i in range(count):

@@ -31,6 +31,12 @@ from pyvirtio.devices.net.spec import F_MRG_RXBUF, HDR_MRG, NetHdr, hdr_size
 
 log = logging.getLogger(__name__)
 
+#: Largest packet after the virtio_net_hdr the device copies: a 64 KiB GSO
+#: packet plus its Ethernet and VLAN headers.  A transmit chain may name far
+#: more guest memory than that (the same buffer many times over); such a frame
+#: is dropped before anything is copied.
+MAX_TX_PACKET = 65536 + 18
+
 
 @dataclass(slots=True)
 class PollResult:
@@ -113,13 +119,20 @@ class NetLoopbackDevice:
             elem = tx.pop()
             if elem is None:
                 return False
-            packet = b"".join(elem.readable)
-            if len(packet) < self.hdr_len:
-                raise tx.mark_broken(f"tx head {elem.head}: {len(packet)} bytes, shorter "
+            size = elem.readable_len
+            if size < self.hdr_len:
+                raise tx.mark_broken(f"tx head {elem.head}: {size} bytes, shorter "
                                      f"than the {self.hdr_len}-byte virtio_net_hdr")
             if elem.writable:
                 raise tx.mark_broken(f"tx head {elem.head}: device-writable buffer in a "
                                      f"transmit chain")
+            if size > self.hdr_len + MAX_TX_PACKET:
+                tx.push(elem.head, 0)
+                self.tx_buffers += 1
+                self.dropped += 1
+                res.frames += 1  # a transmit buffer came back: the tx interrupt decision
+                continue
+            packet = b"".join(elem.readable)
             used = self._receive(packet)
             if used < 0:
                 tx.unpop(1)

@@ -260,6 +260,9 @@ class VhostUserFrontend:
             msg = self._decoder.next_message()
             if msg is not None:
                 break
+            # A back end that trickles a reply byte by byte still has one deadline.
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PeerError(f"{req.name}: the back end did not reply in time")
             if self._chan is not None:
                 self._wait_main_socket(req, deadline)
             try:
@@ -293,6 +296,9 @@ class VhostUserFrontend:
                 ready = {key.data for key, _ in sel.select(left)}
                 if "main" in ready:
                     return
+                # (A back end flooding its channel must not keep us here past the deadline.)
+                if not ready or (deadline is not None and time.monotonic() >= deadline):
+                    raise PeerError(f"{req.name}: the back end did not reply in time")
                 if "backend" in ready and self._chan is not None:
                     try:
                         self._serve_backend_channel()
@@ -301,8 +307,6 @@ class VhostUserFrontend:
                         self._chan_error = exc
                     if self._chan is None:  # closed: just wait for the reply
                         return
-                elif not ready:
-                    raise PeerError(f"{req.name}: the back end did not reply in time")
 
     def _call(self, req: Request, payload: Payload = None) -> int:
         """A request whose reply is a u64."""

@@ -22,6 +22,13 @@ waiting for kicks (VIRTIO 1.2 §2.7.10: the driver is told not to kick).
 Logging: one line per connect, disconnect or dropped connection (with the
 reason), negotiated feature set, broken queue, and lost back-end channel.
 Hostile front ends cost their own connection only; the server keeps listening.
+A front end that stops in the middle of a message (a header, then silence)
+is dropped after ``_PARTIAL_TIMEOUT`` seconds, one that stops reading its
+replies after ``_SEND_TIMEOUT``: neither can keep the next front end waiting.
+The selector watches the server's own duplicates of the kick fds, removed
+before they are closed: a kick fd the back end closes (replaced, or its ring
+stopped) stays open in the front end, and an epoll registration of a closed
+fd number would live on with it, firing for whatever reuses the number.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ log = logging.getLogger("pyvirtio.vhost_user")
 
 _RECV_SIZE = 65536
 _SEND_TIMEOUT = 5.0
+#: How long a front end may leave a message half sent before it is dropped.
+_PARTIAL_TIMEOUT = 5.0
 _ONE = (1).to_bytes(8, "little")
 _LISTEN = "listen"
 _WAKE = "wake"
@@ -67,8 +76,10 @@ def _signal_fd(fd: int | None) -> None:
     """Write an eventfd increment; never block or fail on the peer's fd."""
     if fd is None:
         return
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (contextlib.suppress costs more; this runs per interrupt)
         os.write(fd, _ONE)
+    except OSError:
+        pass
 
 
 class VhostUserServer:
@@ -120,7 +131,9 @@ class VhostUserServer:
         self._decoder: Decoder | None = None
         self.backend: VhostUserBackend | None = None
         self._kick_gen = -1
-        self._kicks: dict[int, int] = {}  # fd -> ring index
+        self._kicks: dict[int, int] = {}  # our dup of a kick fd -> ring index
+        #: When the message now half received began arriving (None: no partial message).
+        self._partial_since: float | None = None
         self._last_work = 0.0
         self._negotiated = (-1, -1)
         # The back-end channel: our own dup of the back end's fd, as a socket
@@ -160,6 +173,7 @@ class VhostUserServer:
                     if self._stopping:
                         break
                     self._dispatch(key.data, key.fd)
+                self._check_stall()
                 if self._config_change_requested:
                     self._config_change_requested = False
                     self._send_config_change()
@@ -210,6 +224,7 @@ class VhostUserServer:
         self._kick_gen = self.backend.kick_generation
         self._chan_gen = self.backend.backend_generation
         self._kicks = {}
+        self._partial_since = None
         self._negotiated = (-1, -1)
         self.connections += 1
         # One front end at a time: the next waits in the backlog until this one leaves.
@@ -230,6 +245,7 @@ class VhostUserServer:
         self._close_channel()
         conn.close()
         self._conn = None
+        self._partial_since = None
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
@@ -272,10 +288,12 @@ class VhostUserServer:
             else:
                 self._close_connection(None)
             return
+        completed = False
         try:
             decoder.feed(data, fds)
             debug = self.log.isEnabledFor(logging.DEBUG)
             for msg in decoder.messages():
+                completed = True
                 if debug:
                     self.log.debug("vhost-user: <- %s %r fds=%s%s", msg.request.name, msg.payload,
                                    list(msg.fds), " need_reply" if msg.need_reply else "")
@@ -293,6 +311,10 @@ class VhostUserServer:
                 self._sync_backend_channel()
                 for index in outcome.start:
                     self._run(index)
+            if not decoder.pending:
+                self._partial_since = None
+            elif completed or self._partial_since is None:
+                self._partial_since = time.monotonic()
         except PeerError as exc:
             self._close_connection(str(exc))
         except OSError as exc:
@@ -301,13 +323,26 @@ class VhostUserServer:
             self.log.exception("vhost-user: internal error")
             self._close_connection(f"internal error: {exc!r}")
 
+    def _check_stall(self) -> None:
+        """Drop a front end that left a message half sent for too long."""
+        since = self._partial_since
+        if self._conn is None or since is None:
+            return
+        if time.monotonic() - since >= _PARTIAL_TIMEOUT:
+            pending = self._decoder.pending if self._decoder is not None else 0
+            self._close_connection(f"stalled inside a message ({pending} bytes received, "
+                                   f"nothing more for {_PARTIAL_TIMEOUT:g} s)")
+
     # ----------------------------------------------------------------- kicks
     def _unregister_kicks(self) -> None:
+        """Unregister our kick fd duplicates, then close them (in that order)."""
         sel = self._sel
-        if sel is not None:
-            for fd in self._kicks:
+        for fd in self._kicks:
+            if sel is not None:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     sel.unregister(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._kicks = {}
 
     def _sync_kicks(self) -> None:
@@ -320,12 +355,15 @@ class VhostUserServer:
         self._unregister_kicks()
         for ring in backend.rings:
             if ring.kick_fd is not None:
+                # Our own duplicate: the back end may close its fd at any message,
+                # and only an fd still open can be taken out of epoll.
+                dup = os.dup(ring.kick_fd)
+                self._kicks[dup] = ring.index
                 try:
-                    sel.register(ring.kick_fd, selectors.EVENT_READ, ring.index)
+                    sel.register(dup, selectors.EVENT_READ, ring.index)
                 except (OSError, ValueError, KeyError) as exc:
                     raise PeerError(f"kick fd of ring {ring.index} cannot be waited on: "
                                     f"{exc}") from None
-                self._kicks[ring.kick_fd] = ring.index
 
     def _on_kick(self, index: int, fd: int) -> None:
         try:
@@ -339,7 +377,9 @@ class VhostUserServer:
             if self._sel is not None:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self._sel.unregister(fd)
-            self._kicks.pop(fd, None)
+            if self._kicks.pop(fd, None) is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self.log.warning("vhost-user: kick fd of ring %d is closed; not watching it", index)
             return
         if not self.poll:
@@ -348,8 +388,10 @@ class VhostUserServer:
     def _run(self, index: int, poll: bool = False) -> int:
         backend = self.backend
         assert backend is not None
-        res = backend.run_ring(index, poll=poll)
         ring = backend.rings[index]
+        call_fd = ring.call_fd
+        # Interrupts go out as soon as each batch is published (pipelining).
+        res = backend.run_ring(index, poll=poll, notify=lambda: _signal_fd(call_fd))
         if res.notify:
             _signal_fd(ring.call_fd)
         if res.broken is not None:
@@ -473,11 +515,16 @@ class VhostUserServer:
                 if r.runnable and (self.poll or r.polled)]
 
     def _timeout(self) -> float | None:
-        if self._conn is None or not self._polled_rings():
+        if self._conn is None:
             return None
-        if time.monotonic() - self._last_work < self.spin_seconds:
-            return 0
-        return self.idle_sleep
+        timeout: float | None = None
+        if self._polled_rings():
+            spinning = time.monotonic() - self._last_work < self.spin_seconds
+            timeout = 0 if spinning else self.idle_sleep
+        if self._partial_since is not None:
+            left = max(0.0, self._partial_since + _PARTIAL_TIMEOUT - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
 
     def _poll_rings(self) -> None:
         work = 0
