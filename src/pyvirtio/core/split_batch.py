@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pyvirtio.core.barrier import full_fence
+from pyvirtio.core.chain import iter_chain
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import DESC, DESC_SIZE
 from pyvirtio.core.memory import Region
@@ -51,7 +52,7 @@ from pyvirtio.core.spec import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-from pyvirtio.core.split_device import Element, SplitDeviceQueue, indirect_hop_limit
+from pyvirtio.core.split_device import Element, SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
 
 __all__ = [
@@ -295,54 +296,18 @@ class DeviceBatch:
         return q.mark_broken(f"head {head}: {exc}")
 
     def _walk(self, head: int, regions: list[Region]) -> list[Segment]:
-        """The scalar chain walk (SplitDeviceQueue._walk), as segments; PeerError unmarked."""
+        """The scalar chain walk (core.chain), as segments; PeerError unmarked."""
         q = self.q
         memory = q.memory
         region_of = memory.region_of
-        table: memoryview = q._desc
-        limit = hop_limit = q.num
-        hops = 0
-        in_indirect = False
-        segs: list[Segment] = []
-        seen_write = False
         single = regions[0] if len(regions) == 1 else None
-        addr, length, flags, nxt = _unpack_desc(table, head * DESC_SIZE)
-        while True:
-            if flags & _INDIRECT:
-                if not q.indirect:
-                    raise PeerError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-                if in_indirect:
-                    raise PeerError("indirect descriptor inside an indirect table")
-                if hops:
-                    raise PeerError("indirect descriptor in the middle of a chain")
-                if flags & _NEXT:
-                    raise PeerError("indirect descriptor with VRING_DESC_F_NEXT")
-                if length == 0 or length % DESC_SIZE:
-                    raise PeerError(f"indirect table length {length} is not a "
-                                    f"positive multiple of 16")
-                table = memory.translate(addr, length)
-                limit = length // DESC_SIZE
-                hop_limit = indirect_hop_limit(limit, q.num)
-                in_indirect = True
-                addr, length, flags, nxt = _unpack_desc(table, 0)
-                continue
+        segs: list[Segment] = []
+        first = _unpack_desc(q._desc, head * DESC_SIZE)
+        for addr, length, is_write in iter_chain(q._desc, first, q.num, q.indirect,
+                                                 memory.translate):
             r = region_of(addr, length)
-            ri = 0 if r is single else regions.index(r)
-            w = bool(flags & _WRITE)
-            if w:
-                seen_write = True
-            elif seen_write:
-                raise PeerError("readable descriptor after a writable one")
-            segs.append((ri, addr - r.gpa, length, w))
-            hops += 1
-            if not flags & _NEXT:
-                return segs
-            if hops >= hop_limit:
-                raise PeerError(f"descriptor chain longer than {hop_limit} descriptors "
-                                f"(table of {limit}): a loop or an oversized chain")
-            if nxt >= limit:
-                raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
-            addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
+            segs.append((0 if r is single else regions.index(r), addr - r.gpa, length, is_write))
+        return segs
 
     def _pop_scalar(self, heads: IntArray, regions: list[Region]) -> Chains:
         num = self.num

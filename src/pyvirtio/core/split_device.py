@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvirtio.core.barrier import full_fence
+from pyvirtio.core.chain import iter_chain
 from pyvirtio.core.errors import Breakable, CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
 from pyvirtio.core.memory import GuestMemory, Region
@@ -43,19 +44,6 @@ from pyvirtio.core.spec import (
 
 _unpack_desc = DESC.unpack_from
 _NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
-
-#: Most descriptors an indirect chain may have on a queue smaller than this.
-#: §2.7.5.3.1 bounds a chain by the queue size, but drivers do put a few more
-#: entries in the indirect table of a tiny queue; QEMU (VIRTQUEUE_MAX_SIZE) and
-#: Linux vhost (UIO_MAXIOV) accept 1024.  An indirect table's length is
-#: the driver's (up to 2^28 entries): its walk needs a bound of its own.
-MAX_INDIRECT_CHAIN = 1024
-
-
-def indirect_hop_limit(entries: int, num: int) -> int:
-    """Most descriptors walked in an indirect table of ``entries`` on a queue of ``num``."""
-    return min(entries, max(num, MAX_INDIRECT_CHAIN))
-
 
 def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
     """Whether moving used.idx from ``old`` to ``new`` passed the last signalled index.
@@ -337,48 +325,15 @@ class SplitDeviceQueue(Breakable):
 
     def _walk(self, head: int, first: tuple[int, int, int, int], readable: list[memoryview],
               writable: list[memoryview]) -> None:
-        table = self._desc
-        limit = hop_limit = self.num
-        hops = 0
-        in_indirect = False
         translate = self.memory.translate
-        addr, length, flags, nxt = first
         try:
-            while True:
-                if flags & VRING_DESC_F_INDIRECT:
-                    if not self.indirect:
-                        raise PeerError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-                    if in_indirect:
-                        raise PeerError("indirect descriptor inside an indirect table")
-                    if hops:
-                        raise PeerError("indirect descriptor in the middle of a chain")
-                    if flags & VRING_DESC_F_NEXT:
-                        raise PeerError("indirect descriptor with VRING_DESC_F_NEXT")
-                    if length == 0 or length % DESC_SIZE:
-                        raise PeerError(f"indirect table length {length} is not a "
-                                        f"positive multiple of 16")
-                    table = translate(addr, length)
-                    limit = length // DESC_SIZE
-                    hop_limit = indirect_hop_limit(limit, self.num)
-                    in_indirect = True
-                    addr, length, flags, nxt = _unpack_desc(table, 0)
-                    continue
+            for addr, length, is_write in iter_chain(self._desc, first, self.num, self.indirect,
+                                                     translate):
                 view = translate(addr, length)
-                if flags & VRING_DESC_F_WRITE:
+                if is_write:
                     writable.append(view)
                 else:
-                    if writable:
-                        raise PeerError("readable descriptor after a writable one")
                     readable.append(view.toreadonly())
-                hops += 1
-                if not flags & VRING_DESC_F_NEXT:
-                    return
-                if hops >= hop_limit:
-                    raise PeerError(f"descriptor chain longer than {hop_limit} descriptors "
-                                    f"(table of {limit}): a loop or an oversized chain")
-                if nxt >= limit:
-                    raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
-                addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
         except PeerError as exc:
             raise self.mark_broken(f"head {head}: {exc}") from None
 

@@ -244,8 +244,29 @@ class RawPayload:
 Payload = None | int | VringState | VringAddr | MemoryTable | MemRegion | ConfigSpace | RawPayload
 
 
+class _Framed:
+    """What both channels' messages share: the header flags and the fds that came along."""
+
+    __slots__ = ()
+    flags: int
+    fds: tuple[int, ...]
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & FLAG_REPLY)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 @dataclass(frozen=True, slots=True)
-class Message:
+class Message(_Framed):
     """One decoded (or to-be-encoded) vhost-user message and the fds that came with it.
 
     The receiver owns ``fds``: it must keep or close each one.
@@ -256,22 +277,9 @@ class Message:
     flags: int = VERSION
     fds: tuple[int, ...] = ()
 
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & FLAG_NEED_REPLY)
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & FLAG_REPLY)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
 
 @dataclass(frozen=True, slots=True)
-class BackendMessage:
+class BackendMessage(_Framed):
     """One message of the back-end channel: a back-end request or the front end's reply.
 
     Same framing as :class:`Message` (vhost-user.rst, "Back-end communication");
@@ -282,19 +290,6 @@ class BackendMessage:
     payload: Payload = None
     flags: int = VERSION
     fds: tuple[int, ...] = ()
-
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & FLAG_NEED_REPLY)
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & FLAG_REPLY)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 # --------------------------------------------------------------------- kinds
