@@ -213,3 +213,15 @@ def test_bump_allocator_aligns_and_runs_out() -> None:
         alloc.alloc(0x1000, 16)  # 0x2010 + 0x1000 is past the end
     assert alloc.alloc(0xFF0, 16) == 0x2010
     assert alloc.used == 0x3000
+
+
+def test_close_while_a_numpy_array_still_exports_a_view() -> None:
+    import numpy as np
+
+    mem = GuestMemory.anonymous(1 << 16)
+    arr = np.frombuffer(mem.regions[0].view, dtype=np.uint8)
+    arr_view = mem.translate(0x100, 4)
+    arr_view[:] = b"abcd"
+    mem.close()  # must not raise BufferError: the mapping lives on with its last user
+    assert bytes(arr[0x100:0x104]) == b"abcd"
+    assert mem.regions == []

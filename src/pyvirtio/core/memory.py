@@ -128,9 +128,11 @@ class GuestMemory:
             if r.owns_fd and r.fd >= 0:
                 os.close(r.fd)
                 r.fd = -1
-            r.view.release()
+            # Someone may still hold a view (or a numpy array over one); the
+            # mapping then dies with the last of them.
+            with contextlib.suppress(BufferError):
+                r.view.release()
             if isinstance(r.owner, mmap.mmap):
-                # Someone may still hold a view; the mapping then dies with the last one.
                 with contextlib.suppress(BufferError):
                     r.owner.close()
         self._regions.clear()
