@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
              backend.capacity, ", read-only" if args.read_only else "",
              args.socket_path or f"fd {args.fd}", args.num_queues,
              ", polling" if args.poll else "")
+
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         log.info("SIGTERM: stopping")
         server.stop()

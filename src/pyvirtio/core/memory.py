@@ -75,8 +75,11 @@ class GuestMemory:
 
     def map_fd(self, fd: int, size: int, gpa: int, offset: int, uaddr: int) -> Region:
         """Map a region from a file descriptor (the fd is not closed)."""
-        if size <= 0 or gpa < 0 or gpa + size > _U64 or uaddr < 0 or uaddr + size > _U64:
-            raise PeerError(f"memory region gpa={gpa:#x} size={size:#x} is empty or wraps 2^64")
+        if size <= 0:
+            raise PeerError(f"memory region at {gpa:#x} has size {size}")
+        if gpa < 0 or gpa + size > _U64 or uaddr < 0 or uaddr + size > _U64:
+            raise PeerError(f"memory region gpa={gpa:#x} uaddr={uaddr:#x} size={size:#x} "
+                            f"is negative or wraps 2^64")
         if offset < 0:
             raise PeerError(f"memory region mmap_offset {offset} is negative")
         # mmap needs a page-aligned offset: map from the page boundary, then slice.

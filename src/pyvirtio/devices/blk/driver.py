@@ -320,7 +320,7 @@ class BlkDriver:
         append = out.append
         for slot, length in bufs:
             assert isinstance(slot, Slot)
-            # _complete inlined: one call less per request on the reap path.
+            # The status byte: after the data of an IN / GET_ID, else its own.
             if slot.type == _IN or slot.type == _GET_ID:
                 slot.status = slot.data[slot.nbytes]
             else:
@@ -330,18 +330,6 @@ class BlkDriver:
             append(slot)
         self.completed += len(out)
         return out
-
-    def _complete(self, token: object, length: int) -> Slot:
-        slot = token
-        assert isinstance(slot, Slot)
-        if slot.type == ReqType.IN or slot.type == ReqType.GET_ID:
-            slot.status = slot.data[slot.nbytes]
-        else:
-            slot.status = slot.status_byte[0]
-        slot.used_len = length
-        slot.done = True
-        self.completed += 1
-        return slot
 
     def reap(self, queue: int = 0, timeout: float | None = None) -> list[Slot]:
         """At least one completed request of ``queue``; sleeps on the call eventfd.

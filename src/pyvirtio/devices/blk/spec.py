@@ -100,9 +100,6 @@ _CONFIG = struct.Struct(
 )
 CONFIG_SIZE = _CONFIG.size  # 96
 
-# Byte offsets a driver reads one field at a time (the rest are in BlkConfig).
-OFF_CAPACITY = 0
-OFF_NUM_QUEUES = 34
 CONFIG_SIZE_WRITE_ZEROES = 60
 """Config bytes up to write_zeroes_may_unmap + padding: what QEMU 7.2 asks for."""
 

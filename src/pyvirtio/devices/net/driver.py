@@ -143,6 +143,8 @@ class NetDriver:
                 count = NetHdr.unpack(view[off:off + hdr_len], hdr_len).num_buffers
                 parts = [bytes(view[off + hdr_len:off + length])]
                 free.append(slot)
+                if count < 1:
+                    raise PeerError("num_buffers is 0")
                 for _ in range(count - 1):
                     more = self._take_rx()
                     if more is None:
@@ -150,8 +152,6 @@ class NetDriver:
                     s2, l2 = more
                     parts.append(bytes(view[s2 * size:s2 * size + l2]))
                     free.append(s2)
-                if count < 1:
-                    raise PeerError("num_buffers is 0")
                 self.on_frame(b"".join(parts))
             done += 1
             self.frames_received += 1

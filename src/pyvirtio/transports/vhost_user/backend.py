@@ -42,6 +42,7 @@ from pyvirtio.core.layout import (
     SplitLayout,
     avail_ring_size,
     desc_table_size,
+    is_valid_queue_size,
     used_ring_size,
 )
 from pyvirtio.core.memory import GuestMemory, Region
@@ -182,7 +183,6 @@ class VhostUserBackend:
         self.num_queues = device.num_queues()
         self.max_queue_size = min(device.max_queue_size(), MAX_QUEUE_SIZE)
         self.features = 0
-        self.features_set = False
         self.protocol = 0
         self.protocol_set = False
         self.owner = False
@@ -292,7 +292,6 @@ class VhostUserBackend:
         if extra:
             raise PeerError(f"SET_FEATURES acks bits {extra:#x} that were not offered")
         self.features = msg.payload
-        self.features_set = True
         self.device.set_features(self.virtio_features)
         for ring in self.rings:
             if ring.queue is not None:
@@ -323,20 +322,7 @@ class VhostUserBackend:
 
     # ---------------------------------------------------------------- memory
     def _map_region(self, memory: GuestMemory, region: MemRegion, fd: int) -> None:
-        if region.size == 0:
-            raise PeerError(f"memory region at {region.gpa:#x} has size 0")
-        if region.gpa + region.size > 1 << 64 or region.uaddr + region.size > 1 << 64:
-            raise PeerError(f"memory region gpa={region.gpa:#x} uaddr={region.uaddr:#x} "
-                            f"size={region.size:#x} wraps 2^64")
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise PeerError(f"memory region fd is unusable: {exc}") from None
-        # A mapping past the end of a file is a SIGBUS waiting for the first access.
-        if stat.S_ISREG(st.st_mode) and region.mmap_offset + region.size > st.st_size:
-            raise PeerError(f"memory region mmap_offset {region.mmap_offset:#x} + size "
-                            f"{region.size:#x} is past the end of its file "
-                            f"({st.st_size:#x} bytes)")
+        # map_fd refuses empty, wrapping and past-the-end-of-file regions (PeerError).
         try:
             mapped = memory.map_fd(fd, region.size, region.gpa, region.mmap_offset,
                                    region.uaddr)
@@ -440,7 +426,7 @@ class VhostUserBackend:
         assert isinstance(msg.payload, VringState)
         ring = self._ring(msg.payload.index, msg.request)
         num = msg.payload.num
-        if num == 0 or num & (num - 1) or num > self.max_queue_size:
+        if not is_valid_queue_size(num) or num > self.max_queue_size:
             raise PeerError(f"SET_VRING_NUM {num} for ring {ring.index}: not a power of two "
                             f"in 1..{self.max_queue_size}")
         if ring.started:
@@ -587,7 +573,6 @@ class VhostUserBackend:
         self._has_protocol(ProtocolFeature.RESET_DEVICE, msg.request)
         self._reset_rings()
         self.features = 0
-        self.features_set = False
         self.status = 0
         self.device.reset()
         return NO_REPLY
@@ -619,7 +604,7 @@ class VhostUserBackend:
             self.memory.close()
             self.memory = None
         self.features = self.protocol = self.status = 0
-        self.features_set = self.protocol_set = self.owner = False
+        self.protocol_set = self.owner = False
         self.device.reset()
 
     close = reset
@@ -686,12 +671,6 @@ class VhostUserBackend:
         return None
 
     # ------------------------------------------------------------ processing
-    def start_polling(self, index: int) -> None:
-        """Poll mode: tell the driver not to kick ring ``index`` (it is polled)."""
-        q = self.rings[index].queue
-        if q is not None and q.broken is None:
-            q.disable_notification()
-
     def run_ring(self, index: int, *, poll: bool = False,
                  notify: Callable[[], None] | None = None) -> RunResult:
         """Process ring ``index`` until it is empty (the back end's kick handler).

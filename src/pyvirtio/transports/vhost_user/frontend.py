@@ -69,6 +69,7 @@ from pyvirtio.transports.vhost_user.messages import (
     CONFIG_HDR_SIZE,
     F_PROTOCOL_FEATURES,
     MAX_FDS,
+    MAX_PAYLOAD,
     VRING_NOFD_MASK,
     BackendDecoder,
     BackendMessage,
@@ -84,6 +85,7 @@ from pyvirtio.transports.vhost_user.messages import (
     VringAddr,
     VringState,
     backend_reply,
+    close_all,
     encode,
     request,
 )
@@ -240,6 +242,7 @@ class VhostUserFrontend:
         finally:
             theirs.close()
         self._chan = ours
+
     def has_protocol(self, bit: ProtocolFeature) -> bool:
         return bool(self.protocol_features >> bit & 1)
 
@@ -272,8 +275,7 @@ class VhostUserFrontend:
             except OSError as exc:
                 raise PeerError(f"{req.name}: cannot read the reply: {exc}") from None
             if not data:
-                for fd in fds:
-                    os.close(fd)
+                close_all(fds)
                 raise PeerError(f"{req.name}: the back end closed the connection")
             self._decoder.feed(data, fds)
         if msg.request is not req:
@@ -388,7 +390,7 @@ class VhostUserFrontend:
 
     def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
         """Write the device configuration space (SET_CONFIG)."""
-        if CONFIG_HDR_SIZE + len(data) > 4096:
+        if CONFIG_HDR_SIZE + len(data) > MAX_PAYLOAD:
             raise CallerError("config write too long")
         self._send(Request.SET_CONFIG, ConfigSpace(offset, len(data), flags, bytes(data)))
 
@@ -522,9 +524,7 @@ class VhostUserFrontend:
             self._close_backend_channel()
             raise PeerError(f"back-end channel: cannot read: {exc}") from None
         if not data:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_all(fds)
             self._close_backend_channel()  # the back end closed it: no more requests
             return
         try:
@@ -570,12 +570,9 @@ class VhostUserFrontend:
         for fq in self.queues.values():
             fq.close()
         self.queues.clear()
-        fds = [r.fd for r in self.memory.regions]
+        fds = [r.fd for r in self.memory.regions if r.fd >= 0]
         self.memory.close()
-        for fd in fds:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        close_all(fds)
 
     def __enter__(self) -> VhostUserFrontend:
         return self

@@ -61,6 +61,7 @@ __all__ = [
     "VringState",
     "backend_reply",
     "backend_request",
+    "close_all",
     "encode",
     "reply",
     "request",
@@ -260,9 +261,7 @@ class _Framed:
         return bool(self.flags & FLAG_REPLY)
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_all(self.fds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +446,8 @@ def _check_fds(request: Request, payload: Payload, nfds: int) -> None:
 _M = TypeVar("_M", Message, BackendMessage)
 
 
-def _close_all(fds: Sequence[int]) -> None:
+def close_all(fds: Sequence[int]) -> None:
+    """Close each fd, ignoring the ones already closed or invalid."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -503,7 +503,7 @@ class _StreamDecoder(Generic[_M]):
 
     def close(self) -> None:
         """Close every fd not handed out with a message."""
-        _close_all([fd for _pos, fd in self._fds])
+        close_all([fd for _pos, fd in self._fds])
         self._fds.clear()
 
     def _lookup(self, code: int) -> Request | BackendRequest:
@@ -547,7 +547,7 @@ class _StreamDecoder(Generic[_M]):
         try:
             return self._build(request, flags, body, fds)
         except PeerError:
-            _close_all(fds)
+            close_all(fds)
             raise
 
 

@@ -53,6 +53,7 @@ from pyvirtio.transports.vhost_user.messages import (
     BackendMessage,
     Decoder,
     Request,
+    close_all,
     encode,
 )
 
@@ -273,15 +274,11 @@ class VhostUserServer:
             self._close_connection(f"receive failed: {exc}")
             return
         if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_all(fds)
             self._close_connection(f"more than {MAX_FDS} file descriptors in one message")
             return
         if not data:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_all(fds)
             if decoder.pending:
                 self._close_connection(f"connection closed inside a message "
                                        f"({decoder.pending} bytes pending)")
@@ -392,8 +389,6 @@ class VhostUserServer:
         call_fd = ring.call_fd
         # Interrupts go out as soon as each batch is published (pipelining).
         res = backend.run_ring(index, poll=poll, notify=lambda: _signal_fd(call_fd))
-        if res.notify:
-            _signal_fd(ring.call_fd)
         if res.broken is not None:
             self.log.error("vhost-user: queue %d broken, device needs reset: %s",
                            index, res.broken)
@@ -488,9 +483,7 @@ class VhostUserServer:
             self._lose_channel(f"failed: {exc}")
             return
         if not data:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_all(fds)
             due = backend.backend_replies_due
             self._lose_channel("closed by the front end" + (
                 f" ({due} acks unanswered)" if due else ""))
