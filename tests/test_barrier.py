@@ -20,9 +20,26 @@ def test_full_fence_is_callable_and_reentrant_in_sequence() -> None:
 def test_full_fence_leaves_the_lock_free() -> None:
     barrier.full_fence()
     # The lock behind the fence is never left held, so a fence never blocks.
-    assert not barrier._lock.locked()
-    assert barrier._lock.acquire(blocking=False)
-    barrier._lock.release()
+    assert barrier._FENCE.lock.acquire(False)
+    barrier._FENCE.lock.release()
+
+
+def test_fence_uses_the_cheap_semaphore_lock() -> None:
+    # /dev/shm exists here, so the fast lock was made, not the fallback.
+    assert type(barrier._FENCE.lock).__name__ == "SemLock"
+
+
+def test_fence_lock_is_a_semaphore_of_its_own_in_a_forked_child() -> None:
+    parent_lock = barrier._FENCE.lock
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reported through the exit status
+        ok = barrier._FENCE.lock is not parent_lock and barrier._FENCE.lock.acquire(False)
+        if ok:
+            barrier._FENCE.lock.release()
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert barrier._FENCE.lock is parent_lock
 
 
 def test_fence_is_hardware_barrier_on_x86_64() -> None:

@@ -22,10 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from pyvirtio.core.errors import PeerError
-from pyvirtio.core.layout import DESC, DESC_SIZE
+from pyvirtio.core.layout import DESC_SIZE, unpack_desc
 from pyvirtio.core.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
-
-_unpack_desc = DESC.unpack_from
 
 #: Most descriptors an indirect chain may have on a queue smaller than this.
 #: §2.7.5.3.1 bounds a chain by the queue size, but drivers do put a few more
@@ -71,7 +69,7 @@ def iter_chain(table: memoryview, first: tuple[int, int, int, int], num: int,
             limit = length // DESC_SIZE
             hop_limit = indirect_hop_limit(limit, num)
             in_indirect = True
-            addr, length, flags, nxt = _unpack_desc(table, 0)
+            addr, length, flags, nxt = unpack_desc(table, 0)
             continue
         writable = bool(flags & VRING_DESC_F_WRITE)
         if writable:
@@ -87,4 +85,4 @@ def iter_chain(table: memoryview, first: tuple[int, int, int, int], num: int,
                             f"(table of {limit}): a loop or an oversized chain")
         if nxt >= limit:
             raise PeerError(f"descriptor next={nxt} out of range (table of {limit})")
-        addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
+        addr, length, flags, nxt = unpack_desc(table, nxt * DESC_SIZE)

@@ -22,8 +22,9 @@ the same way.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import MAX_QUEUE_SIZE
@@ -31,21 +32,26 @@ from pyvirtio.core.spec import MAX_QUEUE_SIZE
 if TYPE_CHECKING:
     from pyvirtio.core.memory import GuestMemory
 
-DESC_SIZE = 16
+DESC_SIZE: Final = 16
 DESC = struct.Struct("<QIHH")
-USED_ELEM_SIZE = 8
+# Typed handles on DESC's methods, shared by every module that reads or
+# writes descriptors: the declared field types let mypyc keep the fields as
+# native integers (setup.py) instead of generic objects.
+unpack_desc: Final[Callable[[memoryview, int], tuple[int, int, int, int]]] = DESC.unpack_from
+pack_desc: Final[Callable[[memoryview, int, int, int, int, int], None]] = DESC.pack_into
+USED_ELEM_SIZE: Final = 8
 
 # Byte offsets inside the rings, §2.7.6 and §2.7.8.
-AVAIL_FLAGS = 0
-AVAIL_IDX = 2
-AVAIL_RING = 4
-USED_FLAGS = 0
-USED_IDX = 2
-USED_RING = 4
+AVAIL_FLAGS: Final = 0
+AVAIL_IDX: Final = 2
+AVAIL_RING: Final = 4
+USED_FLAGS: Final = 0
+USED_IDX: Final = 2
+USED_RING: Final = 4
 
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
+DESC_ALIGN: Final = 16
+AVAIL_ALIGN: Final = 2
+USED_ALIGN: Final = 4
 
 
 def desc_table_size(num: int) -> int:

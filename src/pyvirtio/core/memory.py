@@ -18,26 +18,37 @@ import contextlib
 import mmap
 import os
 import stat
-from dataclasses import dataclass, field
 
 from pyvirtio.core.errors import CallerError, PeerError
 
 _U64 = 1 << 64
 
 
-@dataclass(eq=False)
 class Region:
-    """One guest-physical range [gpa, gpa + size) mapped at ``view``."""
+    """One guest-physical range [gpa, gpa + size) mapped at ``view``.
 
-    gpa: int
-    size: int
-    view: memoryview
-    uaddr: int = 0
-    fd: int = -1
-    mmap_offset: int = 0
-    owner: object = field(default=None, repr=False)
-    #: Whether GuestMemory.close() closes ``fd`` (true for memory it created).
-    owns_fd: bool = False
+    ``owner`` keeps the mapping alive; ``owns_fd`` says whether
+    GuestMemory.close() closes ``fd`` (true for memory it created).
+    """
+
+    # A plain class rather than a dataclass: mypyc compiles this form into a
+    # native class whose fields the hot paths read directly (see setup.py).
+    __slots__ = ("fd", "gpa", "mmap_offset", "owner", "owns_fd", "size", "uaddr", "view")
+
+    def __init__(self, gpa: int, size: int, view: memoryview, uaddr: int = 0, fd: int = -1,
+                 mmap_offset: int = 0, owner: object = None, owns_fd: bool = False) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.view = view
+        self.uaddr = uaddr
+        self.fd = fd
+        self.mmap_offset = mmap_offset
+        self.owner = owner
+        self.owns_fd = owns_fd
+
+    def __repr__(self) -> str:
+        return (f"Region(gpa={self.gpa:#x}, size={self.size:#x}, uaddr={self.uaddr:#x}, "
+                f"fd={self.fd}, mmap_offset={self.mmap_offset:#x})")
 
     @property
     def end(self) -> int:

@@ -8,6 +8,7 @@ flags, §2.7.6/§2.7.8 ring flags, §5 device ids, §6 reserved feature bits,
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 
 class Status(enum.IntFlag):
@@ -38,19 +39,19 @@ class DeviceId(enum.IntEnum):
 
 
 # Reserved (device-independent) feature bits, §6.
-F_NOTIFY_ON_EMPTY = 24
-F_ANY_LAYOUT = 27
-F_RING_INDIRECT_DESC = 28
-F_RING_EVENT_IDX = 29
-F_UNUSED = 30  # legacy "bad feature" bit; a driver must not ack it
-F_VERSION_1 = 32
-F_ACCESS_PLATFORM = 33
-F_RING_PACKED = 34
-F_IN_ORDER = 35
-F_ORDER_PLATFORM = 36
-F_SR_IOV = 37
-F_NOTIFICATION_DATA = 38
-F_RING_RESET = 40
+F_NOTIFY_ON_EMPTY: Final = 24
+F_ANY_LAYOUT: Final = 27
+F_RING_INDIRECT_DESC: Final = 28
+F_RING_EVENT_IDX: Final = 29
+F_UNUSED: Final = 30  # legacy "bad feature" bit; a driver must not ack it
+F_VERSION_1: Final = 32
+F_ACCESS_PLATFORM: Final = 33
+F_RING_PACKED: Final = 34
+F_IN_ORDER: Final = 35
+F_ORDER_PLATFORM: Final = 36
+F_SR_IOV: Final = 37
+F_NOTIFICATION_DATA: Final = 38
+F_RING_RESET: Final = 40
 
 
 def bit(feature: int) -> int:
@@ -59,17 +60,17 @@ def bit(feature: int) -> int:
 
 
 # Descriptor flags, §2.7.5.
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
+VRING_DESC_F_NEXT: Final = 1
+VRING_DESC_F_WRITE: Final = 2
+VRING_DESC_F_INDIRECT: Final = 4
 
 # Available ring flags (driver -> device), §2.7.6.
-VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_AVAIL_F_NO_INTERRUPT: Final = 1
 # Used ring flags (device -> driver), §2.7.8.
-VRING_USED_F_NO_NOTIFY = 1
+VRING_USED_F_NO_NOTIFY: Final = 1
 
 # Largest split queue size, §2.7 ("Queue Size ... maximum 32768").
-MAX_QUEUE_SIZE = 32768
+MAX_QUEUE_SIZE: Final = 32768
 
 # Legacy interface: rings are aligned to this in the contiguous layout, §2.7.2.
-LEGACY_VRING_ALIGN = 4096
+LEGACY_VRING_ALIGN: Final = 4096

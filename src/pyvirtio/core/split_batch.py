@@ -44,7 +44,7 @@ import numpy.typing as npt
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import iter_chain
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
-from pyvirtio.core.layout import DESC, DESC_SIZE
+from pyvirtio.core.layout import DESC_SIZE, unpack_desc
 from pyvirtio.core.memory import Region
 from pyvirtio.core.spec import (
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -86,7 +86,6 @@ GET_THRESHOLD = 24
 # the scalar one (which applies the queue-size hop limit).
 VECTOR_HOPS = 8
 
-_unpack_desc = DESC.unpack_from
 _NEXT = VRING_DESC_F_NEXT
 _WRITE = VRING_DESC_F_WRITE
 _INDIRECT = VRING_DESC_F_INDIRECT
@@ -302,7 +301,7 @@ class DeviceBatch:
         region_of = memory.region_of
         single = regions[0] if len(regions) == 1 else None
         segs: list[Segment] = []
-        first = _unpack_desc(q._desc, head * DESC_SIZE)
+        first = unpack_desc(q._desc, head * DESC_SIZE)
         for addr, length, is_write in iter_chain(q._desc, first, q.num, q.indirect,
                                                  memory.translate):
             r = region_of(addr, length)
@@ -326,7 +325,7 @@ class DeviceBatch:
                 break
             # One direct descriptor inside the only region: no walk needed.  On
             # any doubt the walk re-reads and decides; its values alone are used.
-            addr, length, flags, _ = _unpack_desc(table, h * DESC_SIZE)
+            addr, length, flags, _ = unpack_desc(table, h * DESC_SIZE)
             off = addr - gpa
             if not flags & (_NEXT | _INDIRECT) and off >= 0 and 0 < length <= size - off:
                 segs.append((0, off, length, bool(flags & _WRITE)))

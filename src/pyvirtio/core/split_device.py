@@ -24,12 +24,12 @@ decision returned to the caller.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Final
 
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import iter_chain
 from pyvirtio.core.errors import Breakable, CallerError, PeerError, QueueBrokenError
-from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
+from pyvirtio.core.layout import DESC_SIZE, RingViews, unpack_desc
 from pyvirtio.core.memory import GuestMemory, Region
 from pyvirtio.core.spec import (
     F_NOTIFY_ON_EMPTY,
@@ -42,8 +42,7 @@ from pyvirtio.core.spec import (
     VRING_USED_F_NO_NOTIFY,
 )
 
-_unpack_desc = DESC.unpack_from
-_NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
+_NEXT_OR_INDIRECT: Final = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
 
 def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
     """Whether moving used.idx from ``old`` to ``new`` passed the last signalled index.
@@ -59,7 +58,6 @@ def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
     return dist < ((new - old) & 0xFFFF)
 
 
-@dataclass(slots=True)
 class Element:
     """One popped request: its head and its buffers as views into guest memory.
 
@@ -67,9 +65,19 @@ class Element:
     views are the only guest memory the device may write.
     """
 
-    head: int
-    readable: list[memoryview]
-    writable: list[memoryview]
+    # A plain class rather than a dataclass: one is built per request, and
+    # mypyc compiles this form into a native class (see setup.py).
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview],
+                 writable: list[memoryview]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def __repr__(self) -> str:
+        return (f"Element(head={self.head}, readable={len(self.readable)} views, "
+                f"writable={len(self.writable)} views)")
 
     @property
     def readable_len(self) -> int:
@@ -196,7 +204,7 @@ class SplitDeviceQueue(Breakable):
         if self.event_idx and self.notification:
             self._used16[self._avail_event_i] = last
         self.inuse += 1
-        first = _unpack_desc(self._desc, head * DESC_SIZE)
+        first = unpack_desc(self._desc, head * DESC_SIZE)
         flags = first[2]
         if not flags & _NEXT_OR_INDIRECT:
             # One direct descriptor inside the only region: the common request.
@@ -219,7 +227,7 @@ class SplitDeviceQueue(Breakable):
             regions = self.memory._regions
             if len(regions) == 1:
                 r = regions[0]
-                a1, l1, f1, _ = _unpack_desc(self._desc, first[3] * DESC_SIZE)
+                a1, l1, f1, _ = unpack_desc(self._desc, first[3] * DESC_SIZE)
                 off0 = first[0] - r.gpa
                 l0 = first[1]
                 off1 = a1 - r.gpa
@@ -280,7 +288,7 @@ class SplitDeviceQueue(Breakable):
             head = avail[2 + (last & mask)]
             if head >= num:
                 break
-            a0, l0, f0, n0 = _unpack_desc(desc, head * DESC_SIZE)
+            a0, l0, f0, n0 = unpack_desc(desc, head * DESC_SIZE)
             o0 = a0 - gpa
             if not (o0 >= 0 and l0 > 0 and o0 + l0 <= size):
                 break
@@ -288,7 +296,7 @@ class SplitDeviceQueue(Breakable):
                 # Two direct descriptors, no loop, readable before writable.
                 if f0 & VRING_DESC_F_INDIRECT or n0 >= num or num < 2:
                     break
-                a1, l1, f1, _ = _unpack_desc(desc, n0 * DESC_SIZE)
+                a1, l1, f1, _ = unpack_desc(desc, n0 * DESC_SIZE)
                 o1 = a1 - gpa
                 if f1 & _NEXT_OR_INDIRECT or not (o1 >= 0 and l1 > 0 and o1 + l1 <= size):
                     break
@@ -321,7 +329,7 @@ class SplitDeviceQueue(Breakable):
     def walk_chain(self, head: int, readable: list[memoryview],
                    writable: list[memoryview]) -> None:
         """Append the translated buffers of the chain at ``head`` (§2.7.5, §2.7.5.3)."""
-        self._walk(head, _unpack_desc(self._desc, head * DESC_SIZE), readable, writable)
+        self._walk(head, unpack_desc(self._desc, head * DESC_SIZE), readable, writable)
 
     def _walk(self, head: int, first: tuple[int, int, int, int], readable: list[memoryview],
               writable: list[memoryview]) -> None:

@@ -22,11 +22,10 @@ memory), like Linux's ``desc_extra``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.errors import Breakable, CallerError, QueueBrokenError, QueueFull
-from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews
+from pyvirtio.core.layout import DESC_SIZE, RingViews, pack_desc
 from pyvirtio.core.spec import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -37,19 +36,19 @@ from pyvirtio.core.spec import (
     VRING_USED_F_NO_NOTIFY,
 )
 
-_pack_desc = DESC.pack_into
-
 Segment = tuple[int, int]
 """A buffer segment: (guest address, length)."""
 
 
-@dataclass(frozen=True, slots=True)
 class IndirectArea:
     """Guest memory for indirect tables: one slot of ``per_head`` descriptors per head."""
 
-    gpa: int
-    view: memoryview
-    per_head: int
+    __slots__ = ("gpa", "per_head", "view")
+
+    def __init__(self, gpa: int, view: memoryview, per_head: int) -> None:
+        self.gpa = gpa
+        self.view = view
+        self.per_head = per_head
 
     @staticmethod
     def size_for(num: int, per_head: int) -> int:
@@ -122,10 +121,10 @@ class SplitDriverQueue(Breakable):
             head = free.pop()
             if n_out:
                 addr, length = out_segs[0]
-                _pack_desc(self._desc, head * DESC_SIZE, addr, length, 0, 0)
+                pack_desc(self._desc, head * DESC_SIZE, addr, length, 0, 0)
             else:
                 addr, length = in_segs[0]
-                _pack_desc(self._desc, head * DESC_SIZE, addr, length, VRING_DESC_F_WRITE, 0)
+                pack_desc(self._desc, head * DESC_SIZE, addr, length, VRING_DESC_F_WRITE, 0)
             self._tokens[head] = token
             self._outstanding += 1
             shadow = self.avail_idx_shadow
@@ -155,8 +154,8 @@ class SplitDriverQueue(Breakable):
                 (a0, l0), (a1, l1) = in_segs
                 f0, f1 = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
             desc = self._desc
-            _pack_desc(desc, first * DESC_SIZE, a0, l0, f0, second)
-            _pack_desc(desc, second * DESC_SIZE, a1, l1, f1, 0)
+            pack_desc(desc, first * DESC_SIZE, a0, l0, f0, second)
+            pack_desc(desc, second * DESC_SIZE, a1, l1, f1, 0)
             self._chains[first] = (first, second)
             self._multi += 1
             self._tokens[first] = token
@@ -185,9 +184,9 @@ class SplitDriverQueue(Breakable):
                 addr, length = out_segs[j] if j < n_out else in_segs[j - n_out]
                 flags = (VRING_DESC_F_WRITE if j >= n_out else 0) | (
                     VRING_DESC_F_NEXT if j + 1 < total else 0)
-                _pack_desc(table, (base + j) * DESC_SIZE, addr, length, flags,
+                pack_desc(table, (base + j) * DESC_SIZE, addr, length, flags,
                            j + 1 if j + 1 < total else 0)
-            _pack_desc(self._desc, head * DESC_SIZE, area.gpa + base * DESC_SIZE,
+            pack_desc(self._desc, head * DESC_SIZE, area.gpa + base * DESC_SIZE,
                        total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
             self._chains[head] = self._singles[head]
         else:
@@ -199,11 +198,11 @@ class SplitDriverQueue(Breakable):
             for j in range(total):
                 addr, length = out_segs[j] if j < n_out else in_segs[j - n_out]
                 if j < last:
-                    _pack_desc(desc, idxs[j] * DESC_SIZE, addr, length,
+                    pack_desc(desc, idxs[j] * DESC_SIZE, addr, length,
                                (VRING_DESC_F_WRITE if j >= n_out else 0) | VRING_DESC_F_NEXT,
                                idxs[j + 1])
                 else:
-                    _pack_desc(desc, idxs[j] * DESC_SIZE, addr, length,
+                    pack_desc(desc, idxs[j] * DESC_SIZE, addr, length,
                                VRING_DESC_F_WRITE if j >= n_out else 0, 0)
             head = idxs[0]
             self._chains[head] = idxs
