@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 bash scripts/peers/install-peers.sh >/dev/null
-echo "== ruff";  .venv/bin/ruff check src tests bench
+echo "== ruff";  .venv/bin/ruff check src tests bench setup.py
 echo "== mypy";  .venv/bin/mypy
 echo "== pytest"; .venv/bin/pytest "$@"

@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pyvirtio._build import build_kind
 from pyvirtio.core.layout import DESC, DESC_SIZE, RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, bit
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.core.split_driver import IndirectArea, SplitDriverQueue
+
+
+def pytest_report_header() -> str:
+    return f"pyvirtio ring build: {build_kind()}"
+
 
 MODES: dict[str, int] = {
     "none": 0,

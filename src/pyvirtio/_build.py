@@ -1,0 +1,74 @@
+"""Which build of the ring's hot paths is running: mypyc-compiled or interpreted.
+
+``setup.py`` compiles the modules of :data:`COMPILED_MODULES` with mypyc (the
+same fully typed Python source, translated to C extension modules at install
+time).  Setting ``PYVIRTIO_PURE_PYTHON=1`` in the environment before
+pyvirtio is imported runs their ``.py`` source instead — for debugging with
+full Python tracebacks, for coverage, and to compare the two builds
+(``bench/ring.py`` reports both).  Both builds pass the same tests.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+#: The modules setup.py compiles (the per-request path of both ring sides).
+COMPILED_MODULES: tuple[str, ...] = (
+    "pyvirtio.core.barrier",
+    "pyvirtio.core.chain",
+    "pyvirtio.core.errors",
+    "pyvirtio.core.layout",
+    "pyvirtio.core.memory",
+    "pyvirtio.core.notify",
+    "pyvirtio.core.split_batch",
+    "pyvirtio.core.split_device",
+    "pyvirtio.core.split_driver",
+)
+
+PURE_ENV = "PYVIRTIO_PURE_PYTHON"
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Finds the ``.py`` file of a compiled module even when its extension sits beside it."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED_MODULES or not path:
+            return None
+        leaf = fullname.rpartition(".")[2] + ".py"
+        for entry in path:
+            source = os.path.join(entry, leaf)
+            if os.path.isfile(source):
+                return importlib.util.spec_from_file_location(fullname, source)
+        return None
+
+
+def pure_python_requested() -> bool:
+    return os.environ.get(PURE_ENV, "") not in ("", "0")
+
+
+def install_source_finder() -> None:
+    """Make the compiled modules import from source (idempotent)."""
+    if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder())
+
+
+def build_kind() -> str:
+    """"compiled" if every module of COMPILED_MODULES is a mypyc extension, else "interpreted".
+
+    A mix (some compiled, some not) is reported as "mixed": it means a
+    partial build and is never what setup.py produces.
+    """
+    kinds = {str(importlib.import_module(name).__file__).endswith(".py")
+             for name in COMPILED_MODULES}
+    if kinds == {False}:
+        return "compiled"
+    if kinds == {True}:
+        return "interpreted"
+    return "mixed"
