@@ -221,7 +221,7 @@ ROWS = [(mode, batch, chain) for mode in ("device", "full") for batch in BATCHES
 
 def python_rows(seconds: float, console: Console) -> list[tuple[float, float]]:
     """(descriptors, seconds) of this process's pyvirtio build for every row."""
-    out = []
+    out: list[tuple[float, float]] = []
     for mode, batch, chain in ROWS:
         runner = run_device if mode == "device" else run_full
         out.append(runner(batch, chain, seconds))
