@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from pyvirtio import __version__
+from pyvirtio._build import build_kind
 from pyvirtio.cli.main import _COMMANDS, build_parser
 
 
@@ -30,4 +31,4 @@ def test_each_subcommand_has_a_description(name: str, capsys: pytest.CaptureFixt
 def test_version_from_the_installed_script() -> None:
     out = subprocess.run([sys.executable, "-m", "pyvirtio.cli.main", "--version"],
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == f"pyvirtio {__version__}"
+    assert out.strip() == f"pyvirtio {__version__} (ring hot paths: {build_kind()})"

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from pyvirtio import __version__
+from pyvirtio._build import build_kind
 
 # Sub-command modules under pyvirtio.cli, in the order --help lists them.
 _COMMANDS = ["demo", "duel", "blk", "probe", "bench"]
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "suppression, legacy virtio-pci and vhost-user transports.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"pyvirtio {__version__} (ring hot paths: {build_kind()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"pyvirtio.cli.{name}").register(sub)
