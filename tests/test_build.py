@@ -73,3 +73,33 @@ def test_pure_python_mode_imports_source_and_passes_the_core_tests() -> None:
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "ring build: interpreted" in res.stdout
     assert " passed" in res.stdout and " failed" not in res.stdout
+
+
+def test_compiled_classes_stay_subclassable_from_python() -> None:
+    from pyvirtio.core.layout import RingViews, SplitLayout
+    from pyvirtio.core.memory import GuestMemory
+    from pyvirtio.core.split_device import Element, SplitDeviceQueue
+    from pyvirtio.core.split_driver import SplitDriverQueue
+
+    class CountingDevice(SplitDeviceQueue):
+        popped = 0
+
+        def pop(self) -> Element | None:
+            elem = super().pop()
+            if elem is not None:
+                self.popped += 1
+            return elem
+
+    class Memory(GuestMemory):
+        pass
+
+    mem = Memory.anonymous(1 << 16)
+    try:
+        layout = SplitLayout.legacy(0, 8)
+        drv = SplitDriverQueue(RingViews.map(mem, layout))
+        dev = CountingDevice(RingViews.map(mem, layout), mem)
+        drv.add([(0x8000, 16)], [], "t")
+        elem = dev.pop()
+        assert elem is not None and dev.popped == 1 and len(elem.readable[0]) == 16
+    finally:
+        mem.close()

@@ -12,6 +12,8 @@ condition that the caller handles by waiting for used buffers.
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 
 class VirtioError(Exception):
     """Base of every error pyvirtio raises on purpose."""
@@ -33,6 +35,7 @@ class QueueFull(VirtioError):
     """No free descriptors are left for the buffer being added."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Breakable:
     """A queue that a :class:`PeerError` marks broken until it is reset (DESIGN.md).
 

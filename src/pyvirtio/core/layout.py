@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from mypy_extensions import mypyc_attr
+
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import MAX_QUEUE_SIZE
 
@@ -92,6 +94,7 @@ def is_valid_queue_size(num: int) -> bool:
     return 0 < num <= MAX_QUEUE_SIZE and num & (num - 1) == 0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class SplitLayout:
     """Where the three parts of one split ring live (guest or user addresses)."""
@@ -136,6 +139,7 @@ class SplitLayout:
         return max(ends) - min(self.desc, self.avail, self.used)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RingViews:
     """Typed views of one split ring's three parts in shared memory.
 

@@ -19,11 +19,14 @@ import mmap
 import os
 import stat
 
+from mypy_extensions import mypyc_attr
+
 from pyvirtio.core.errors import CallerError, PeerError
 
 _U64 = 1 << 64
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Region:
     """One guest-physical range [gpa, gpa + size) mapped at ``view``.
 
@@ -55,6 +58,7 @@ class Region:
         return self.gpa + self.size
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GuestMemory:
     """A set of non-overlapping regions with translation from guest and user addresses."""
 
@@ -209,6 +213,7 @@ class GuestMemory:
             self.translate(addr, len(data))[:] = data
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BumpAllocator:
     """Hands out aligned guest ranges from [start, end) — for drivers and tests.
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import mypyc_attr
 
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import iter_chain
@@ -109,6 +110,7 @@ Segment = tuple[int, int, int, bool]
 """(region index, offset in the region, length, writable) of one buffer."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(slots=True)
 class Chains:
     """Popped chains as arrays: chain ``i`` owns segments ``seg_start[i]:seg_start[i+1]``.
@@ -173,6 +175,7 @@ def _ring_slices(start: int, n: int, num: int) -> tuple[slice, slice | None]:
 
 
 # =============================================================== device side
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DeviceBatch:
     """Batched pop/push over a :class:`SplitDeviceQueue` (shares its state)."""
 
@@ -519,6 +522,7 @@ class DeviceBatch:
 
 
 # =============================================================== driver side
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(slots=True)
 class UsedBatch:
     """Used buffers: ``tokens[i]`` came back with ``lengths[i]`` bytes written."""
@@ -530,6 +534,7 @@ class UsedBatch:
         return len(self.lengths)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DriverBatch:
     """Batched add/get over a :class:`SplitDriverQueue` (shares its state)."""
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import iter_chain
 from pyvirtio.core.errors import Breakable, CallerError, PeerError, QueueBrokenError
@@ -58,6 +60,7 @@ def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
     return dist < ((new - old) & 0xFFFF)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Element:
     """One popped request: its head and its buffers as views into guest memory.
 
@@ -88,6 +91,7 @@ class Element:
         return sum(len(v) for v in self.writable)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SplitDeviceQueue(Breakable):
     """The device's view of one split virtqueue."""
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mypy_extensions import mypyc_attr
+
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.errors import Breakable, CallerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import DESC_SIZE, RingViews, pack_desc
@@ -40,6 +42,7 @@ Segment = tuple[int, int]
 """A buffer segment: (guest address, length)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class IndirectArea:
     """Guest memory for indirect tables: one slot of ``per_head`` descriptors per head."""
 
@@ -55,6 +58,7 @@ class IndirectArea:
         return num * per_head * DESC_SIZE
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SplitDriverQueue(Breakable):
     """The driver's view of one split virtqueue. The ring memory must start zeroed."""
 
