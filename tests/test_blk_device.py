@@ -254,6 +254,26 @@ def test_bad_request_mid_batch_leaves_later_ones_in_the_ring(img: Path) -> None:
     assert a.status == b.status == Status.OK
 
 
+def test_requests_done_before_a_bad_pop_are_published(img: Path) -> None:
+    """A chain that breaks the queue at pop time leaves the earlier completions visible."""
+    d = dev(img)
+    drv, ports = make_loop(d, mem_size=8 << 20)
+    a = drv.submit(ReqType.IN, 0, 512, kick=False)
+    b = drv.submit(ReqType.IN, 1, 512, kick=False)
+    hdr = drv.memory.translate(0x100, 16)
+    hdr[:] = REQ_HEADER.pack(ReqType.IN, 0, 0)
+    # Its data descriptor runs past the end of guest memory: pop itself refuses it.
+    ports[0].queue.add([(0x100, 16)], [((8 << 20) - 100, 4097)], "evil")
+    q = ports[0].dev_queue
+    with pytest.raises(PeerError):
+        d.process_queue(0, q)
+    assert q.broken and q.used_idx == 2 and d.completed == 2
+    assert [s.index for s in drv.poll(0)] == [a.index, b.index]
+    assert a.status == b.status == Status.OK
+    data = img.read_bytes()
+    assert bytes(a.payload()) == data[:512] and bytes(b.payload()) == data[512:1024]
+
+
 @pytest.mark.parametrize("spin", [0.2, 0.001])
 def test_reap_spins_then_sleeps(img: Path, spin: float) -> None:
     """With ``spin`` the driver polls the used ring before sleeping; either way it completes."""

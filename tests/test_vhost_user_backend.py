@@ -503,6 +503,24 @@ def test_status_round_trip_and_needs_reset_after_a_broken_ring(front: Front) -> 
     assert front.be.run_ring(0).published == 0
 
 
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_completions_before_a_hostile_head_are_published_and_signalled(
+        front: Front, with_callback: bool) -> None:
+    drv = front.ring(0)
+    front.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+    for i in range(2):
+        drv.add([(front.alloc(8, 1), 8)], [(front.alloc(8, 1), 8)], token=i)
+    # Then a head beyond the ring: the device pops it after echoing the first two.
+    drv.rings.avail16[2 + 2] = 200
+    drv.rings.avail16[1] = 3
+    calls: list[int] = []
+    res = front.be.run_ring(0, notify=(lambda: calls.append(1)) if with_callback else None)
+    assert res.broken is not None and "head 200" in res.broken
+    assert res.published == 2
+    assert (len(calls) == 1 and not res.notify) if with_callback else res.notify
+    assert [drv.get_buf()[0] for _ in range(2)] == [0, 1]  # type: ignore[index]
+
+
 def test_reset_closes_everything(front: Front) -> None:
     front.ring(0)
     fds = [front.be.rings[0].kick_fd, front.be.rings[0].call_fd]

@@ -141,7 +141,8 @@ class BlkDevice:
         pop_batch = queue.pop_batch
         fill = queue.fill
         execute = self.execute
-        n = 0
+        done = 0  # published by this call
+        n = 0     # filled, not yet published
         try:
             # pop_batch is repeated pop(): same elements, same errors at the same point.
             budget = 0x10000
@@ -150,7 +151,7 @@ class BlkDevice:
                 # half back while the second is served, even at a low iodepth.
                 # (available() fails exactly as the first pop would.)
                 budget = min(self.batch, (queue.available() + 1) // 2 or 1)
-            while n < budget and (batch := pop_batch(budget - n)):
+            while done < budget and (batch := pop_batch(budget - done)):
                 left = len(batch)
                 try:
                     for elem in batch:
@@ -172,11 +173,18 @@ class BlkDevice:
                     if left:
                         queue.unpop(left)
                     raise
+                # Publish each batch before popping the next: a pop that breaks
+                # the queue must not strand requests that are already done.
+                queue.flush(n)
+                self.completed += n
+                done += n
+                n = 0
         finally:
             if n and queue.broken is None:
                 queue.flush(n)
                 self.completed += n
-        return n
+                done += n
+        return done
 
     # ------------------------------------------------------------- requests
     def execute(self, elem: Element) -> int:

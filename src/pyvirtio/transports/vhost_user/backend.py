@@ -689,11 +689,13 @@ class VhostUserBackend:
         if q is None or not ring.runnable:
             return res
         process = self.device.process_queue
+        mark = q.used_idx
         try:
             while True:
                 # Off again on every pass (QEMU's virtio-blk loop): work found
                 # by the re-check is processed without kicks, too.
                 q.disable_notification()
+                mark = q.used_idx
                 n = process(index, q)
                 if n:
                     res.published += n
@@ -713,6 +715,16 @@ class VhostUserBackend:
             self.status |= Status.NEEDS_RESET
             res.broken = q.broken
         if res.broken is not None:
+            stranded = (q.used_idx - mark) & 0xFFFF
+            if stranded:
+                # The pass that broke the ring had published completions first:
+                # interrupt for them (unconditionally: the driver must learn of
+                # finished requests even though no more will follow).
+                res.published += stranded
+                if notify is None:
+                    res.notify = True
+                else:
+                    notify()
             # VIRTIO 1.2 §2.1.2: after setting DEVICE_NEEDS_RESET the device
             # sends a configuration change notification; a vhost-user back end
             # can only ask the front end for it.
