@@ -5,7 +5,9 @@ ordering, which Linux calls ``virtio_wmb``, ``virtio_rmb`` and ``virtio_mb``:
 
 * write barrier (publish ring entries before the index): on x86-64 stores are
   never reordered with older stores (TSO), and each store pyvirtio does is a
-  separate C call of the interpreter, so program order already gives it;
+  separate call into memoryview's C code — from the interpreter or from the
+  mypyc-compiled module alike — which no compiler reorders, so program order
+  already gives it;
 * read barrier (read the index before the entries it covers): loads are never
   reordered with older loads on x86-64; likewise free;
 * **full barrier** between publishing an index and reading the other side's
@@ -19,9 +21,9 @@ Python has no fence primitive.  :func:`full_fence` takes and releases an
 uncontended POSIX semaphore: glibc's ``sem_trywait`` is a ``lock cmpxchg``
 and ``sem_post`` another.  A locked instruction is a full barrier on x86-64
 (Intel SDM vol. 3 §9.2.2: locked instructions have a total order and are not
-reordered with loads or stores), so the fence is real and needs no compiled
-code of our own.  The semaphore is the C lock under :class:`multiprocessing.Lock`, whose
-``acquire`` goes straight to ``sem_trywait`` (about 35 ns for the pair),
+reordered with loads or stores), so the fence is real and needs no C code
+of our own.  The semaphore is the C lock under :class:`multiprocessing.Lock`,
+whose ``acquire`` goes straight to ``sem_trywait`` (about 35 ns for the pair),
 while :class:`threading.Lock` on CPython 3.11 reads the monotonic clock and
 parses keyword arguments on every acquire (about 105 ns); the fence runs
 three times per request, so that difference is a sixth of a request's cost.
