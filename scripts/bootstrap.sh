@@ -25,14 +25,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.pyvirtio-installed
-compiled=$(.venv/bin/python - <<'PY'
-import ast, pathlib
-tree = ast.parse(pathlib.Path("src/pyvirtio/_build.py").read_text())
-names = next(ast.literal_eval(n.value) for n in ast.walk(tree)
-             if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "COMPILED_MODULES")
-print(" ".join("src/" + n.replace(".", "/") + ".py" for n in names))
-PY
-)
+compiled=$(PYTHONPATH=src "$PY" -c 'from pyvirtio._build import COMPILED_MODULES as m
+print(" ".join("src/" + n.replace(".", "/") + ".py" for n in m))')
 # shellcheck disable=SC2086
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py src/pyvirtio/_build.py $compiled -newer "$stamp")" ]; then
   echo "bootstrap: installing pyvirtio into .venv (compiling the ring with mypyc, about a minute)" >&2

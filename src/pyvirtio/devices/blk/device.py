@@ -143,6 +143,15 @@ class BlkDevice:
         execute = self.execute
         done = 0  # published by this call
         n = 0     # filled, not yet published
+
+        def publish() -> None:
+            nonlocal done, n
+            if n:
+                queue.flush(n)
+                self.completed += n
+                done += n
+                n = 0
+
         try:
             # pop_batch is repeated pop(): same elements, same errors at the same point.
             budget = 0x10000
@@ -160,10 +169,7 @@ class BlkDevice:
                             length = execute(elem)
                         except PeerError as exc:
                             # Publish what completed before the bad request, then break the queue.
-                            if n:
-                                queue.flush(n)
-                                self.completed += n
-                                n = 0
+                            publish()
                             raise queue.mark_broken(
                                 f"virtio-blk queue {index}: {exc}") from None
                         fill(elem.head, length, n)
@@ -175,15 +181,10 @@ class BlkDevice:
                     raise
                 # Publish each batch before popping the next: a pop that breaks
                 # the queue must not strand requests that are already done.
-                queue.flush(n)
-                self.completed += n
-                done += n
-                n = 0
+                publish()
         finally:
-            if n and queue.broken is None:
-                queue.flush(n)
-                self.completed += n
-                done += n
+            if queue.broken is None:
+                publish()
         return done
 
     # ------------------------------------------------------------- requests
