@@ -53,15 +53,41 @@ def test_host_features_read_only_and_guest_features_masked() -> None:
     assert dev.read(pci.GUEST_FEATURES, 4) == 0xFF
 
 
-def test_queue_sel_and_num_out_of_range_ignored() -> None:
+def test_queue_sel_selects_and_queue_num_is_read_only() -> None:
     _, dev = make((256, 128))
     assert dev.read(pci.QUEUE_NUM, 2) == 256
     dev.write(pci.QUEUE_SEL, 2, 1)
     assert dev.read(pci.QUEUE_SEL, 2) == 1
     assert dev.read(pci.QUEUE_NUM, 2) == 128
-    dev.write(pci.QUEUE_SEL, 2, 2)  # out of range: ignored
-    assert dev.read(pci.QUEUE_SEL, 2) == 1
     dev.write(pci.QUEUE_NUM, 2, 16)  # read-only in the legacy interface
+    assert dev.read(pci.QUEUE_NUM, 2) == 128
+
+
+@pytest.mark.parametrize("sel", [2, 5, pci.QUEUE_MAX - 1])
+def test_queue_sel_beyond_the_queues_selects_a_queue_of_size_0(sel: int) -> None:
+    # QEMU's legacy virtio_ioport_write takes any selector below VIRTIO_QUEUE_MAX;
+    # a queue the device does not have reads QUEUE_NUM 0 and ignores writes.
+    _, dev = make((256, 128), msix=3)
+    dev.write(pci.QUEUE_SEL, 2, 1)
+    dev.write(pci.QUEUE_SEL, 2, sel)
+    assert dev.read(pci.QUEUE_SEL, 2) == sel
+    assert dev.read(pci.QUEUE_NUM, 2) == 0
+    assert dev.read(pci.QUEUE_PFN, 4) == 0
+    assert dev.write(pci.QUEUE_PFN, 4, 0x10) == []
+    assert dev.read(pci.QUEUE_PFN, 4) == 0
+    dev.write(pci.QUEUE_VECTOR, 2, 1)
+    assert dev.read(pci.QUEUE_VECTOR, 2) == pci.NO_VECTOR
+    assert all(q.pfn == 0 and q.device is None and q.vector == pci.NO_VECTOR
+               for q in dev.queues)
+    assert not dev.status & Status.NEEDS_RESET
+
+
+def test_queue_sel_at_or_past_queue_max_is_ignored() -> None:
+    _, dev = make((256, 128))
+    dev.write(pci.QUEUE_SEL, 2, 1)
+    dev.write(pci.QUEUE_SEL, 2, pci.QUEUE_MAX)
+    assert dev.read(pci.QUEUE_SEL, 2) == 1
+    dev.write(pci.QUEUE_SEL, 2, 0xFFFF)
     assert dev.read(pci.QUEUE_NUM, 2) == 128
 
 
@@ -226,6 +252,35 @@ def test_setup_vq_refuses_active_or_missing_queue() -> None:
     with pytest.raises(pci.VqSetupError) as e2:
         drv2.setup_vq(0)
     assert e2.value.errno == errno.ENOENT
+
+
+def test_setup_vq_of_a_queue_the_device_lacks_is_enoent() -> None:
+    # Linux's virtio_pci_legacy find_vqs probes queues until setup_vq says ENOENT.
+    mem, dev = make((64, 64))
+    _, drv = driver_for(dev, mem)
+    for missing in (2, 5):
+        with pytest.raises(pci.VqSetupError) as e:
+            drv.setup_vq(missing)
+        assert e.value.errno == errno.ENOENT
+        assert all(q.pfn == 0 and q.device is None for q in dev.queues)
+    drv.setup_vq(1)
+    assert dev.queues[1].device is not None and dev.queues[0].device is None
+
+
+@pytest.mark.parametrize(("ring_addr", "err"), [(0, errno.EINVAL), (1 << 44, errno.E2BIG),
+                                                 ((1 << 45) + (1 << 20), errno.E2BIG)])
+def test_setup_vq_refuses_a_ring_the_pfn_register_cannot_hold(ring_addr: int, err: int) -> None:
+    # QUEUE_PFN holds 32 bits of 4096-byte pages: a ring in page 0 would read as
+    # "reset", one at or above 2**44 would be truncated to another address
+    # (Linux's legacy setup_vq refuses q_pfn >> 32 with E2BIG).
+    mem, dev = make((64,))
+    bus = RecordingBus(dev)
+    drv = pci.LegacyPciDriver(bus, mem, BumpAllocator(ring_addr, ring_addr + MEM))
+    with pytest.raises(pci.VqSetupError) as e:
+        drv.setup_vq(0)
+    assert e.value.errno == err
+    assert not any(k == "w" and o == pci.QUEUE_PFN for (k, o, _w, _v) in bus.log)
+    assert dev.queues[0].pfn == 0 and dev.read(pci.STATUS, 1) == 0
 
 
 def test_setup_vq_msix_vector_checked() -> None:

@@ -22,9 +22,12 @@ effects``; the caller moves the bytes (a VM exit, a socket message, a direct
 call) and acts on the effects (a kick of a queue, a reset).  The rules follow
 what QEMU's legacy ``virtio_ioport_write`` does: writing QUEUE_PFN sets up the
 selected queue with the contiguous legacy layout (§2.7.2, align 4096) and
-writing 0 there resets the whole device, as does writing STATUS 0; a queue
-index out of range in QUEUE_SEL or QUEUE_NOTIFY is ignored; an MSI-X vector
-that does not exist reads back as ``VIRTIO_MSI_NO_VECTOR``.
+writing 0 there resets the whole device, as does writing STATUS 0;
+QUEUE_SEL takes any index below ``VIRTIO_QUEUE_MAX`` (:data:`QUEUE_MAX`), and
+a selected queue the device does not have reads QUEUE_NUM 0 (which is how a
+driver learns how many queues there are) and ignores writes; QUEUE_NOTIFY of
+such a queue is ignored; an MSI-X vector that does not exist reads back as
+``VIRTIO_MSI_NO_VECTOR``.
 
 :class:`LegacyPciDriver` is the driver side over any :class:`RegisterBus`:
 the reset / ACKNOWLEDGE / DRIVER / features / DRIVER_OK sequence (§3.1.2,
@@ -70,6 +73,10 @@ CONFIG_OFFSET_MSIX = 24
 # QUEUE_PFN holds the ring address in 4096-byte pages (VIRTIO_PCI_QUEUE_ADDR_SHIFT).
 QUEUE_ADDR_SHIFT = 12
 PAGE_SIZE = 1 << QUEUE_ADDR_SHIFT
+# QUEUE_PFN is 32 bits wide: rings must lie below 2**44 (and not in page 0).
+PFN_LIMIT = 1 << 32
+# QEMU's VIRTIO_QUEUE_MAX: QUEUE_SEL accepts any index below it.
+QUEUE_MAX = 1024
 # §4.1.5.1.2: "no vector" for config and queue interrupts.
 NO_VECTOR = 0xFFFF
 # ISR status bits, §4.1.4.5.
@@ -220,7 +227,7 @@ class LegacyPciDevice:
         if offset >= self.config_offset:
             return self._config_read(offset - self.config_offset, width)
         reg = self._register_at(offset, width)
-        q = self.queues[self.queue_sel] if self.queues else None
+        q = self._selected()
         if reg == HOST_FEATURES:
             return self.host_features
         if reg == GUEST_FEATURES:
@@ -256,7 +263,7 @@ class LegacyPciDevice:
         elif reg == QUEUE_PFN:
             return self._write_pfn(value)
         elif reg == QUEUE_SEL:
-            if value < len(self.queues):
+            if value < QUEUE_MAX:
                 self.queue_sel = value
         elif reg == QUEUE_NOTIFY:
             if value < len(self.queues):
@@ -270,11 +277,17 @@ class LegacyPciDevice:
         elif reg == CONFIG_VECTOR:
             self.config_vector = self._vector(value)
         elif reg == QUEUE_VECTOR:
-            if self.queues:
-                self.queues[self.queue_sel].vector = self._vector(value)
+            q = self._selected()
+            if q is not None:
+                q.vector = self._vector(value)
         else:
             log.debug("legacy virtio-pci: write of %d bytes to offset %d ignored", width, offset)
         return []
+
+    def _selected(self) -> LegacyQueue | None:
+        """The selected queue, or None when the device has no queue of that index."""
+        sel = self.queue_sel
+        return self.queues[sel] if sel < len(self.queues) else None
 
     def _vector(self, value: int) -> int:
         # QEMU maps a vector it cannot use to NO_VECTOR; the driver reads it back to see.
@@ -284,9 +297,10 @@ class LegacyPciDevice:
         if pfn == 0:
             self.reset()
             return [Reset()]
-        if not self.queues:
+        q = self._selected()
+        if q is None:
+            # QEMU virtio_queue_set_addr: a queue of size 0 takes no address.
             return []
-        q = self.queues[self.queue_sel]
         addr = pfn << QUEUE_ADDR_SHIFT
         layout = SplitLayout.legacy(addr, q.size, LEGACY_VRING_ALIGN)
         try:
@@ -364,7 +378,7 @@ class DirectBus:
 
 
 class VqSetupError(VirtioError):
-    """``setup_vq`` failed; ``errno`` is what Linux would return (ENOENT, EBUSY)."""
+    """``setup_vq`` failed; ``errno`` is what Linux would return (ENOENT, EBUSY, E2BIG...)."""
 
     def __init__(self, err: int, message: str) -> None:
         super().__init__(message)
@@ -427,9 +441,19 @@ class LegacyPciDriver:
             raise PeerError(f"device reports queue {index} size {num}: not a power of two")
         size = legacy_ring_bytes(num)
         addr = self.allocator.alloc(size, PAGE_SIZE)
+        pfn = addr >> QUEUE_ADDR_SHIFT
+        # The register cannot express these rings: page 0 is the reset value,
+        # and bits above 32 would be dropped, pointing the device at another
+        # ring.  Linux's legacy setup_vq refuses q_pfn >> 32 with E2BIG.
+        if pfn >= PFN_LIMIT:
+            raise VqSetupError(errno.E2BIG, f"queue {index}: ring at {addr:#x} is above "
+                                            f"what the 32-bit QUEUE_PFN can address")
+        if pfn == 0:
+            raise VqSetupError(errno.EINVAL, f"queue {index}: a ring in page 0 would "
+                                             f"write QUEUE_PFN 0, which resets the device")
         # Rings must start zeroed (alloc_pages_exact with __GFP_ZERO).
         self.memory.translate(addr, size)[:] = bytes(size)
-        self.bus.write(QUEUE_PFN, 4, addr >> QUEUE_ADDR_SHIFT)
+        self.bus.write(QUEUE_PFN, 4, pfn)
         layout = SplitLayout.legacy(addr, num, LEGACY_VRING_ALIGN)
         vq = SplitDriverQueue(RingViews.map(self.memory, layout), self.features)
         if self.msix and msix_vector != NO_VECTOR:
