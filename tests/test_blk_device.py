@@ -66,11 +66,11 @@ def test_read_write_flush_id(img: Path) -> None:
     drv, ports = make_loop(dev(img, serial="serial-123"))
     original = img.read_bytes()
     assert drv.read(0, 4096) == original[:4096]
-    assert drv.read(100, 64 * 1024 + 512) == original[100 * 512:100 * 512 + 64 * 1024 + 512]
+    assert drv.read(100 * 512, 64 * 1024 + 512) == original[100 * 512:100 * 512 + 64 * 1024 + 512]
     pattern = bytes(range(256)) * 48  # 12 KiB
-    drv.write(7, pattern)
+    drv.write(7 * 512, pattern)
     drv.flush()
-    assert drv.read(7, len(pattern)) == pattern
+    assert drv.read(7 * 512, len(pattern)) == pattern
     assert img.read_bytes()[7 * 512:7 * 512 + len(pattern)] == pattern
     assert drv.get_id() == "serial-123"
     assert ports[0].kick.count > 0
@@ -93,21 +93,21 @@ def test_used_lengths(img: Path) -> None:
 
 def test_discard_and_write_zeroes(img: Path) -> None:
     drv, _ = make_loop(dev(img))
-    drv.write_zeroes(16, 8)
-    drv.write_zeroes(64, 16, unmap=True)
-    drv.discard(256, 8)
-    assert drv.read(16, 4096) == bytes(4096)
-    assert drv.read(64, 8192) == bytes(8192)
+    drv.write_zeroes(16 * 512, 4096)
+    drv.write_zeroes(64 * 512, 8192, unmap=True)
+    drv.discard(256 * 512, 4096)
+    assert drv.read(16 * 512, 4096) == bytes(4096)
+    assert drv.read(64 * 512, 8192) == bytes(8192)
 
 
 def test_errors_come_back_as_status(img: Path) -> None:
     drv, _ = make_loop(dev(img))
     cap = SIZE // 512
     with pytest.raises(BlkIOError) as e:
-        drv.read(cap - 1, 1024)
+        drv.read((cap - 1) * 512, 1024)
     assert e.value.status == Status.IOERR
     with pytest.raises(BlkIOError):
-        drv.write(cap, b"x" * 512)
+        drv.write(cap * 512, b"x" * 512)
     s = drv.submit(ReqType.IN, 0, 100)  # not whole sectors
     assert drv.wait(s).status == Status.IOERR
     drv.release(s)
@@ -118,7 +118,7 @@ def test_errors_come_back_as_status(img: Path) -> None:
     assert drv.wait(s).status == Status.OK                                # 0 sectors
     drv.release(s)
     with pytest.raises(BlkIOError) as e:
-        drv._dwz(ReqType.DISCARD, [(0, 8, 1)])  # unmap on a discard
+        drv._dwz_segments(ReqType.DISCARD, [(0, 8, 1)])  # unmap on a discard
     assert e.value.status == Status.UNSUPP
     assert drv.read(0, 512)  # the queue still works
 
@@ -131,7 +131,7 @@ def test_read_only_device_refuses_writes(img: Path) -> None:
         drv.write(0, b"w" * 4096)
     assert e.value.status == Status.IOERR
     with pytest.raises(BlkIOError):
-        drv.write_zeroes(0, 8)
+        drv.write_zeroes(0, 4096)
     drv.flush()
     assert drv.read(0, 4096) == before[:4096]
     assert img.read_bytes() == before

@@ -42,11 +42,11 @@ def test_write_read_verify_flush(qsd: tuple[Path, Path]) -> None:
         assert drv.capacity == SIZE // 512
         assert drv.read(0, 4096) == original[:4096]
         data = os.urandom(256 * 1024 + 512)
-        drv.write(2048, data)
+        drv.write(2048 * 512, data)
         drv.flush()
-        assert drv.read(2048, len(data)) == data
-        drv.write_zeroes(100, 8)
-        assert drv.read(100, 4096) == bytes(4096)
+        assert drv.read(2048 * 512, len(data)) == data
+        drv.write_zeroes(100 * 512, 8 * 512)
+        assert drv.read(100 * 512, 4096) == bytes(4096)
         assert isinstance(drv.get_id(), str)
         # many requests in flight
         slots = [drv.submit(ReqType.IN, 8 * i, 4096, kick=False) for i in range(drv.depth())]
@@ -67,10 +67,10 @@ def test_two_queues(qsd: tuple[Path, Path]) -> None:
     with BlkDriver.connect(str(sock), num_queues=2, timeout=10) as drv:
         assert drv.num_queues == 2
         drv.write(0, b"A" * 4096)   # queue 0
-        drv.write(8, b"B" * 4096)   # queue 1 (round robin)
+        drv.write(8 * 512, b"B" * 4096)   # queue 1 (round robin)
         drv.flush()
         assert drv.read(0, 4096) == b"A" * 4096
-        assert drv.read(8, 4096) == b"B" * 4096
+        assert drv.read(8 * 512, 4096) == b"B" * 4096
 
 
 @pytest.mark.timeout(90)

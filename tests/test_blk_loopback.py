@@ -48,15 +48,15 @@ def test_write_read_verify_flush(server: Path, img: Path) -> None:
         assert drv.features >> BlkFeature.MQ & 1
         assert drv.read(0, 8192) == original[:8192]
         data = os.urandom(300 * 1024)  # more than max_io: split into several requests
-        drv.write(1000, data)
+        drv.write(1000 * 512, data)
         drv.flush()
-        assert drv.read(1000, len(data)) == data
+        assert drv.read(1000 * 512, len(data)) == data
         assert drv.get_id() == "loop-serial"
-        drv.write_zeroes(4000, 16)
-        drv.discard(6000, 8)
-        assert drv.read(4000, 16 * 512) == bytes(16 * 512)
+        drv.write_zeroes(4000 * 512, 16 * 512)
+        drv.discard(6000 * 512, 8 * 512)
+        assert drv.read(4000 * 512, 16 * 512) == bytes(16 * 512)
         with pytest.raises(BlkIOError) as e:
-            drv.read(SIZE // 512, 512)
+            drv.read(SIZE, 512)
         assert e.value.status == Status.IOERR
     after = img.read_bytes()
     assert after[1000 * 512:1000 * 512 + len(data)] == data
@@ -82,9 +82,9 @@ def test_many_in_flight_on_both_queues(server: Path, img: Path) -> None:
 @pytest.mark.timeout(60)
 def test_reconnect_sees_earlier_writes(server: Path) -> None:
     with BlkDriver.connect(str(server), timeout=10) as drv:
-        drv.write(77, b"first connection" + bytes(496))
+        drv.write(77 * 512, b"first connection" + bytes(496))
     with BlkDriver.connect(str(server), timeout=10) as drv:
-        assert drv.read(77, 512).startswith(b"first connection")
+        assert drv.read(77 * 512, 512).startswith(b"first connection")
 
 
 @pytest.mark.timeout(60)

@@ -205,10 +205,10 @@ def check_io(s: Served) -> None:
         assert drv.capacity == SIZE // 512
         sector = rnd.randrange(0, SIZE // 512 - 8)
         data = rnd.randbytes(4096)
-        drv.write(sector, data)
-        assert drv.read(sector, 4096) == data
-        drv.write(sector + 1, data[:512])  # the second write lands on the other queue
-        assert drv.read(sector + 1, 512) == data[:512]
+        drv.write(sector * 512, data)
+        assert drv.read(sector * 512, 4096) == data
+        drv.write((sector + 1) * 512, data[:512])  # the second write lands on the other queue
+        assert drv.read((sector + 1) * 512, 512) == data[:512]
         drv.flush()
     with open(s.img, "rb") as f:
         f.seek(sector * 512)

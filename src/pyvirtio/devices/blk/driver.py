@@ -5,10 +5,13 @@
 eventfd (a vhost-user ``FrontendQueue``, or anything shaped like it) — and
 offers:
 
-* a blocking API: :meth:`~BlkDriver.read`, :meth:`~BlkDriver.write`,
+* a blocking API on byte offsets, like ``os.pread`` / ``os.pwrite``:
+  :meth:`~BlkDriver.read`, :meth:`~BlkDriver.write`,
   :meth:`~BlkDriver.flush`, :meth:`~BlkDriver.get_id`,
-  :meth:`~BlkDriver.discard`, :meth:`~BlkDriver.write_zeroes`;
+  :meth:`~BlkDriver.discard`, :meth:`~BlkDriver.write_zeroes` (offsets and
+  lengths in bytes, multiples of 512);
 * an asynchronous one for many requests in flight: :meth:`~BlkDriver.submit`
+  (which, like the request header, counts in 512-byte sectors)
   returns a :class:`Slot`, :meth:`~BlkDriver.kick` notifies the device (only
   when ``kick_prepare`` says so, §2.7.10), :meth:`~BlkDriver.reap` returns
   completed slots, sleeping on the call eventfd after re-arming interrupts
@@ -258,7 +261,12 @@ class BlkDriver:
 
     def submit(self, rtype: int, sector: int = 0, nbytes: int = 0, *, queue: int = 0,
                data: bytes | bytearray | memoryview | None = None, kick: bool = True) -> Slot:
-        """Queue one request; ``data`` is copied into the slot for OUT."""
+        """Queue one request of type ``rtype`` at ``sector`` (512-byte units, §5.2.6).
+
+        ``data`` is copied into the slot for OUT (and sets ``nbytes``);
+        ``nbytes`` is the length of an IN.  Returns the slot to :meth:`wait`
+        on; :meth:`release` it after reading its result.
+        """
         slot = self._get_slot(queue)
         try:
             if data is not None:
@@ -390,36 +398,51 @@ class BlkDriver:
             raise BlkIOError(status, what or ReqType(rtype).name)
         return slot
 
-    def _check_range(self, sector: int, nbytes: int) -> None:
-        if sector < 0 or nbytes < 0 or nbytes % SECTOR_SIZE:
-            raise CallerError(f"sector {sector}, {nbytes} bytes: not whole 512-byte sectors")
+    @staticmethod
+    def _check_range(offset: int, nbytes: int) -> None:
+        """Refuse byte ranges the device cannot address: virtio-blk counts in sectors (§5.2.6)."""
+        for name, value in (("offset", offset), ("nbytes", nbytes)):
+            if value < 0 or value % SECTOR_SIZE:
+                raise CallerError(f"{name} {value}: must be a non-negative multiple of "
+                                  f"{SECTOR_SIZE} (the virtio-blk sector size)")
 
-    def read(self, sector: int, nbytes: int) -> bytes:
-        """``nbytes`` (a multiple of 512) from ``sector``."""
-        self._check_range(sector, nbytes)
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """Read ``nbytes`` bytes of the disk starting at byte ``offset``, like ``os.pread``.
+
+        Both must be multiples of 512 (the virtio-blk sector size, §5.2.6),
+        else CallerError.  Longer reads are split into requests of at most
+        ``max_io`` bytes.  A device error raises :class:`BlkIOError`.
+        """
+        self._check_range(offset, nbytes)
         out = bytearray()
         while nbytes:
             n = min(nbytes, self.max_io)
-            slot = self._run(ReqType.IN, sector, n, what=f"read sector {sector}")
+            slot = self._run(ReqType.IN, offset // SECTOR_SIZE, n, what=f"read at offset {offset}")
             out += slot.payload()
             self.release(slot)
-            sector += n // SECTOR_SIZE
+            offset += n
             nbytes -= n
         return bytes(out)
 
-    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` to the disk starting at byte ``offset``, like ``os.pwrite``.
+
+        ``offset`` and ``len(data)`` must be multiples of 512 (the virtio-blk
+        sector size, §5.2.6), else CallerError.  Returns once the device has
+        completed every request; call :meth:`flush` to make the data durable.
+        """
         view = memoryview(data).cast("B")
-        self._check_range(sector, len(view))
-        off = 0
-        while off < len(view):
-            n = min(len(view) - off, self.max_io)
-            slot = self._run(ReqType.OUT, sector, data=view[off:off + n],
-                             what=f"write sector {sector}")
+        self._check_range(offset, len(view))
+        done = 0
+        while done < len(view):
+            n = min(len(view) - done, self.max_io)
+            slot = self._run(ReqType.OUT, (offset + done) // SECTOR_SIZE,
+                             data=view[done:done + n], what=f"write at offset {offset + done}")
             self.release(slot)
-            sector += n // SECTOR_SIZE
-            off += n
+            done += n
 
     def flush(self) -> None:
+        """VIRTIO_BLK_T_FLUSH on every queue: completed writes reach stable storage."""
         for qi in range(len(self.ports)):
             slot = self.submit(ReqType.FLUSH, queue=qi)
             self.wait(slot)
@@ -429,18 +452,38 @@ class BlkDriver:
                 raise BlkIOError(status, "flush")
 
     def get_id(self) -> str:
+        """The device's serial number (VIRTIO_BLK_T_GET_ID, at most 20 bytes)."""
         slot = self._run(ReqType.GET_ID, 0, what="get_id")
         raw = bytes(slot.payload())
         self.release(slot)
         return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
-    def discard(self, sector: int, num_sectors: int) -> None:
-        self._dwz(ReqType.DISCARD, [(sector, num_sectors, 0)])
+    def discard(self, offset: int, nbytes: int) -> None:
+        """Tell the device ``nbytes`` bytes at byte ``offset`` are unused (VIRTIO_BLK_T_DISCARD).
 
-    def write_zeroes(self, sector: int, num_sectors: int, unmap: bool = False) -> None:
-        self._dwz(ReqType.WRITE_ZEROES, [(sector, num_sectors, DWZ_F_UNMAP if unmap else 0)])
+        Both must be multiples of 512.  Needs VIRTIO_BLK_F_DISCARD; the
+        device answers UNSUPP (:class:`BlkIOError`) otherwise.
+        """
+        self._dwz(ReqType.DISCARD, offset, nbytes, 0)
 
-    def _dwz(self, rtype: int, segments: list[tuple[int, int, int]]) -> None:
+    def write_zeroes(self, offset: int, nbytes: int, unmap: bool = False) -> None:
+        """Zero ``nbytes`` bytes at byte ``offset`` (VIRTIO_BLK_T_WRITE_ZEROES).
+
+        Both must be multiples of 512.  ``unmap=True`` lets the device
+        deallocate the range instead of writing zeroes (reads still return
+        zeroes).  Needs VIRTIO_BLK_F_WRITE_ZEROES.
+        """
+        self._dwz(ReqType.WRITE_ZEROES, offset, nbytes, DWZ_F_UNMAP if unmap else 0)
+
+    def _dwz(self, rtype: int, offset: int, nbytes: int, flags: int) -> None:
+        self._check_range(offset, nbytes)
+        sectors = nbytes // SECTOR_SIZE
+        if sectors > 0xFFFF_FFFF:  # num_sectors is a le32 (§5.2.6)
+            raise CallerError(f"nbytes {nbytes}: one request covers at most "
+                              f"{0xFFFF_FFFF * SECTOR_SIZE} bytes")
+        self._dwz_segments(rtype, [(offset // SECTOR_SIZE, sectors, flags)])
+
+    def _dwz_segments(self, rtype: int, segments: list[tuple[int, int, int]]) -> None:
         payload = b"".join(DWZ_SEGMENT.pack(s, n, f) for s, n, f in segments)
         if len(payload) > self.max_io:
             raise CallerError("too many segments")
