@@ -32,7 +32,7 @@ from conftest import EVENT_IDX, INDIRECT, RingPair, close_pair, make_pair
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import GuestMemory
-from pyvirtio.core.spec import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from pyvirtio.core.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from pyvirtio.core.split_batch import DeviceBatch, DriverBatch
 from pyvirtio.core.split_device import Element, SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
@@ -270,6 +270,36 @@ def test_long_chain_takes_scalar_walk() -> None:
         ch = DeviceBatch(a.device).pop(8)
         assert chains_sigs(a, ch) == [element_sig(b, e) for e in
                                       (b.device.pop(), b.device.pop(), b.device.pop()) if e]
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_direct_chains_ending_in_indirect_tables(path: str) -> None:
+    """§2.7.5.3.2: direct descriptors then one INDIRECT one, among plain chains."""
+    num = 16
+    with twins(num, INDIRECT) as (a, b), forced(path):
+        for p in (a, b):
+            data = p.buf(0x1000, bytes(range(256)) * 16)
+            tables = p.buf(16 * 2 * num)
+            rings = p.driver.rings
+            for h in range(0, num, 2):
+                # head h: a readable header, then the table (readable + writable);
+                # head h + 1: one writable buffer.
+                tbl = tables + 32 * h
+                p.mem.write(tbl, np.array([(data + 64 * h, 8, VRING_DESC_F_NEXT, 1),
+                                           (data + 64 * h + 16, 12, VRING_DESC_F_WRITE, 0)],
+                                          sb.DESC_DTYPE).tobytes())
+                rings.desc[16 * h:16 * h + 32] = np.array(
+                    [(data + 64 * h + 32, 4, VRING_DESC_F_NEXT, h + 1),
+                     (tbl, 32, VRING_DESC_F_INDIRECT, 0)], sb.DESC_DTYPE).tobytes()
+            for i in range(num):
+                rings.avail16[2 + i] = 2 * (i % (num // 2))
+            rings.avail16[1] = num // 2
+        ch = DeviceBatch(a.device).pop(num)
+        es = [b.device.pop() for _ in range(num // 2)]
+        assert b.device.pop() is None and not a.device.broken
+        assert chains_sigs(a, ch) == [element_sig(b, e) for e in es if e]
+        assert [len(ch.segments(i)) for i in range(len(ch))] == [3] * (num // 2)
         assert_same(a, b)
 
 

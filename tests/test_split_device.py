@@ -91,8 +91,14 @@ HOSTILE_CHAINS: dict[str, list[tuple[int, int, int, int, int]]] = {
     "indirect-with-next": [(0, 0, 32, IND | NEXT, 1), (1, 8, 8, 0, 0)],
     "indirect-len-0": [(0, 0, 0, IND, 0)],
     "indirect-len-not-16x": [(0, 0, 24, IND, 0)],
-    "indirect-mid-chain": [(0, 0, 8, NEXT, 1), (1, 0, 32, IND, 0)],
     "indirect-unmapped": [(0, -1, 32, IND, 0)],
+    # A direct chain may end in one indirect descriptor (§2.7.5.3.2), under the same rules.
+    "direct-then-indirect-with-next": [(0, 0, 8, NEXT, 1), (1, 16, 32, IND | NEXT, 2),
+                                       (2, 8, 8, 0, 0)],
+    "direct-then-indirect-len-0": [(0, 0, 8, NEXT, 1), (1, 16, 0, IND, 0)],
+    "direct-then-indirect-len-not-16x": [(0, 0, 8, NEXT, 1), (1, 16, 24, IND, 0)],
+    "direct-then-indirect-unmapped": [(0, 0, 8, NEXT, 1), (1, -1, 32, IND, 0)],
+    "direct-loop-before-indirect": [(0, 0, 8, NEXT, 1), (1, 8, 8, NEXT, 0)],
 }
 
 
@@ -125,6 +131,76 @@ def test_hostile_indirect_tables(ring_pair: Pair) -> None:
         with pytest.raises(PeerError):
             pair.device.pop()
         assert pair.device.broken, name
+
+
+def _indirect_tail_pair(ring_pair: Pair, prefix: list[tuple[int, int, int]],
+                        table: list[tuple[int, int, int, int]],
+                        features: int = INDIRECT) -> RingPair:
+    """Head 0 starts a direct chain of ``prefix`` (data offset, len, WRITE or 0)
+    whose last descriptor is INDIRECT and names ``table`` (data offset, len, flags, next)."""
+    pair = ring_pair(num=4, features=features)
+    data = pair.buf(256, bytes(range(256)))
+    tbl = pair.buf(16 * len(table))
+    for j, (off, length, flags, nxt) in enumerate(table):
+        DESC.pack_into(pair.mem.translate(tbl, 16 * len(table)), 16 * j, data + off, length,
+                       flags, nxt)
+    for i, (off, length, w) in enumerate(prefix):
+        write_desc(pair, i, data + off, length, w | NEXT, i + 1)
+    write_desc(pair, len(prefix), tbl, 16 * len(table), IND, 0)
+    publish_heads(pair, 0)
+    return pair
+
+
+@pytest.mark.parametrize(("prefix", "table", "readable", "writable"), [
+    # header + indirect table of data and status: what a driver that keeps a
+    # header in the ring and spills the rest to an indirect table writes
+    ([(0, 8, 0)], [(16, 8, NEXT, 1), (32, 4, WRITE, 0)], [(0, 8), (16, 8)], [(32, 4)]),
+    ([(0, 8, 0), (8, 8, 0)], [(16, 16, 0, 0)], [(0, 8), (8, 8), (16, 16)], []),
+    ([(0, 8, 0), (8, 4, WRITE)], [(64, 8, WRITE | NEXT, 1), (80, 8, WRITE, 0)],
+     [(0, 8)], [(8, 4), (64, 8), (80, 8)]),
+    ([(0, 8, WRITE), (8, 8, WRITE), (16, 8, WRITE)], [(64, 8, WRITE, 0)],
+     [], [(0, 8), (8, 8), (16, 8), (64, 8)]),
+])
+def test_direct_chain_ending_in_an_indirect_descriptor(
+        ring_pair: Pair, prefix: list[tuple[int, int, int]],
+        table: list[tuple[int, int, int, int]], readable: list[tuple[int, int]],
+        writable: list[tuple[int, int]]) -> None:
+    # VIRTIO 1.2 §2.7.5.3.2: "The device MUST handle the case of zero or more
+    # normal chained descriptors followed by a single descriptor with
+    # flags&VIRTQ_DESC_F_INDIRECT" (Linux vhost's get_vq_desc does).
+    def expect(spans: list[tuple[int, int]]) -> list[bytes]:
+        return [bytes(range(off, off + length)) for off, length in spans]
+
+    for batched in (False, True):
+        pair = _indirect_tail_pair(ring_pair, prefix, table)
+        if batched:
+            (e,) = pair.device.pop_batch()
+        else:
+            got = pair.device.pop()
+            assert got is not None
+            e = got
+        assert e.head == 0 and not pair.device.broken
+        assert [bytes(v) for v in e.readable] == expect(readable)
+        assert [bytes(v) for v in e.writable] == expect(writable)
+        assert all(v.readonly for v in e.readable)
+        assert not any(v.readonly for v in e.writable)
+        pair.device.push(e.head, 0)
+        assert pair.driver.rings.used32[1] == 0 and pair.device.inuse == 0
+
+
+@pytest.mark.parametrize(("prefix", "table", "features"), [
+    ([(0, 8, 0)], [(16, 8, IND, 0)], INDIRECT),                      # nested indirect
+    ([(0, 8, WRITE)], [(16, 8, 0, 0)], INDIRECT),                    # readable after writable
+    ([(0, 8, 0)], [(16, 8, NEXT, 0)], INDIRECT),                     # loop inside the table
+    ([(0, 8, 0)], [(16, 8, NEXT, 1)], INDIRECT),                     # next past the table
+    ([(0, 8, 0)], [(16, 0, 0, 0)], INDIRECT),                        # zero-length buffer
+    ([(0, 8, 0)], [(16, 8, 0, 0)], 0),                               # feature not negotiated
+])
+def test_hostile_indirect_tail_breaks_the_queue(ring_pair: Pair,
+                                                prefix: list[tuple[int, int, int]],
+                                                table: list[tuple[int, int, int, int]],
+                                                features: int) -> None:
+    _expect_broken(_indirect_tail_pair(ring_pair, prefix, table, features))
 
 
 def test_chain_of_full_table_length_is_fine(ring_pair: Pair) -> None:
@@ -360,16 +436,23 @@ _BATCH_CHAINS: dict[str, tuple[int, list[tuple[int, int, int, int, int]]]] = {
     "unmapped-second": (0, [(0, 0, 8, NEXT, 1), (1, -1, 8, WRITE, 0)]),
     "past-the-end-second": (0, [(0, 0, 8, NEXT, 1), (1, -2, 8, WRITE, 0)]),
     "readable-after-writable": (0, [(0, 0, 8, NEXT | WRITE, 1), (1, 8, 8, 0, 0)]),
-    "indirect-mid-chain": (0, [(0, 0, 8, NEXT, 1), (1, 0, 32, IND, 0)]),
     "indirect-without-feature": (0, [(0, 0, 32, IND, 0)]),
+    "direct-then-indirect-without-feature": (0, [(0, 0, 8, NEXT, 1), (1, 192, 32, IND, 0)]),
+    "direct-then-indirect": (0, [(0, 0, 8, NEXT, 1), (1, 192, 32, IND, 0)]),
+    "w-then-indirect": (0, [(0, 0, 8, WRITE | NEXT, 1), (1, 192, 32, IND, 0)]),
     "head-out-of-range": (16, []),
 }
 _GOOD = ["w", "r+w", "r+r", "w+w", "r"]
 
 
+# The "...then-indirect" chains name an indirect table at data offset 192 of a
+# readable and a writable buffer ("w-then-indirect" so puts a readable one last).
+
+
 def _batch_pair(ring_pair: Pair, odd: str, where: int) -> RingPair:
-    pair = ring_pair(num=16)
+    pair = ring_pair(num=16, features=INDIRECT if odd.endswith("then-indirect") else 0)
     data = pair.buf(256, bytes(range(256)))
+    pair.mem.write(data + 192, DESC.pack(data + 40, 8, NEXT, 1) + DESC.pack(data + 48, 8, WRITE, 0))
     end = pair.mem.regions[-1].gpa + pair.mem.regions[-1].size
     heads: list[int] = []
     names = [*_GOOD[:where], odd, *_GOOD[where:]]

@@ -5,13 +5,17 @@ batched :class:`~pyvirtio.core.split_batch.DeviceBatch` — take their buffers
 from :func:`iter_chain`, so every rule for hostile chains lives here once:
 
 * each descriptor is unpacked once into locals (no double fetch);
-* an indirect descriptor must be negotiated, be the head, carry no
-  ``NEXT``, and name a table whose length is a positive multiple of 16; an
-  indirect descriptor inside an indirect table is refused;
+* an indirect descriptor must be negotiated, carry no ``NEXT``, and name a
+  table whose length is a positive multiple of 16; an indirect descriptor
+  inside an indirect table is refused.  It may end a chain of direct
+  descriptors (§2.7.5.3.2: the device MUST handle "zero or more normal
+  chained descriptors followed by a single descriptor with
+  flags&VIRTQ_DESC_F_INDIRECT", as Linux vhost's ``get_vq_desc`` does); since
+  it carries no ``NEXT``, it is always the last one there;
 * readable descriptors come before writable ones (§2.7.4.2);
 * ``next`` must lie inside the current table, and the walk stops after
-  at most the queue size (direct) or :func:`indirect_hop_limit` (indirect)
-  descriptors, so a loop cannot hang it.
+  at most the queue size descriptors of the ring's table plus
+  :func:`indirect_hop_limit` of the indirect one, so a loop cannot hang it.
 
 Violations raise :class:`PeerError`; the caller marks its queue broken.
 Translation of each buffer is the caller's (a view, a region offset).
@@ -58,8 +62,6 @@ def iter_chain(table: memoryview, first: tuple[int, int, int, int], num: int,
                 raise PeerError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
             if in_indirect:
                 raise PeerError("indirect descriptor inside an indirect table")
-            if hops:
-                raise PeerError("indirect descriptor in the middle of a chain")
             if flags & VRING_DESC_F_NEXT:
                 raise PeerError("indirect descriptor with VRING_DESC_F_NEXT")
             if length == 0 or length % DESC_SIZE:
@@ -68,6 +70,8 @@ def iter_chain(table: memoryview, first: tuple[int, int, int, int], num: int,
             table = map_table(addr, length)
             limit = length // DESC_SIZE
             hop_limit = indirect_hop_limit(limit, num)
+            # The table's bound is its own; the direct prefix had the ring's.
+            hops = 0
             in_indirect = True
             addr, length, flags, nxt = unpack_desc(table, 0)
             continue
