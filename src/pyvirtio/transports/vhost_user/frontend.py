@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.errors import CallerError, PeerError, VirtioError
 from pyvirtio.core.layout import (
     RingViews,
     SplitLayout,
@@ -90,7 +90,7 @@ from pyvirtio.transports.vhost_user.messages import (
     request,
 )
 
-__all__ = ["FRONTEND_PROTOCOL_FEATURES", "FrontendQueue", "VhostUserFrontend",
+__all__ = ["FRONTEND_PROTOCOL_FEATURES", "FrontendQueue", "VhostUserBusy", "VhostUserFrontend",
            "VhostUserRefused"]
 
 #: Protocol features this front end can use.
@@ -110,8 +110,16 @@ FRONTEND_PROTOCOL_FEATURES = (
 DEFAULT_UADDR = 0x7F00_0000_0000
 
 
-class VhostUserRefused(PeerError):
-    """The back end answered a request with a non-zero REPLY_ACK or an empty config."""
+class VhostUserRefused(VirtioError):
+    """The back end refused a request (non-zero REPLY_ACK, empty config): not a spec violation."""
+
+
+class VhostUserBusy(PeerError):
+    """The back end closed the connection before its first reply.
+
+    A back end that serves one front end at a time (vhost-user has no way to
+    say "busy") accepts a second connection and closes it at once.
+    """
 
 
 @dataclass(eq=False)
@@ -215,8 +223,15 @@ class VhostUserFrontend:
         return fe
 
     def _handshake(self) -> None:
-        self._send(Request.SET_OWNER)
-        self.device_features = self._call(Request.GET_FEATURES)
+        try:
+            self._send(Request.SET_OWNER)
+            self.device_features = self._call(Request.GET_FEATURES)
+        except PeerError:
+            if not self._decoder.pending and self._peer_hung_up():
+                raise VhostUserBusy("the back end closed the connection before its first "
+                                    "reply: back end busy (it serves another front end?)"
+                                    ) from None
+            raise
         if self.device_features >> F_PROTOCOL_FEATURES & 1:
             self.backend_protocol_features = self._call(Request.GET_PROTOCOL_FEATURES)
             wanted = self.backend_protocol_features & self.protocol_mask
@@ -225,6 +240,19 @@ class VhostUserFrontend:
             self.protocol_features = wanted
             if self.has_protocol(ProtocolFeature.BACKEND_REQ):
                 self._open_backend_channel()
+
+    def _peer_hung_up(self) -> bool:
+        """True if the back end has closed its end of the main socket."""
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(0)  # a socket timeout would make even a peek wait for data
+        try:
+            return not self._sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:  # ECONNRESET, EPIPE: closed with data unread
+            return True
+        finally:
+            self._sock.settimeout(timeout)
 
     def _open_backend_channel(self) -> None:
         """SET_BACKEND_REQ_FD with one end of a fresh socketpair; keep the other."""
