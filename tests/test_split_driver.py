@@ -187,6 +187,45 @@ def test_kick_with_event_idx_follows_avail_event(ring_pair: Pair) -> None:
     assert drv.kick_prepare() is True
 
 
+def _cycle_without_kick_prepare(pair: RingPair, count: int) -> None:
+    """``count`` buffers through a device that polls (it publishes no avail_event)."""
+    drv, dev = pair.driver, pair.device
+    buf = pair.buf(1)
+    done = 0
+    while done < count:
+        n = min(pair.num, count - done)
+        for _ in range(n):
+            drv.add([(buf, 1)], [], token=1)
+        while (e := dev.pop()) is not None:
+            dev.push(e.head, 0)
+        assert len(drv.get_bufs()) == n
+        done += n
+
+
+@pytest.mark.parametrize(("adds", "avail_event", "kick"), [
+    # 2**16 adds since the last decision: avail.idx is back where it was, and
+    # the 16-bit distance new - old reads 0, so vring_need_event alone says no.
+    (65536, 0, True),
+    (65536, 0x8000, True),
+    (65536 + 7, 7, True),
+    (3 * 65536 + 1, 1, True),
+    # Up to 65,535 the distance is exact (Linux decides at 65,535 with it).
+    (65535, 0, True),
+    (65535, 65535, False),
+])
+def test_kick_not_lost_after_2_16_adds_without_a_decision(ring_pair: Pair, adds: int,
+                                                          avail_event: int, kick: bool) -> None:
+    pair = ring_pair(num=256, features=EVENT_IDX)
+    pair.device.disable_notification()
+    pair.avail_event = avail_event
+    _cycle_without_kick_prepare(pair, adds)
+    assert pair.driver.num_added == adds
+    assert pair.avail_idx == adds & 0xFFFF
+    assert pair.driver.kick_prepare() is kick
+    assert pair.driver.num_added == 0
+    assert pair.driver.kick_prepare() is False
+
+
 def test_get_buf_publishes_used_event(ring_pair: Pair) -> None:
     pair = ring_pair(num=8, features=EVENT_IDX)
     drv, dev = pair.driver, pair.device

@@ -6,7 +6,9 @@
   and publishes its head in the available ring (§2.7.13);
 * :meth:`~SplitDriverQueue.kick_prepare` is the notification decision of
   §2.7.10 exactly as Linux's ``virtqueue_kick_prepare``: a full fence, then
-  ``VRING_USED_F_NO_NOTIFY`` or ``vring_need_event(avail_event, new, old)``;
+  ``VRING_USED_F_NO_NOTIFY`` or ``vring_need_event(avail_event, new, old)``
+  (with EVENT_IDX, 2**16 or more adds since the last decision always answer
+  "kick", where Linux kicks from ``virtqueue_add_split`` after 65,535);
 * :meth:`~SplitDriverQueue.get_buf` returns (token, written length) from the
   used ring and publishes ``used_event`` (§2.7.7.2);
 * :meth:`~SplitDriverQueue.disable_cb`, :meth:`~SplitDriverQueue.enable_cb`,
@@ -227,13 +229,24 @@ class SplitDriverQueue(Breakable):
         """Whether the device must be notified of the buffers added since the last call."""
         # Publish avail.idx before reading avail_event / used.flags (lost wake-up).
         full_fence()
-        new = self.avail_idx_shadow
-        old = (new - self.num_added) & 0xFFFF
+        added = self.num_added
         self.num_added = 0
         if self.event_idx:
-            # vring_need_event(avail_event, new, old), inlined on the hot path.
-            return (((new - self._used16[self._avail_event_i] - 1) & 0xFFFF)
-                    < ((new - old) & 0xFFFF))
+            # vring_need_event(avail_event, new, old) inlined, with the distance
+            # new - old taken as the true count of adds rather than mod 2**16.
+            # Up to 65,535 adds the two are equal.  From 65,536 on, the 16-bit
+            # distance wraps (to 0 after exactly 2**16, and the kick would be
+            # lost) while the window of indices passed covers every value
+            # avail_event can hold, so the answer is "kick" — which the
+            # comparison below gives by itself, since its left side is < 2**16.
+            # Linux bounds the window instead: virtqueue_add_split calls
+            # virtqueue_kick at num_added == 2**16 - 1.  A sans-I/O driver
+            # cannot kick from add(), and refusing the 65,536th add would make a
+            # queue unusable for a caller that takes its decisions late; the
+            # cost here is at most one spurious kick (kicks are hints, §2.7.10),
+            # never a lost one, and add() does no extra work.
+            return ((self.avail_idx_shadow - self._used16[self._avail_event_i] - 1)
+                    & 0xFFFF) < added
         return not self._used16[0] & VRING_USED_F_NO_NOTIFY
 
     # ------------------------------------------------------------------- used
