@@ -517,6 +517,33 @@ def test_hostile_get_equals_scalar(data: st.DataObject, num: int, path: str,
         assert_same(a, b)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_more_heads_in_flight_than_the_queue_size(path: str) -> None:
+    """QEMU "Virtqueue size exceeded": the batch stops there, the next pop breaks the queue."""
+    num = 32
+    with twins(num) as (a, b), forced(path):
+        for p in (a, b):
+            data = p.buf(16 * num)
+            rings = p.driver.rings
+            for i in range(num):
+                rings.desc[16 * i:16 * i + 16] = np.array(
+                    [(data + 16 * i, 16, VRING_DESC_F_WRITE, 0)], sb.DESC_DTYPE).tobytes()
+            # Every head once, then heads 0.. again while the device holds them.
+            for i in range(num):
+                rings.avail16[2 + i] = i
+            rings.avail16[1] = num - 4
+        for p in (a, b):
+            assert len(DeviceBatch(p.device).pop(num) if p is a else
+                       [p.device.pop() for _ in range(num - 4)]) == num - 4
+            rings = p.driver.rings
+            for i in range(num - 4):
+                rings.avail16[2 + i] = i
+            rings.avail16[1] = 2 * num - 8
+        _pop_both(a, b, num)
+        assert a.device.broken and "size exceeded" in a.device.broken
+        assert a.device.inuse == num
+
+
 def test_broken_queue_refuses_batches() -> None:
     p = make_pair(4)
     try:

@@ -502,6 +502,50 @@ def test_pop_batch_is_repeated_pop(ring_pair: Pair, odd: str, where: int) -> Non
     assert batched.avail_event == scalar.avail_event
 
 
+@pytest.mark.parametrize("how", ["pop", "pop_head", "pop_batch"])
+def test_more_heads_in_flight_than_the_queue_size_break_it(ring_pair: Pair, how: str) -> None:
+    # A driver that makes a head available again while the device still holds
+    # it: QEMU's virtqueue_split_pop stops at "Virtqueue size exceeded".
+    pair = ring_pair(num=4)
+    data = pair.buf(64)
+    for i in range(4):
+        write_desc(pair, i, data + 16 * i, 16, WRITE, 0)
+    dev = pair.device
+    pop = {"pop": dev.pop, "pop_head": dev.pop_head,
+           "pop_batch": lambda: (dev.pop_batch() or [None])[0]}[how]
+    publish_heads(pair, 0, 1, 2)
+    if how == "pop_batch":
+        assert len(dev.pop_batch()) == 3
+    else:
+        for _ in range(3):
+            assert pop() is not None
+    publish_heads(pair, 3, 0, 1)  # head 3 fits; 0 and 1 are still in flight
+    if how == "pop_batch":
+        assert [e.head for e in dev.pop_batch()] == [3]  # the batch ends before the excess
+    else:
+        assert pop() is not None
+    assert dev.inuse == 4 and dev.broken is None
+    with pytest.raises(PeerError, match="size exceeded") as info:
+        pop()
+    assert type(info.value) is PeerError and dev.broken
+    assert dev.inuse == 4 and dev.last_avail_idx == 4
+    with pytest.raises(QueueBrokenError):
+        pop()
+
+
+def test_a_full_queue_in_flight_is_fine(ring_pair: Pair) -> None:
+    pair = ring_pair(num=4)
+    for t in range(4):
+        _add(pair, token=t + 1)
+    heads = [e.head for e in pair.device.pop_batch()]
+    assert len(heads) == 4 and pair.device.pop() is None
+    for h in heads:
+        pair.device.push(h, 0)
+    assert len(pair.driver.get_bufs()) == 4
+    _add(pair, token=9)
+    assert pair.device.pop() is not None and not pair.device.broken
+
+
 def test_pop_batch_limit_and_event_idx(ring_pair: Pair) -> None:
     pair = ring_pair(num=8, features=EVENT_IDX)
     for i in range(6):

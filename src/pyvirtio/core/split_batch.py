@@ -263,7 +263,10 @@ class DeviceBatch:
             if (idx - last) & 0xFFFF <= self.num:
                 q.shadow_avail_idx = idx
                 have = (idx - last) & 0xFFFF
-        n = min(max_n, have)
+        room = self.num - q.inuse
+        if have > 0 and room <= 0:
+            raise q._size_exceeded()
+        n = min(max_n, have, room)
         regions = self._regions()
         if n <= 0:
             return _empty_chains(regions)

@@ -163,6 +163,15 @@ class SplitDeviceQueue(Breakable):
         return self.available() == 0
 
     # ------------------------------------------------------------------- pop
+    def _size_exceeded(self) -> PeerError:
+        """Break the queue: a head is available while every head is in flight.
+
+        Only a driver that made a head available again before it was used can
+        get there; QEMU's ``virtqueue_split_pop`` refuses it the same way.
+        """
+        return self.mark_broken(f"Virtqueue size exceeded: {self.inuse} heads in flight "
+                                f"on a queue of size {self.num}, and more made available")
+
     def pop_head(self) -> int | None:
         """Take the next available head index without walking its chain."""
         if self.broken is not None:
@@ -170,6 +179,8 @@ class SplitDeviceQueue(Breakable):
         last = self.last_avail_idx
         if self.shadow_avail_idx == last and self._fetch_avail_idx() == last:
             return None
+        if self.inuse >= self.num:
+            raise self._size_exceeded()
         head = self._avail[2 + (last & self._mask)]
         if head >= self.num:
             raise self.mark_broken(f"available ring entry {last} names head {head} "
@@ -199,6 +210,8 @@ class SplitDeviceQueue(Breakable):
                     f"driver moved avail.idx from {last} to {idx}: "
                     f"more than the queue size {self.num} ahead")
             self.shadow_avail_idx = idx
+        if self.inuse >= self.num:
+            raise self._size_exceeded()
         head = avail[2 + (last & self._mask)]
         if head >= self.num:
             raise self.mark_broken(f"available ring entry {last} names head {head} "
@@ -277,7 +290,8 @@ class SplitDeviceQueue(Breakable):
         out.append(first)
         regions = self.memory._regions
         last = self.last_avail_idx
-        todo = min((self.shadow_avail_idx - last) & 0xFFFF, max_n - 1)
+        # Never more in flight than the queue size: pop raises on the next one.
+        todo = min((self.shadow_avail_idx - last) & 0xFFFF, max_n - 1, self.num - self.inuse)
         if todo <= 0 or len(regions) != 1:
             return out
         r = regions[0]
