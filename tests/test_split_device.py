@@ -511,8 +511,13 @@ def test_more_heads_in_flight_than_the_queue_size_break_it(ring_pair: Pair, how:
     for i in range(4):
         write_desc(pair, i, data + 16 * i, 16, WRITE, 0)
     dev = pair.device
-    pop = {"pop": dev.pop, "pop_head": dev.pop_head,
-           "pop_batch": lambda: (dev.pop_batch() or [None])[0]}[how]
+
+    def pop() -> object:
+        if how == "pop_batch":
+            batch = dev.pop_batch()
+            return batch[0] if batch else None
+        return dev.pop() if how == "pop" else dev.pop_head()
+
     publish_heads(pair, 0, 1, 2)
     if how == "pop_batch":
         assert len(dev.pop_batch()) == 3
