@@ -16,6 +16,7 @@ from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import DRIVER_FEATURES, BlkDriver
 from pyvirtio.devices.blk.spec import CONFIG_SIZE_WRITE_ZEROES, BlkConfig
 from pyvirtio.io.eventfd import EventFd
+from pyvirtio.transports.device import offered_features
 
 
 class LoopKick:
@@ -51,10 +52,11 @@ def make_loop(device: BlkDevice, num: int = 64, max_io: int = 64 * 1024,
               mem_size: int = 32 << 20) -> tuple[BlkDriver, list[LoopPort]]:
     memory = GuestMemory.anonymous(mem_size)
     alloc = BumpAllocator(0x1000, mem_size)
-    features = device.features() & (DRIVER_FEATURES | 1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX)
+    features = offered_features(device.device_features) & (
+        DRIVER_FEATURES | 1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX)
     device.set_features(features)
     config = BlkConfig.unpack(device.get_config(0, CONFIG_SIZE_WRITE_ZEROES))
     ports = [LoopPort(memory, alloc, device, i, num, features)
-             for i in range(device.num_queues())]
+             for i in range(device.num_queues)]
     drv = BlkDriver(ports, memory, alloc.alloc, features, config, max_io=max_io, timeout=5)
     return drv, ports

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from blk_loop_harness import make_loop
 from pyvirtio.core.errors import PeerError, QueueBrokenError
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
-from pyvirtio.devices.blk.backend_file import FileBackend
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import BlkIOError, Slot
+from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.devices.blk.spec import (
     REQ_HEADER,
     BlkConfig,
@@ -26,6 +26,7 @@ from pyvirtio.devices.blk.spec import (
     ReqType,
     Status,
 )
+from pyvirtio.transports.device import offered_features
 
 SIZE = 4 << 20
 
@@ -39,12 +40,12 @@ def img(tmp_path: Path) -> Path:
 
 def dev(img: Path, **kw: object) -> BlkDevice:
     ro = bool(kw.pop("read_only", False))
-    return BlkDevice(FileBackend(str(img), read_only=ro), **kw)  # type: ignore[arg-type]
+    return BlkDevice(FileStore(str(img), read_only=ro), **kw)  # type: ignore[arg-type]
 
 
 def test_features_and_config(img: Path) -> None:
     d = dev(img)
-    f = d.features()
+    f = offered_features(d.device_features)
     for bit in (F_VERSION_1, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, BlkFeature.SEG_MAX,
                 BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.DISCARD,
                 BlkFeature.WRITE_ZEROES):
@@ -56,7 +57,7 @@ def test_features_and_config(img: Path) -> None:
     assert d.get_config(0, 8) == (SIZE // 512).to_bytes(8, "little")
     assert d.get_config(90, 20) == bytes(20)  # beyond the struct reads as zero
     ro = dev(img, read_only=True, num_queues=4)
-    f = ro.features()
+    f = offered_features(ro.device_features)
     assert f >> BlkFeature.RO & 1 and f >> BlkFeature.MQ & 1
     assert not f >> BlkFeature.DISCARD & 1
     assert BlkConfig.unpack(ro.get_config(0, 60)).num_queues == 4

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.devices.blk.backend_file import FileBackend
+from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.devices.blk.spec import Status
 
 
@@ -19,13 +19,13 @@ def image(tmp_path: Path, size: int = 1 << 20, fill: bytes = b"\xab") -> Path:
 
 
 def test_capacity_in_sectors(tmp_path: Path) -> None:
-    with FileBackend(str(image(tmp_path, 5 * 512 + 100))) as be:
+    with FileStore(str(image(tmp_path, 5 * 512 + 100))) as be:
         assert be.capacity == 5 and be.size == 5 * 512 + 100
 
 
 def test_scatter_read_and_gather_write(tmp_path: Path) -> None:
     p = image(tmp_path)
-    with FileBackend(str(p)) as be:
+    with FileStore(str(p)) as be:
         a, b = memoryview(bytearray(512)), memoryview(bytearray(1024))
         assert be.write(3, [memoryview(b"1" * 512), memoryview(b"2" * 1024)]) == Status.OK
         assert be.read(3, [a, b]) == (Status.OK, 1536)
@@ -37,14 +37,14 @@ def test_scatter_read_and_gather_write(tmp_path: Path) -> None:
 
 
 def test_read_past_the_end_of_file_is_an_error(tmp_path: Path) -> None:
-    with FileBackend(str(image(tmp_path, 1024))) as be:
+    with FileStore(str(image(tmp_path, 1024))) as be:
         assert be.read(1, [memoryview(bytearray(1024))])[0] == Status.IOERR
 
 
 @pytest.mark.parametrize("punch", [True, False])
 def test_discard_and_write_zeroes(tmp_path: Path, punch: bool) -> None:
     p = image(tmp_path, 64 * 1024)
-    with FileBackend(str(p)) as be:
+    with FileStore(str(p)) as be:
         be.can_punch = be.can_punch and punch  # False: the pwrite fallback
         assert be.write_zeroes(8, 8, unmap=False) == Status.OK
         assert be.write_zeroes(32, 16, unmap=True) == Status.OK
@@ -59,7 +59,7 @@ def test_discard_and_write_zeroes(tmp_path: Path, punch: bool) -> None:
 def test_read_only_never_opens_writable(tmp_path: Path) -> None:
     p = image(tmp_path)
     before = p.read_bytes()
-    with FileBackend(str(p), read_only=True) as be:
+    with FileStore(str(p), read_only=True) as be:
         assert fcntl.fcntl(be.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
         assert be.write(0, [memoryview(b"z" * 512)]) == Status.IOERR
         assert be.write_zeroes(0, 8, unmap=True) == Status.IOERR

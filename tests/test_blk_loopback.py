@@ -114,10 +114,12 @@ def test_probe_and_bench_commands(server: Path) -> None:
     assert info["queue_count"] == 2
     assert "VIRTIO_BLK_F_MQ" in info["feature_names"]
     assert "VHOST_USER_PROTOCOL_F_CONFIG" in info["protocol_feature_names"]
-    res = subprocess.run([sys.executable, "-m", "pyvirtio.cli.main", "bench", "blk",
-                          "--socket-path", str(server), "--rw", "randwrite", "--iodepth", "4",
-                          "--seconds", "0.5", "--json"],
-                         capture_output=True, text=True, timeout=60)
+    bench = [sys.executable, "-m", "pyvirtio.cli.main", "bench", "blk", "--socket-path",
+             str(server), "--rw", "randwrite", "--iodepth", "4", "--seconds", "0.5", "--json"]
+    refused = subprocess.run(bench, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--allow-writes" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and not refused.stdout
+    res = subprocess.run([*bench, "--allow-writes"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["requests"] > 0 and out["errors"] == 0

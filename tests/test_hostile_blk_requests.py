@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from blk_loop_harness import LoopPort, make_loop
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.memory import GuestMemory
-from pyvirtio.devices.blk.backend_file import FileBackend
 from pyvirtio.devices.blk.device import MAX_DWZ_SECTORS, MAX_DWZ_SEG, BlkDevice
+from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.devices.blk.spec import DWZ_SEGMENT, REQ_HEADER, ReqType, Status
 
 SIZE = 4 << 20
@@ -44,7 +44,7 @@ class Rig:
 
     def __init__(self, img: Path, read_only: bool = False) -> None:
         self.img = img
-        self.device = BlkDevice(FileBackend(str(img), read_only=read_only), serial="x" * 20)
+        self.device = BlkDevice(FileStore(str(img), read_only=read_only), serial="x" * 20)
         _drv, ports = make_loop(self.device, mem_size=MEM)
         self.port: LoopPort = ports[0]
         self.mem: GuestMemory = ports[0].memory

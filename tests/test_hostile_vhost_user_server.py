@@ -50,11 +50,12 @@ from pyvirtio.core.spec import (
     VRING_DESC_F_WRITE,
     Status,
 )
-from pyvirtio.devices.blk.backend_file import FileBackend
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import DRIVER_FEATURES, BlkDriver
+from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.devices.blk.spec import CONFIG_SIZE_WRITE_ZEROES, REQ_HEADER, BlkConfig, ReqType
 from pyvirtio.devices.blk.spec import Status as BlkStatus
+from pyvirtio.transports.device import offered_features
 from pyvirtio.transports.vhost_user.frontend import (
     DEFAULT_UADDR,
     FrontendQueue,
@@ -142,7 +143,7 @@ class Served:
 
     def epoll_targets(self) -> set[int]:
         """The fds registered in the server's epoll instance (from /proc fdinfo)."""
-        sel = self.server._sel
+        sel = self.server.loop._sel
         assert isinstance(sel, selectors.EpollSelector)
         with open(f"/proc/self/fdinfo/{sel.fileno()}") as f:
             return {int(line.split()[1]) for line in f if line.startswith("tfd:")}
@@ -153,7 +154,7 @@ def serving(tmp_path: Path, poll: bool = False) -> Iterator[Served]:
     """pyvirtio-blk's device (two queues, file back end) served in a thread."""
     img = tmp_path / "disk.img"
     img.write_bytes(os.urandom(SIZE))
-    backend = FileBackend(str(img))
+    backend = FileStore(str(img))
     device = BlkDevice(backend, num_queues=2, queue_size=256)
     logger = logging.getLogger(f"pyvirtio.test.hostile.{id(tmp_path)}.{poll}")
     logger.propagate = False
@@ -165,7 +166,7 @@ def serving(tmp_path: Path, poll: bool = False) -> Iterator[Served]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while server._sel is None and time.monotonic() < deadline:
+    while not server.loop.running and time.monotonic() < deadline:
         time.sleep(0.001)
     try:
         yield Served(server, thread, path, img, rec)
@@ -424,7 +425,8 @@ def attack(s: Served, prefix: int | None, ring: bytes, msgs: list[tuple[bytes, l
     try:
         plan: list[tuple[bytes, list[int]]] = []
         if prefix is not None:
-            head, fds = legit_prefix(ring, s.server.device.features() | 1 << 30, prefix)
+            offer = offered_features(s.server.device.device_features) | 1 << 30
+            head, fds = legit_prefix(ring, offer, prefix)
             own += fds
             plan += head
         for data, kinds in msgs:
@@ -479,7 +481,7 @@ def test_random_message_sequences_against_a_polling_server(
 # -------------------------------------------------------- specific nasty cases
 def test_header_then_silence_is_dropped(served: Served,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "_PARTIAL_TIMEOUT", 0.3)
+    monkeypatch.setattr(server_mod, "PARTIAL_TIMEOUT", 0.3)
     before = fd_count()
     sock = raw_connect(served.path)
     # A SET_MEM_TABLE header announcing a payload that never comes, with its fd.
@@ -496,7 +498,7 @@ def test_header_then_silence_is_dropped(served: Served,
 
 def test_front_end_that_never_reads_replies(served: Served,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "_SEND_TIMEOUT", 0.5)
+    monkeypatch.setattr(server_mod, "SEND_TIMEOUT", 0.5)
     sock = raw_connect(served.path)
     burst = frame(Request.GET_FEATURES) * 4096
     sock.settimeout(REPLY_WAIT)

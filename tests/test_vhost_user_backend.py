@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from kit_devices import EchoDevice, TwoAtATime
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.layout import (
     RingViews,
@@ -20,10 +21,9 @@ from pyvirtio.core.layout import (
 )
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1, Status
-from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
 from pyvirtio.io.eventfd import EventFd
-from pyvirtio.transports.vhost_user.backend import SUPPORTED_PROTOCOL_FEATURES, VhostUserBackend
+from pyvirtio.transports.device import RING_FEATURES
 from pyvirtio.transports.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     VRING_NOFD_MASK,
@@ -43,62 +43,12 @@ from pyvirtio.transports.vhost_user.messages import (
     backend_request,
     request,
 )
+from pyvirtio.transports.vhost_user.session import SUPPORTED_PROTOCOL_FEATURES, VhostUserSession
 
 MEM = 1 << 20
 UADDR = 0x7F00_0000_0000
 NUM = 8
 FEATURES = 1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX
-
-
-class EchoDevice:
-    """Copies each request's readable bytes into its writable buffers."""
-
-    device_id = 99
-
-    def __init__(self, queues: int = 2) -> None:
-        self.queues = queues
-        self.acked = -1
-        self.resets = 0
-        self.config = bytearray(range(16))
-
-    def num_queues(self) -> int:
-        return self.queues
-
-    def max_queue_size(self) -> int:
-        return 256
-
-    def features(self) -> int:
-        return FEATURES
-
-    def protocol_features(self) -> int:
-        return 0
-
-    def set_features(self, features: int) -> None:
-        self.acked = features
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        return bytes(self.config[offset:offset + size])
-
-    def set_config(self, offset: int, data: bytes) -> None:
-        if offset + len(data) > len(self.config):
-            raise PeerError("config write out of range")
-        self.config[offset:offset + len(data)] = data
-
-    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
-        n = 0
-        while (elem := queue.pop()) is not None:
-            data = b"".join(bytes(v) for v in elem.readable)
-            written = 0
-            for v in elem.writable:
-                k = min(len(v), len(data) - written)
-                v[:k] = data[written:written + k]
-                written += k
-            queue.push(elem.head, written)
-            n += 1
-        return n
-
-    def reset(self) -> None:
-        self.resets += 1
 
 
 def _is_open(fd: int) -> bool:
@@ -114,8 +64,12 @@ class Front:
 
     def __init__(self, protocol: int | None = SUPPORTED_PROTOCOL_FEATURES,
                  queues: int = 2) -> None:
-        self.device = EchoDevice(queues)
-        self.be = VhostUserBackend(self.device)
+        self.device: EchoDevice = EchoDevice(queues)
+        #: Call fds the session signalled, in order; rings reported broken.
+        self.signals: list[int] = []
+        self.broken: list[tuple[int, str]] = []
+        self.be = VhostUserSession(self.device, signal=self.signals.append,
+                                   on_broken=lambda i, why: self.broken.append((i, why)))
         self.memfd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, MEM)
         self.mem = GuestMemory.from_fd(self.memfd, MEM, gpa=0, uaddr=UADDR)
@@ -194,7 +148,7 @@ def _echo_one(f: Front, drv: SplitDriverQueue, index: int, text: bytes) -> int:
 # ------------------------------------------------------------------ handshake
 def test_features_offer_protocol_bit_and_supported_protocol_features() -> None:
     f = Front(protocol=None)
-    assert f.one(Request.GET_FEATURES) == FEATURES | 1 << F_PROTOCOL_FEATURES
+    assert f.one(Request.GET_FEATURES) == RING_FEATURES | 1 << F_PROTOCOL_FEATURES
     proto = f.one(Request.GET_PROTOCOL_FEATURES)
     assert isinstance(proto, int)
     for bit in ("MQ", "REPLY_ACK", "CONFIG", "CONFIGURE_MEM_SLOTS", "RESET_DEVICE", "STATUS"):
@@ -322,6 +276,9 @@ def test_ring_addresses_in_no_region(front: Front) -> None:
     front.send(Request.SET_VRING_NUM, VringState(0, NUM))
     with pytest.raises(PeerError, match="no memory region"):
         front.send(Request.SET_VRING_ADDR, VringAddr(0, 0, 0x1000, 0x3000, 0x2000))
+    # The refusal unconfigured the ring: it needs its size again.
+    assert front.be.rings[0].num == 0 and front.be.rings[0].addr is None
+    front.send(Request.SET_VRING_NUM, VringState(0, NUM))
     # Guest addresses are not user addresses: the same numbers + UADDR work.
     front.send(Request.SET_VRING_ADDR, VringAddr(0, 0, UADDR + 0x1000, UADDR + 0x3000,
                                                  UADDR + 0x2000))
@@ -503,9 +460,7 @@ def test_status_round_trip_and_needs_reset_after_a_broken_ring(front: Front) -> 
     assert front.be.run_ring(0).published == 0
 
 
-@pytest.mark.parametrize("with_callback", [False, True])
-def test_completions_before_a_hostile_head_are_published_and_signalled(
-        front: Front, with_callback: bool) -> None:
+def test_completions_before_a_hostile_head_are_published_and_signalled(front: Front) -> None:
     drv = front.ring(0)
     front.send(Request.SET_VRING_ENABLE, VringState(0, 1))
     for i in range(2):
@@ -513,11 +468,11 @@ def test_completions_before_a_hostile_head_are_published_and_signalled(
     # Then a head beyond the ring: the device pops it after echoing the first two.
     drv.rings.avail16[2 + 2] = 200
     drv.rings.avail16[1] = 3
-    calls: list[int] = []
-    res = front.be.run_ring(0, notify=(lambda: calls.append(1)) if with_callback else None)
+    res = front.be.run_ring(0)
     assert res.broken is not None and "head 200" in res.broken
     assert res.published == 2
-    assert (len(calls) == 1 and not res.notify) if with_callback else res.notify
+    assert front.signals == [front.be.rings[0].call_fd]
+    assert front.broken == [(0, res.broken)]
     assert [drv.get_buf()[0] for _ in range(2)] == [0, 1]  # type: ignore[index]
 
 
@@ -543,8 +498,10 @@ def _break_ring(f: Front, index: int) -> tuple[SplitDriverQueue, list[BackendMes
     drv.rings.avail16[2] = 200  # a head beyond the ring
     drv.rings.avail16[1] = 1
     res = f.be.run_ring(index)
-    assert res.broken is not None
-    return drv, list(res.backend_messages)
+    assert res.broken is not None and f.broken[-1] == (index, res.broken)
+    # The I/O layer answers on_broken with this message on the back-end channel.
+    change = f.be.config_change_message()
+    return drv, [] if change is None else [change]
 
 
 def test_backend_req_is_offered_unless_disabled() -> None:
@@ -552,7 +509,7 @@ def test_backend_req_is_offered_unless_disabled() -> None:
     proto = f.one(Request.GET_PROTOCOL_FEATURES)
     assert isinstance(proto, int) and proto >> ProtocolFeature.BACKEND_REQ & 1
     f.close()
-    be = VhostUserBackend(EchoDevice(), backend_req=False)
+    be = VhostUserSession(EchoDevice(), backend_req=False)
     assert not be.offered_protocol >> ProtocolFeature.BACKEND_REQ & 1
     assert be.offered_protocol >> ProtocolFeature.REPLY_ACK & 1
 
@@ -632,10 +589,11 @@ def test_set_backend_req_fd_is_refused_without_the_feature_or_a_socket() -> None
 def test_channel_lifetime(front: Front) -> None:
     first = _channel(front)
     fd1 = front.be.backend_fd
-    gen = front.be.backend_generation
-    second = _channel(front)  # replaces (and closes) the first
+    ours, theirs = socket.socketpair()
+    out = front.be.handle(request(Request.SET_BACKEND_REQ_FD, None, fds=(theirs.detach(),)))
+    second = ours  # replaces (and closes) the first; the I/O layer is told to re-watch
     fd2 = front.be.backend_fd
-    assert fd1 is not None and fd2 is not None and front.be.backend_generation > gen
+    assert fd1 is not None and fd2 is not None and fd2 != fd1 and out.channel
     assert first.recv(16) == b""  # the back end's end of the first pair is closed
     front.send(Request.RESET_DEVICE)  # device state only: the channel stays
     assert front.be.backend_fd == fd2 and _is_open(fd2)
@@ -732,8 +690,6 @@ def test_random_request_sequences_only_raise_peer_errors(
             for index in range(len(f.be.rings)):
                 for poll in (False, True):
                     res = f.be.run_ring(index, poll=poll)
-                    if res.backend_messages:
-                        event("config change asked")
                     event("ring broken" if res.broken else
                           "ring ran" if f.be.rings[index].runnable else "ring idle")
             assert all(r.is_reply for r in out.replies)
@@ -742,21 +698,9 @@ def test_random_request_sequences_only_raise_peer_errors(
     assert not any(_is_open(fd) for fd in opened)
 
 
-class _TwoAtATime(EchoDevice):
-    """Completes at most two requests per process_queue call (a batching device)."""
-
-    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
-        n = 0
-        while n < 2 and (elem := queue.pop()) is not None:
-            queue.push(elem.head, 0)
-            n += 1
-        return n
-
-
-@pytest.mark.parametrize("with_callback", [False, True])
-def test_run_ring_drains_a_batching_device_and_interrupts_per_batch(with_callback: bool) -> None:
+def test_run_ring_drains_a_batching_device_and_interrupts_per_batch() -> None:
     f = Front()
-    f.device = f.be.device = _TwoAtATime()
+    f.device = f.be.device = TwoAtATime()
     f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
     f.share()
     try:
@@ -764,17 +708,13 @@ def test_run_ring_drains_a_batching_device_and_interrupts_per_batch(with_callbac
         f.send(Request.SET_VRING_ENABLE, VringState(0, 1))
         for i in range(5):
             drv.add([], [(f.alloc(8, 1), 8)], token=i)
-        calls: list[int] = []
-        res = f.be.run_ring(0, notify=(lambda: calls.append(1)) if with_callback else None)
+        res = f.be.run_ring(0)
         assert res.published == 5 and res.broken is None
         got = []
         while (b := drv.get_buf()) is not None:
             got.append(b[0])
         assert got == [0, 1, 2, 3, 4]
-        if with_callback:
-            # EVENT_IDX with used_event never moved: only the first batch crosses it.
-            assert not res.notify and len(calls) == 1
-        else:
-            assert res.notify
+        # EVENT_IDX with used_event never moved: only the first batch crosses it.
+        assert len(f.signals) == 1
     finally:
         f.close()

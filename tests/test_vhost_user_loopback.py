@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from kit_devices import EchoDevice as KitEcho
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, Status
-from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.io.eventfd import EventFd
+from pyvirtio.transports.device import RING_FEATURES
 from pyvirtio.transports.vhost_user.frontend import (
     FRONTEND_PROTOCOL_FEATURES,
     FrontendQueue,
@@ -47,52 +48,18 @@ ALL = 1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX | 1 << F_RING_INDIRECT_DESC
 LOGGER = "pyvirtio.vhost_user"
 
 
-class EchoDevice:
+class EchoDevice(KitEcho):
     """Queue i: copy the readable bytes, each XOR-ed with i, into the writable buffers."""
 
-    device_id = 99
+    queue_size = 1024
 
     def __init__(self, queues: int = 2) -> None:
-        self.queues = queues
+        super().__init__(queues, xor=True)
         self.acked = 0
-        self.resets = 0
-
-    def num_queues(self) -> int:
-        return self.queues
-
-    def max_queue_size(self) -> int:
-        return 1024
-
-    def features(self) -> int:
-        return ALL
-
-    def protocol_features(self) -> int:
-        return 0
-
-    def set_features(self, features: int) -> None:
-        self.acked = features
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        return b"pyvirtio-echo-config"[offset:offset + size]
+        self.config = b"pyvirtio-echo-config"  # type: ignore[assignment]
 
     def set_config(self, offset: int, data: bytes) -> None:
         raise PeerError("read-only config")
-
-    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
-        n = 0
-        while (elem := queue.pop()) is not None:
-            data = bytes(b ^ index for b in b"".join(bytes(v) for v in elem.readable))
-            written = 0
-            for v in elem.writable:
-                k = min(len(v), len(data) - written)
-                v[:k] = data[written:written + k]
-                written += k
-            queue.push(elem.head, written)
-            n += 1
-        return n
-
-    def reset(self) -> None:
-        self.resets += 1
 
 
 class Running:
@@ -151,7 +118,7 @@ def xor(data: bytes, k: int) -> bytes:
 
 def test_data_flows_through_two_queues(served: Running, sock_path: str) -> None:
     with VhostUserFrontend.connect(sock_path, memory_size=4 << 20) as fe:
-        assert fe.get_features() == ALL
+        assert fe.get_features() == RING_FEATURES
         assert fe.negotiate(ALL) == ALL
         assert fe.get_queue_num() == 2
         assert fe.get_config(0, 8) == b"pyvirtio"
@@ -267,7 +234,7 @@ def test_wrong_fd_count_drops_the_connection(served: Running, sock_path: str) ->
     os.close(r)
     os.close(w)
     with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
-        assert fe.get_features() == ALL
+        assert fe.get_features() == RING_FEATURES
 
 
 def test_bad_memory_table_drops_without_reply_ack(served: Running, sock_path: str) -> None:
@@ -436,7 +403,7 @@ def test_hostile_descriptors_raise_a_config_change_at_the_front_end(
             assert fe.get_config(0, 8) == b"pyvirtio"
             # ... and the other queue keeps working.
             assert roundtrip(fe, q1, [b"q1 alive"]) == [xor(b"q1 alive", 1)]
-            backend = server.backend
+            backend = server.session
             assert backend is not None
             assert _eventually(lambda: backend.backend_replies_due == 0), "ack not read"
             assert fe.poll_backend_channel(0) == 0 and fe.config_changes == 1
@@ -460,7 +427,7 @@ def test_config_change_without_reply_ack(served: Running, sock_path: str) -> Non
         assert fe.poll_backend_channel(10) == 1
         assert fe.get_status() & Status.NEEDS_RESET
         assert roundtrip(fe, q1, [b"ok"]) == [xor(b"ok", 1)]
-        backend = served.server.backend
+        backend = served.server.session
         assert backend is not None and backend.backend_replies_due == 0
 
 
@@ -473,7 +440,7 @@ def test_config_change_acked_while_waiting_for_a_reply(served: Running, sock_pat
         seen: list[int] = []
         fe.on_config_change = lambda: seen.append(1)
         _garbage_descriptors(fe, q0)
-        backend = served.server.backend
+        backend = served.server.session
         assert backend is not None
         # Requests keep the channel served; the ack reaches the back end ...
         assert _eventually(lambda: fe.get_status() & Status.NEEDS_RESET
@@ -517,7 +484,7 @@ def test_front_end_that_never_answers(served: Running, sock_path: str,
         # Never answered: the back end keeps serving everything else.
         assert fe.get_status() & Status.NEEDS_RESET
         assert roundtrip(fe, q1, [b"unanswered"]) == [xor(b"unanswered", 1)]
-        backend = served.server.backend
+        backend = served.server.session
         assert backend is not None and backend.backend_replies_due == 1
         chan.close()
     assert served.thread.is_alive()
@@ -587,7 +554,7 @@ def test_front_end_refuses_requests_it_did_not_negotiate_and_garbage(
         served: Running, sock_path: str) -> None:
     with VhostUserFrontend.connect(sock_path, memory_size=1 << 20) as fe:
         fe.negotiate(ALL)
-        backend = served.server.backend
+        backend = served.server.session
         assert backend is not None and backend.backend_fd is not None
         # Written straight on the back end's end: an in-band VRING_CALL asking for an ack.
         peer = socket.socket(fileno=os.dup(backend.backend_fd))

@@ -26,8 +26,8 @@ import pytest
 
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.split_device import SplitDeviceQueue
-from pyvirtio.devices.blk.backend_file import FileBackend
 from pyvirtio.devices.blk.device import BlkDevice
+from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.transports.vhost_user.server import VhostUserServer
 
 PEERS = Path(__file__).resolve().parent.parent / "scripts" / "peers"
@@ -102,8 +102,8 @@ def test_qemu_acks_config_changes_and_the_guest_sees_a_resize(
     img, sock = tmp_path / "disk.img", tmp_path / "blk.sock"
     img.write_bytes(b"")
     os.truncate(img, SECTORS * 512)
-    backend_file = FileBackend(str(img))
-    dev = CheckDevice(backend_file, num_queues=2)
+    file_store = FileStore(str(img))
+    dev = CheckDevice(file_store, num_queues=2)
     server = VhostUserServer(dev, socket_path=str(sock))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     done = threading.Event()
@@ -125,7 +125,7 @@ def test_qemu_acks_config_changes_and_the_guest_sees_a_resize(
             watcher.join(10)
             server.stop()
             thread.join(10)
-            backend_file.close()
+            file_store.close()
     assert proc.returncode == 0, serial
     assert not thread.is_alive()
     log = [r.getMessage() for r in caplog.records]

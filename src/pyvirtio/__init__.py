@@ -12,3 +12,29 @@ if pure_python_requested():
     install_source_finder()
 
 __version__ = "0.1.0"
+
+# The public names, imported on first use (PEP 562) so that ``import
+# pyvirtio.core`` stays free of sockets and selectors.
+_LAZY = {
+    **dict.fromkeys(
+        ["BumpAllocator", "CallerError", "Element", "GuestMemory", "PeerError", "QueueFull",
+         "RingViews", "SplitDeviceQueue", "SplitDriverQueue", "SplitLayout"],
+        "pyvirtio.core"),
+    **dict.fromkeys(
+        ["DEFERRED", "BackendProgram", "Device", "DeviceId", "DeviceProtocol", "EventLoop",
+         "Request", "VhostUserFrontend", "VhostUserServer", "VirtQueue", "serve"],
+        "pyvirtio.vhost_user"),
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyvirtio' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

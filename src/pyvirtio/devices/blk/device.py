@@ -1,30 +1,30 @@
-"""The virtio-blk device model served over vhost-user, VIRTIO 1.2 §5.2.
+"""The virtio-blk device model, VIRTIO 1.2 §5.2, on the device kit.
 
-Implements :class:`pyvirtio.transports.vhost_user.device.VhostUserDevice`:
+A :class:`~pyvirtio.transports.device.Device`:
 
-* features (§5.2.3): ``VERSION_1``, ``RING_EVENT_IDX``,
-  ``RING_INDIRECT_DESC``, ``SEG_MAX``, ``BLK_SIZE``, ``FLUSH``, ``MQ`` when
-  there is more than one queue, ``DISCARD`` and ``WRITE_ZEROES`` for a
-  writable disk, ``RO`` for a read-only one;
+* device features (§5.2.3): ``SEG_MAX``, ``BLK_SIZE``, ``FLUSH``, ``MQ``
+  when there is more than one queue, ``DISCARD`` and ``WRITE_ZEROES`` for a
+  writable disk, ``RO`` for a read-only one (the kit adds the ring's);
 * the configuration space (§5.2.4) as :class:`BlkConfig`;
-* :meth:`BlkDevice.process_queue` pops every available request, executes it
-  on the storage back end and returns it with the used length set to the
-  number of bytes written into the request's writable buffers (data + the
-  status byte, §2.7.8), publishing the whole batch with one used-index move.
+* :meth:`BlkDevice.process` (the kick handler) takes the kit's fast path:
+  :meth:`BlkDevice.process_queue` pops requests in batches from the core
+  queue, executes each on the :class:`FileStore` and returns it with the used
+  length set to the number of bytes written into the request's writable
+  buffers (data + the status byte, §2.7.8), publishing each batch with one
+  used-index move; the kit then decides on the interrupt.
 
-vhost-user protocol features the device needs (QEMU docs/interop/
-vhost-user.rst "Protocol features"): ``CONFIG`` (QEMU's vhost-user-blk reads
-the config space from the back end) and ``MQ`` (GET_QUEUE_NUM).
+QEMU's vhost-user-blk reads the config space from the back end (vhost-user
+protocol feature ``CONFIG``, which the kit offers for every device).
 """
 
 from __future__ import annotations
 
 import logging
 
-from pyvirtio.core.errors import PeerError
-from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, DeviceId
+from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.spec import DeviceId
 from pyvirtio.core.split_device import Element, SplitDeviceQueue
-from pyvirtio.devices.blk.backend_file import FileBackend
+from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.devices.blk.request import id_bytes, parse_request, parse_segments
 from pyvirtio.devices.blk.spec import (
     CONFIG_SIZE,
@@ -36,7 +36,7 @@ from pyvirtio.devices.blk.spec import (
     ReqType,
     Status,
 )
-from pyvirtio.transports.vhost_user.messages import ProtocolFeature
+from pyvirtio.transports.device import Device, VirtQueue
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +54,35 @@ _OUT = ReqType.OUT
 _unpack_header = REQ_HEADER.unpack_from
 
 
-class BlkDevice:
-    """A virtio-blk device on a :class:`FileBackend`."""
+class BlkDevice(Device):
+    """A virtio-blk device on a :class:`FileStore`."""
 
     device_id = int(DeviceId.BLOCK)
 
-    def __init__(self, backend: FileBackend, num_queues: int = 1,
+    def __init__(self, store: FileStore, num_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, serial: str = "pyvirtio-blk",
                  batch: int = 0) -> None:
-        if not 1 <= num_queues <= 0xFFFF:
-            raise ValueError(f"num_queues {num_queues} must be in 1..65535")
-        self.backend = backend
-        self._num_queues = num_queues
-        self._queue_size = queue_size
+        if not 1 <= num_queues <= 256:
+            raise CallerError(f"num_queues {num_queues} must be in 1..256")
+        if batch < 0:
+            raise CallerError(f"batch {batch} must be 0 or more")
+        self.store = store
+        self.num_queues = num_queues
+        self.queue_size = queue_size
         self.serial = serial
         self._id = id_bytes(serial)
-        self.acked_features = 0
-        self.read_only = backend.read_only
+        self.read_only = store.read_only
         writable = not self.read_only
-        self.config = BlkConfig(
-            capacity=backend.capacity,
+        bits = [BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH]
+        if num_queues > 1:
+            bits.append(BlkFeature.MQ)
+        if self.read_only:
+            bits.append(BlkFeature.RO)
+        else:
+            bits += [BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES]
+        self.device_features = sum(1 << b for b in bits)
+        self.blk_config = BlkConfig(
+            capacity=store.capacity,
             seg_max=SEG_MAX,
             blk_size=SECTOR_SIZE,
             num_queues=num_queues,
@@ -83,9 +92,9 @@ class BlkDevice:
             discard_sector_alignment=8 if writable else 0,
             max_write_zeroes_sectors=MAX_DWZ_SECTORS if writable else 0,
             max_write_zeroes_seg=MAX_DWZ_SEG if writable else 0,
-            write_zeroes_may_unmap=1 if backend.can_punch else 0,
+            write_zeroes_may_unmap=1 if store.can_punch else 0,
         )
-        self._config_bytes = self.config.pack()
+        self.config = self.blk_config.pack()
         self.completed = 0
         #: Requests one process_queue call completes at most (0: all available;
         #: else half of what is available, capped at ``batch``).  The back end
@@ -94,50 +103,22 @@ class BlkDevice:
         #: on the rest: a pipeline, not a lockstep.
         self.batch = batch
 
-    # ---------------------------------------------------------- VhostUserDevice
-    def num_queues(self) -> int:
-        return self._num_queues
-
-    def max_queue_size(self) -> int:
-        return self._queue_size
-
-    def features(self) -> int:
-        bits = [F_VERSION_1, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
-                BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH]
-        if self._num_queues > 1:
-            bits.append(BlkFeature.MQ)
-        if self.read_only:
-            bits.append(BlkFeature.RO)
-        else:
-            bits += [BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES]
-        out = 0
-        for b in bits:
-            out |= 1 << b
-        return out
-
-    def protocol_features(self) -> int:
-        return 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.MQ
-
-    def set_features(self, features: int) -> None:
-        self.acked_features = features
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        # Reads past our struct (a newer driver's longer layout) read as zero.
-        data = self._config_bytes
-        if offset < 0 or size < 0:
-            return b""
-        chunk = data[offset:offset + size]
-        return chunk + bytes(size - len(chunk))
-
+    # ------------------------------------------------------------ the kit
     def set_config(self, offset: int, data: bytes) -> None:
         # Only ``writeback`` is driver-writable, and only with CONFIG_WCE, which
         # we do not offer: ignore the write (the spec leaves it without effect).
         log.debug("ignoring config write of %d bytes at offset %d", len(data), offset)
 
-    def reset(self) -> None:
-        self.acked_features = 0
+    def process(self, queue: VirtQueue) -> None:
+        self.process_queue(queue.index, queue.ring)
 
     def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
+        """Execute waiting requests of the core ``queue``; returns how many were published.
+
+        At most ``batch`` (or half of what waits) per call when ``batch`` is
+        set: the caller interrupts and calls again, so the driver refills the
+        ring while the device works.
+        """
         pop_batch = queue.pop_batch
         fill = queue.fill
         execute = self.execute
@@ -200,43 +181,43 @@ class BlkDevice:
             rtype, _reserved, sector = _unpack_header(first)
             if rtype <= _OUT:
                 last = writable[0]
-                backend = self.backend
+                store = self.store
                 nbytes = len(last) - 1 if rtype == _IN else len(first) - REQ_HEADER_SIZE
-                if nbytes & 511 or sector > backend.capacity or (
-                        nbytes >> 9 > backend.capacity - sector):
+                if nbytes & 511 or sector > store.capacity or (
+                        nbytes >> 9 > store.capacity - sector):
                     last[-1] = _IOERR
                     return 1
                 if not nbytes:
                     last[-1] = _OK
                     return 1
                 if rtype == _IN:
-                    status, done = backend.read(sector, [last[:nbytes]], nbytes)
+                    status, done = store.read(sector, [last[:nbytes]], nbytes)
                     last[nbytes] = status
                     return done + 1
-                last[-1] = backend.write(sector, [first[REQ_HEADER_SIZE:]], nbytes)
+                last[-1] = store.write(sector, [first[REQ_HEADER_SIZE:]], nbytes)
                 return 1
         req = parse_request(elem)
         rtype = req.type
-        backend = self.backend
+        store = self.store
         if rtype <= _OUT:  # IN (0) or OUT (1): the hot path; rtype is a u32
             nbytes = req.data_len
             sector = req.sector
             # rw_status inlined: whole sectors inside the disk.
-            if nbytes & 511 or sector > backend.capacity or (
-                    nbytes >> 9 > backend.capacity - sector):
+            if nbytes & 511 or sector > store.capacity or (
+                    nbytes >> 9 > store.capacity - sector):
                 req.status[0] = _IOERR
                 return 1
             if rtype == _IN:
                 done = 0
                 status = _OK
                 if nbytes:
-                    status, done = backend.read(sector, req.data, nbytes)
+                    status, done = store.read(sector, req.data, nbytes)
                 req.status[0] = status
                 return done + 1
-            req.status[0] = backend.write(sector, req.data, nbytes) if nbytes else _OK
+            req.status[0] = store.write(sector, req.data, nbytes) if nbytes else _OK
             return 1
         if rtype == ReqType.FLUSH:
-            req.status[0] = backend.flush()
+            req.status[0] = store.flush()
             return 1
         if rtype == ReqType.GET_ID:
             n = 0
@@ -250,7 +231,7 @@ class BlkDevice:
             return n + 1
         if rtype == ReqType.DISCARD or rtype == ReqType.WRITE_ZEROES:
             req.status[0] = self._dwz(req.type, parse_segments(
-                req, MAX_DWZ_SEG, MAX_DWZ_SECTORS, backend.capacity))
+                req, MAX_DWZ_SEG, MAX_DWZ_SECTORS, store.capacity))
             return 1
         req.status[0] = _UNSUPP
         return 1
@@ -262,9 +243,9 @@ class BlkDevice:
             return _IOERR
         for sector, num, flags in segs:
             if rtype == ReqType.DISCARD:
-                status = self.backend.discard(sector, num)
+                status = self.store.discard(sector, num)
             else:
-                status = self.backend.write_zeroes(sector, num, bool(flags & 1))
+                status = self.store.write_zeroes(sector, num, bool(flags & 1))
             if status != _OK:
                 return status
         return _OK

@@ -51,7 +51,7 @@ def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 _fallocate = _load_fallocate()
 
 
-class FileBackend:
+class FileStore:
     """Block storage on a file descriptor; sizes in bytes, offsets in bytes."""
 
     def __init__(self, path: str, read_only: bool = False) -> None:
@@ -157,7 +157,7 @@ class FileBackend:
             self._closed = True
             os.close(self.fd)
 
-    def __enter__(self) -> FileBackend:
+    def __enter__(self) -> FileStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

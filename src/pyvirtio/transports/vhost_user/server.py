@@ -3,50 +3,59 @@
 QEMU docs/interop/vhost-user.rst: "Communication" (one front end per
 connection; fds in ancillary data), "Ring states" (rings are processed on a
 kick once started), "Backend program conventions" (``--socket-path`` or an
-inherited listening ``--fd``; end quickly on SIGTERM), and the reconnection
-note: after the front end goes away the back end resets and accepts the next
-one (QEMU restarted, ``reconnect=``); "Back-end communication": the socket the
-front end hands over with SET_BACKEND_REQ_FD carries the back end's requests
+inherited listening ``--fd``), and the reconnection note: after the front end
+goes away the back end resets and accepts the next one (QEMU restarted,
+``reconnect=``); "Back-end communication": the socket the front end hands
+over with SET_BACKEND_REQ_FD carries the back end's requests
 (CONFIG_CHANGE_MSG when a ring breaks) and the front end's REPLY_ACKs.  The
 back end never waits for those acks: it writes without blocking and reads the
 acks when they come, so a front end that never answers, stops reading or
 closes the channel costs one log line and nothing else.
 
-Everything protocol-related lives in the sans-I/O
-:class:`~pyvirtio.transports.vhost_user.backend.VhostUserBackend`; this module
-only moves bytes and fds, waits on a selector (epoll) over the socket and the
-kick eventfds, and signals call eventfds when the core decides an interrupt is
-due.  ``poll=True`` busy-polls the rings with spin-then-sleep instead of
-waiting for kicks (VIRTIO 1.2 §2.7.10: the driver is told not to kick).
+Everything protocol-related lives in the
+:class:`~pyvirtio.transports.vhost_user.session.VhostUserSession`; this module
+moves bytes and fds, registers the socket, the kick eventfds and the back-end
+channel on an :class:`~pyvirtio.io.loop.EventLoop` (one loop may host many
+servers — several devices or switch ports in one process), and writes call
+eventfds when the device kit decides an interrupt is due.  ``poll=True``
+busy-polls the rings with spin-then-sleep instead of waiting for kicks
+(VIRTIO 1.2 §2.7.10: the driver is told not to kick).
+
+One front end at a time: a second one that connects while the first is
+served is refused at once (accepted, closed, one log line) — unless the
+first still has messages or its hang-up waiting to be read: those are
+handled first (the second may be the first one's successor, QEMU restarted).
+
+The socket: created with mode ``socket_mode`` (0600 by default), never
+through a symlink, never over a file that is not a socket, never over a
+socket another process still listens on (a stale one, left by a back end
+that was killed, is replaced).
 
 Logging: one line per connect, disconnect or dropped connection (with the
-reason), negotiated feature set, broken queue, and lost back-end channel.
-Hostile front ends cost their own connection only; the server keeps listening.
-A front end that stops in the middle of a message (a header, then silence)
-is dropped after ``_PARTIAL_TIMEOUT`` seconds, one that stops reading its
-replies after ``_SEND_TIMEOUT``: neither can keep the next front end waiting.
-The selector watches the server's own duplicates of the kick fds, removed
-before they are closed: a kick fd the back end closes (replaced, or its ring
-stopped) stays open in the front end, and an epoll registration of a closed
-fd number would live on with it, firing for whatever reuses the number.
+reason), refused front end, negotiated feature set, broken queue, and lost
+back-end channel.  Hostile front ends cost their own connection only; the
+server keeps listening.  A front end that stops in the middle of a message
+(a header, then silence) is dropped after ``PARTIAL_TIMEOUT`` seconds, one
+that stops reading its replies after ``SEND_TIMEOUT``.  The loop watches the
+server's own duplicates of the kick fds, removed before they are closed: a
+kick fd the session closes (replaced, or its ring stopped) stays open in the
+front end, and an epoll registration of a closed fd number would live on
+with it, firing for whatever reuses the number.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import selectors
-import signal
+import select
 import socket
 import stat
-import threading
-import time
 
 from pyvirtio.core.errors import CallerError, PeerError
-from pyvirtio.io.eventfd import EventFd
-from pyvirtio.transports.vhost_user.backend import VhostUserBackend
-from pyvirtio.transports.vhost_user.device import VhostUserDevice
+from pyvirtio.io.loop import EventLoop, Timer
+from pyvirtio.transports.device import DeviceProtocol
 from pyvirtio.transports.vhost_user.messages import (
     MAX_FDS,
     BackendDecoder,
@@ -56,102 +65,167 @@ from pyvirtio.transports.vhost_user.messages import (
     close_all,
     encode,
 )
+from pyvirtio.transports.vhost_user.session import VhostUserSession
 
-__all__ = ["VhostUserServer", "serve"]
+__all__ = ["PARTIAL_TIMEOUT", "SEND_TIMEOUT", "VhostUserServer", "listen_unix"]
 
 log = logging.getLogger("pyvirtio.vhost_user")
 
 _RECV_SIZE = 65536
-_SEND_TIMEOUT = 5.0
+#: How long a front end may leave our reply unread before it is dropped.
+SEND_TIMEOUT = 5.0
 #: How long a front end may leave a message half sent before it is dropped.
-_PARTIAL_TIMEOUT = 5.0
+PARTIAL_TIMEOUT = 5.0
 _ONE = (1).to_bytes(8, "little")
-_LISTEN = "listen"
-_WAKE = "wake"
-_CONN = "conn"
-_BACKEND = "backend"
 _NO_WAIT = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
-def _signal_fd(fd: int | None) -> None:
+def _signal_fd(fd: int) -> None:
     """Write an eventfd increment; never block or fail on the peer's fd."""
-    if fd is None:
-        return
     try:  # noqa: SIM105 (contextlib.suppress costs more; this runs per interrupt)
         os.write(fd, _ONE)
     except OSError:
         pass
 
 
+def listen_unix(path: str, mode: int = 0o600, backlog: int = 4) -> socket.socket:
+    """A listening Unix socket at ``path``, created safely; CallerError says what is wrong.
+
+    A stale socket (nobody accepts on it any more: its back end was killed)
+    is replaced; a live one, a symlink or any other file is refused.
+    """
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise CallerError(f"cannot create socket {path}: directory {directory} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+            raise CallerError(f"{path} exists and is {kind}: remove it or choose another "
+                              f"--socket-path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise CallerError(f"cannot check socket {path}: {exc.strerror}") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: its listener is gone
+        else:
+            raise CallerError(f"another process listens on {path}: stop it or choose another "
+                              f"--socket-path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The umask makes the socket file private from its creation on (no window
+        # in which another user could connect before a chmod).
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise CallerError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
 class VhostUserServer:
     """Serve ``device`` to one vhost-user front end at a time.
 
-    Listens on ``socket_path`` (created now; a stale socket file is replaced) or
-    on the already-listening socket ``listen_fd``.  :meth:`serve_forever` runs
-    the loop in the calling thread; :meth:`stop` (from any thread or a signal
-    handler) makes it return.  ``backend_req=False`` stops offering protocol
-    feature BACKEND_REQ (no back-end channel, no CONFIG_CHANGE_MSG).
+    Listens on ``socket_path`` (created now, see :func:`listen_unix`) or on
+    the already-listening socket ``listen_fd``.  With ``loop`` the server
+    registers on that loop (several servers may share one; run the loop
+    yourself); without, :meth:`serve_forever` runs a loop of its own.
+    :meth:`stop` (from any thread or a signal handler) ends
+    :meth:`serve_forever`; :meth:`close` takes the server off a shared loop.
+    ``backend_req=False`` stops offering protocol feature BACKEND_REQ (no
+    back-end channel, no CONFIG_CHANGE_MSG).
     """
 
-    def __init__(self, device: VhostUserDevice, socket_path: str | None = None,
+    def __init__(self, device: DeviceProtocol, socket_path: str | None = None,
                  listen_fd: int | None = None, poll: bool = False, *,
-                 spin_seconds: float = 200e-6, idle_sleep: float = 1e-3,
+                 loop: EventLoop | None = None, socket_mode: int = 0o600,
                  max_mem_slots: int = 32, logger: logging.Logger | None = None,
                  backend_req: bool = True) -> None:
         if (socket_path is None) == (listen_fd is None):
             raise CallerError("give exactly one of socket_path and listen_fd")
         self.device = device
         self.poll = poll
-        self.spin_seconds = spin_seconds
-        self.idle_sleep = idle_sleep
         self.max_mem_slots = max_mem_slots
         self.backend_req = backend_req
         self.log = logger or log
         self.socket_path = socket_path
-        self._owns_path = False
         if socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
-                    os.unlink(socket_path)
-            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._listener.bind(socket_path)
-            self._listener.listen(1)
-            self._owns_path = True
+            self._listener = listen_unix(socket_path, socket_mode)
         else:
             assert listen_fd is not None
-            self._listener = socket.socket(fileno=listen_fd)
+            try:
+                self._listener = socket.socket(fileno=listen_fd)
+            except OSError as exc:
+                raise CallerError(f"fd {listen_fd} is not a socket: {exc.strerror}") from None
             if (self._listener.family != socket.AF_UNIX
                     or not self._listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
                 self._listener.detach()
                 raise CallerError(f"fd {listen_fd} is not a listening Unix socket")
         self._listener.setblocking(False)
-        self._wake = EventFd(nonblocking=True)
-        self._stopping = False
-        self._sel: selectors.BaseSelector | None = None
+        self._own_loop = loop is None
+        self.loop = loop if loop is not None else EventLoop()
         self._conn: socket.socket | None = None
         self._decoder: Decoder | None = None
-        self.backend: VhostUserBackend | None = None
-        self._kick_gen = -1
-        self._kicks: dict[int, int] = {}  # our dup of a kick fd -> ring index
-        #: When the message now half received began arriving (None: no partial message).
-        self._partial_since: float | None = None
-        self._last_work = 0.0
+        self.session: VhostUserSession | None = None
+        self._kicks: dict[int, int] = {}  # ring index -> our dup of its kick fd
+        self._stall: Timer | None = None
         self._negotiated = (-1, -1)
-        # The back-end channel: our own dup of the back end's fd, as a socket
+        # The back-end channel: our own dup of the session's fd, as a socket
         # object (MSG_DONTWAIT | MSG_NOSIGNAL sends), and its reply decoder.
         self._chan: socket.socket | None = None
         self._chan_decoder: BackendDecoder | None = None
-        self._chan_gen = -1
-        self._config_change_requested = False
+        self._closed = False
         #: Connections served so far (for tests and tools).
         self.connections = 0
+        #: Front ends refused because another one was being served.
+        self.refused = 0
+        device.attach(self.loop)
+        self.loop.add_reader(self._listener.fileno(), self._accept)
+        self._polling = poll
+        if poll:
+            self.loop.add_poller(self._poll_rings)
 
     # ------------------------------------------------------------- lifecycle
+    def serve_forever(self) -> None:
+        """Run the loop until :meth:`stop`; then close the server."""
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
     def stop(self) -> None:
         """Make :meth:`serve_forever` return soon (thread- and signal-safe)."""
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            self._wake.signal()
+        self.loop.stop()
+
+    def close(self) -> None:
+        """Drop the front end, stop listening and remove the socket file (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._conn is not None:
+            self._close_connection(None, note="server stopping")
+        self.loop.remove_reader(self._listener.fileno())
+        self.loop.remove_poller(self._poll_rings)
+        self._listener.close()
+        if self.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        if self._own_loop:
+            self.loop.close()
 
     def notify_config_change(self) -> None:
         """Send CONFIG_CHANGE_MSG to the connected front end soon (thread-safe).
@@ -159,113 +233,80 @@ class VhostUserServer:
         For devices whose configuration changed (a resized disk, say).  Nothing
         is sent without a back-end channel and protocol feature CONFIG.
         """
-        self._config_change_requested = True
-        with contextlib.suppress(OSError):
-            self._wake.signal()
-
-    def serve_forever(self) -> None:
-        """Accept front ends one after the other until :meth:`stop`."""
-        sel = self._sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ, _LISTEN)
-        sel.register(self._wake.fd, selectors.EVENT_READ, _WAKE)
-        try:
-            while not self._stopping:
-                for key, _events in sel.select(self._timeout()):
-                    if self._stopping:
-                        break
-                    self._dispatch(key.data, key.fd)
-                self._check_stall()
-                if self._config_change_requested:
-                    self._config_change_requested = False
-                    self._send_config_change()
-                if self._conn is not None and not self._stopping:
-                    self._poll_rings()
-        finally:
-            if self._conn is not None:
-                self._close_connection(None, note="server stopping")
-            sel.close()
-            self._sel = None
-            self._listener.close()
-            self._wake.close()
-            if self._owns_path and self.socket_path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.socket_path)
-
-    def _dispatch(self, tag: object, fd: int) -> None:
-        if tag == _LISTEN:
-            self._accept()
-        elif tag == _WAKE:
-            self._wake.drain()
-        elif tag == _CONN:
-            if self._conn is not None and self._conn.fileno() == fd:
-                self._on_readable()
-        elif tag == _BACKEND:
-            if self._chan is not None and self._chan.fileno() == fd:
-                self._on_backend_readable()
-        elif isinstance(tag, int) and self._kicks.get(fd) == tag:
-            # (An event from this batch may name a kick fd a message just replaced.)
-            self._on_kick(tag, fd)
+        self.loop.call_soon_threadsafe(self._send_config_change)
 
     # ------------------------------------------------------------ connection
     def _accept(self) -> None:
-        assert self._sel is not None
+        if self._conn is not None and self._has_input(self._conn):
+            # The served front end has messages (or its hang-up) still to be
+            # read: handle them first, the newcomer is accepted on a later
+            # round (the listener stays readable) — it may be that front end's
+            # successor, and must not be refused for its predecessor's backlog.
+            return
         try:
             conn, _addr = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.log.error("vhost-user: accept failed: %s", exc)
-            time.sleep(0.01)
             return
-        conn.settimeout(_SEND_TIMEOUT)
+        if self._conn is not None:
+            self.refused += 1
+            self.log.warning("vhost-user: refusing a second front end: busy serving "
+                             "connection %d", self.connections)
+            conn.close()
+            return
+        conn.settimeout(SEND_TIMEOUT)
         self._conn = conn
         self._decoder = Decoder()
-        self.backend = VhostUserBackend(self.device, max_mem_slots=self.max_mem_slots,
-                                        backend_req=self.backend_req)
-        self._kick_gen = self.backend.kick_generation
-        self._chan_gen = self.backend.backend_generation
+        self.session = VhostUserSession(self.device, max_mem_slots=self.max_mem_slots,
+                                        backend_req=self.backend_req, signal=_signal_fd,
+                                        on_broken=self._on_broken,
+                                        schedule=self.loop.call_soon)
         self._kicks = {}
-        self._partial_since = None
         self._negotiated = (-1, -1)
         self.connections += 1
-        # One front end at a time: the next waits in the backlog until this one leaves.
-        self._sel.unregister(self._listener)
-        self._sel.register(conn, selectors.EVENT_READ, _CONN)
+        self.loop.add_reader(conn.fileno(), self._on_readable)
         self.log.info("vhost-user: front end connected (connection %d)", self.connections)
+
+    @staticmethod
+    def _has_input(conn: socket.socket) -> bool:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def _close_connection(self, reason: str | None, note: str = "front end disconnected") -> None:
         """Reset everything the connection set up; log one line (``reason``: a drop)."""
-        sel = self._sel
         conn = self._conn
         if conn is None:
             return
-        if sel is not None:
-            self._unregister_kicks()
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                sel.unregister(conn)
+        self._unwatch_kicks()
+        self.loop.remove_reader(conn.fileno())
+        if self._polling and not self.poll:
+            self._polling = False
+            self.loop.remove_poller(self._poll_rings)
         self._close_channel()
+        self._cancel_stall()
         conn.close()
         self._conn = None
-        self._partial_since = None
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
-        if self.backend is not None:
+        if self.session is not None:
             try:
-                self.backend.reset()
+                self.session.reset()
             except Exception:
                 self.log.exception("vhost-user: device reset failed")
-            self.backend = None
+            self.session = None
         if reason is None:
             self.log.info("vhost-user: %s", note)
         else:
             self.log.warning("vhost-user: dropping front end: %s", reason)
-        if sel is not None and not self._stopping:
-            sel.register(self._listener, selectors.EVENT_READ, _LISTEN)
 
     def _on_readable(self) -> None:
-        conn, decoder, backend = self._conn, self._decoder, self.backend
-        assert conn is not None and decoder is not None and backend is not None
+        conn, decoder, session = self._conn, self._decoder, self.session
+        if conn is None or decoder is None or session is None:
+            return
         try:
             data, fds, flags, _addr = socket.recv_fds(conn, _RECV_SIZE, MAX_FDS)
         except (BlockingIOError, InterruptedError, TimeoutError):
@@ -294,24 +335,27 @@ class VhostUserServer:
                 if debug:
                     self.log.debug("vhost-user: <- %s %r fds=%s%s", msg.request.name, msg.payload,
                                    list(msg.fds), " need_reply" if msg.need_reply else "")
-                outcome = backend.handle(msg)
+                outcome = session.handle(msg)
                 if outcome.error is not None:
                     self.log.warning("vhost-user: %s", outcome.error)
                 for rep in outcome.replies:
                     conn.sendall(encode(rep))
-                negotiated = (backend.virtio_features, backend.protocol)
+                negotiated = (session.virtio_features, session.protocol)
                 if msg.request is Request.SET_FEATURES and negotiated != self._negotiated:
                     self._negotiated = negotiated
                     self.log.info("vhost-user: negotiated features %#x, protocol features %#x",
-                                  backend.virtio_features, backend.protocol)
-                self._sync_kicks()
-                self._sync_backend_channel()
+                                  session.virtio_features, session.protocol)
+                for index in outcome.kicks:
+                    self._watch_kick(index)
+                if outcome.channel:
+                    self._watch_channel()
                 for index in outcome.start:
-                    self._run(index)
+                    session.run_ring(index)
             if not decoder.pending:
-                self._partial_since = None
-            elif completed or self._partial_since is None:
-                self._partial_since = time.monotonic()
+                self._cancel_stall()
+            elif completed or self._stall is None:
+                self._cancel_stall()
+                self._stall = self.loop.call_later(PARTIAL_TIMEOUT, self._stalled)
         except PeerError as exc:
             self._close_connection(str(exc))
         except OSError as exc:
@@ -320,47 +364,51 @@ class VhostUserServer:
             self.log.exception("vhost-user: internal error")
             self._close_connection(f"internal error: {exc!r}")
 
-    def _check_stall(self) -> None:
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
         """Drop a front end that left a message half sent for too long."""
-        since = self._partial_since
-        if self._conn is None or since is None:
-            return
-        if time.monotonic() - since >= _PARTIAL_TIMEOUT:
-            pending = self._decoder.pending if self._decoder is not None else 0
-            self._close_connection(f"stalled inside a message ({pending} bytes received, "
-                                   f"nothing more for {_PARTIAL_TIMEOUT:g} s)")
+        self._stall = None
+        pending = self._decoder.pending if self._decoder is not None else 0
+        self._close_connection(f"stalled inside a message ({pending} bytes received, "
+                               f"nothing more for {PARTIAL_TIMEOUT:g} s)")
 
     # ----------------------------------------------------------------- kicks
-    def _unregister_kicks(self) -> None:
-        """Unregister our kick fd duplicates, then close them (in that order)."""
-        sel = self._sel
-        for fd in self._kicks:
-            if sel is not None:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    sel.unregister(fd)
+    def _unwatch_kick(self, index: int) -> None:
+        dup = self._kicks.pop(index, None)
+        if dup is not None:
+            self.loop.remove_reader(dup)
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._kicks = {}
+                os.close(dup)
 
-    def _sync_kicks(self) -> None:
-        """Re-register the kick fds after a message changed any of them."""
-        backend, sel = self.backend, self._sel
-        assert backend is not None and sel is not None
-        if backend.kick_generation == self._kick_gen:
+    def _unwatch_kicks(self) -> None:
+        for index in list(self._kicks):
+            self._unwatch_kick(index)
+
+    def _watch_kick(self, index: int) -> None:
+        """Watch ring ``index``'s current kick fd (a message changed it)."""
+        session = self.session
+        assert session is not None
+        self._unwatch_kick(index)
+        ring = session.rings[index]
+        fd = ring.kick_fd
+        if fd is None:
+            if ring.polled and not self._polling:
+                # Started with the invalid-fd flag: the front end will not kick.
+                self._polling = True
+                self.loop.add_poller(self._poll_rings)
             return
-        self._kick_gen = backend.kick_generation
-        self._unregister_kicks()
-        for ring in backend.rings:
-            if ring.kick_fd is not None:
-                # Our own duplicate: the back end may close its fd at any message,
-                # and only an fd still open can be taken out of epoll.
-                dup = os.dup(ring.kick_fd)
-                self._kicks[dup] = ring.index
-                try:
-                    sel.register(dup, selectors.EVENT_READ, ring.index)
-                except (OSError, ValueError, KeyError) as exc:
-                    raise PeerError(f"kick fd of ring {ring.index} cannot be waited on: "
-                                    f"{exc}") from None
+        # Our own duplicate: the session may close its fd at any message, and
+        # only an fd still open can be taken out of epoll.
+        dup = os.dup(fd)
+        self._kicks[index] = dup
+        try:
+            self.loop.add_reader(dup, lambda: self._on_kick(index, dup))
+        except (OSError, ValueError, KeyError) as exc:
+            raise PeerError(f"kick fd of ring {index} cannot be waited on: {exc}") from None
 
     def _on_kick(self, index: int, fd: int) -> None:
         try:
@@ -371,75 +419,60 @@ class VhostUserServer:
             data = b""
         if not data:
             # A pipe whose writer is gone stays readable forever: stop watching it.
-            if self._sel is not None:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self._sel.unregister(fd)
-            if self._kicks.pop(fd, None) is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self._unwatch_kick(index)
             self.log.warning("vhost-user: kick fd of ring %d is closed; not watching it", index)
             return
-        if not self.poll:
-            self._run(index)
+        if not self.poll and self.session is not None:
+            self.session.run_ring(index)
 
-    def _run(self, index: int, poll: bool = False) -> int:
-        backend = self.backend
-        assert backend is not None
-        ring = backend.rings[index]
-        call_fd = ring.call_fd
-        # Interrupts go out as soon as each batch is published (pipelining).
-        res = backend.run_ring(index, poll=poll, notify=lambda: _signal_fd(call_fd))
-        if res.broken is not None:
-            self.log.error("vhost-user: queue %d broken, device needs reset: %s",
-                           index, res.broken)
-            _signal_fd(ring.err_fd)
-        if res.backend_messages:
-            self._send_backend(res.backend_messages)
-        return res.published
+    def _on_broken(self, index: int, reason: str) -> None:
+        session = self.session
+        self.log.error("vhost-user: queue %d broken, device needs reset: %s", index, reason)
+        if session is None:
+            return
+        err = session.rings[index].err_fd
+        if err is not None:
+            _signal_fd(err)
+        msg = session.config_change_message()
+        if msg is not None:
+            self._send_backend([msg])
 
     # ------------------------------------------------------ back-end channel
     def _close_channel(self) -> None:
         chan = self._chan
         if chan is None:
             return
-        if self._sel is not None:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._sel.unregister(chan)
+        self.loop.remove_reader(chan.fileno())
         chan.close()
         self._chan = None
         if self._chan_decoder is not None:
             self._chan_decoder.close()
             self._chan_decoder = None
 
-    def _sync_backend_channel(self) -> None:
+    def _watch_channel(self) -> None:
         """Watch the back-end channel the last SET_BACKEND_REQ_FD gave (for its acks)."""
-        backend, sel = self.backend, self._sel
-        assert backend is not None and sel is not None
-        if backend.backend_generation == self._chan_gen:
-            return
-        self._chan_gen = backend.backend_generation
+        session = self.session
+        assert session is not None
         self._close_channel()
-        if backend.backend_fd is None:
+        if session.backend_fd is None:
             return
-        chan = socket.socket(fileno=os.dup(backend.backend_fd))
+        chan = socket.socket(fileno=os.dup(session.backend_fd))
         chan.setblocking(False)
         self._chan = chan
         self._chan_decoder = BackendDecoder(replies=True)
-        sel.register(chan, selectors.EVENT_READ, _BACKEND)
+        self.loop.add_reader(chan.fileno(), self._on_backend_readable)
 
     def _lose_channel(self, why: str) -> None:
         """Give up the back-end channel with one log line; the connection goes on."""
         self.log.warning("vhost-user: back-end channel %s; not using it any more", why)
         self._close_channel()
-        if self.backend is not None:
-            self.backend.drop_backend_channel()
-            self._chan_gen = self.backend.backend_generation
+        if self.session is not None:
+            self.session.drop_backend_channel()
 
     def _send_backend(self, msgs: list[BackendMessage]) -> None:
         """Write back-end requests without ever blocking; never wait for their acks."""
-        backend = self.backend
-        assert backend is not None
-        self._sync_backend_channel()
+        session = self.session
+        assert session is not None
         for msg in msgs:
             chan = self._chan
             if chan is None:
@@ -459,22 +492,23 @@ class VhostUserServer:
             if sent != len(data):
                 self._lose_channel(f"took {sent} of {len(data)} bytes of {msg.request.name}")
                 return
-            backend.backend_sent(msg)
+            session.backend_sent(msg)
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("vhost-user: => %s%s", msg.request.name,
                                " need_reply" if msg.need_reply else "")
 
     def _send_config_change(self) -> None:
-        backend = self.backend
-        if backend is None or self._conn is None:
+        session = self.session
+        if session is None or self._conn is None:
             return
-        msg = backend.config_change_message()
+        msg = session.config_change_message()
         if msg is not None:
             self._send_backend([msg])
 
     def _on_backend_readable(self) -> None:
-        chan, decoder, backend = self._chan, self._chan_decoder, self.backend
-        assert chan is not None and decoder is not None and backend is not None
+        chan, decoder, session = self._chan, self._chan_decoder, self.session
+        if chan is None or decoder is None or session is None:
+            return
         try:
             data, fds, _flags, _addr = socket.recv_fds(chan, 4096, MAX_FDS, _NO_WAIT)
         except (BlockingIOError, InterruptedError):
@@ -484,14 +518,14 @@ class VhostUserServer:
             return
         if not data:
             close_all(fds)
-            due = backend.backend_replies_due
+            due = session.backend_replies_due
             self._lose_channel("closed by the front end" + (
                 f" ({due} acks unanswered)" if due else ""))
             return
         try:
             decoder.feed(data, fds)
             for rep in decoder.messages():
-                error = backend.handle_backend_reply(rep)
+                error = session.handle_backend_reply(rep)
                 if error is not None:
                     self.log.warning("vhost-user: %s", error)
                 elif self.log.isEnabledFor(logging.DEBUG):
@@ -500,55 +534,12 @@ class VhostUserServer:
             self._lose_channel(f"broke the protocol: {exc}")
 
     # --------------------------------------------------------------- polling
-    def _polled_rings(self) -> list[int]:
-        backend = self.backend
-        if backend is None:
-            return []
-        return [r.index for r in backend.rings
-                if r.runnable and (self.poll or r.polled)]
-
-    def _timeout(self) -> float | None:
-        if self._conn is None:
-            return None
-        timeout: float | None = None
-        if self._polled_rings():
-            spinning = time.monotonic() - self._last_work < self.spin_seconds
-            timeout = 0 if spinning else self.idle_sleep
-        if self._partial_since is not None:
-            left = max(0.0, self._partial_since + _PARTIAL_TIMEOUT - time.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
-        return timeout
-
-    def _poll_rings(self) -> None:
+    def _poll_rings(self) -> bool:
+        session = self.session
+        if session is None:
+            return False
         work = 0
-        for index in self._polled_rings():
-            work += self._run(index, poll=True)
-        if work:
-            self._last_work = time.monotonic()
-
-
-def serve(device: VhostUserDevice, socket_path: str | None = None, fd: int | None = None,
-          poll: bool = False, stop_event: threading.Event | None = None) -> int:
-    """Run a server until SIGTERM/SIGINT (main thread) or ``stop_event``; returns 0.
-
-    The convenience entry point for command-line back ends (``--socket-path``
-    / ``--fd`` of the backend program conventions).
-    """
-    server = VhostUserServer(device, socket_path=socket_path, listen_fd=fd, poll=poll)
-    restore: list[tuple[signal.Signals, object]] = []
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            restore.append((signum, signal.signal(signum, lambda *_: server.stop())))
-    watcher: threading.Thread | None = None
-    if stop_event is not None:
-        def _watch() -> None:
-            stop_event.wait()
-            server.stop()
-        watcher = threading.Thread(target=_watch, name="vhost-user-stop", daemon=True)
-        watcher.start()
-    try:
-        server.serve_forever()
-    finally:
-        for signum, handler in restore:
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-    return 0
+        for ring in session.rings:
+            if ring.runnable and (self.poll or ring.polled):
+                work += session.run_ring(ring.index, poll=True).published
+        return work > 0

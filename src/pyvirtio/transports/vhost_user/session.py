@@ -1,4 +1,4 @@
-"""The vhost-user back end as a sans-I/O state machine.
+"""The vhost-user back end's protocol state machine: one session per front-end connection.
 
 Implements QEMU docs/interop/vhost-user.rst: "Ring states" (stopped / started
 but disabled / started and enabled; a ring starts on SET_VRING_KICK, stops on
@@ -16,14 +16,24 @@ sends a configuration change notification).  The ring
 layout itself is VIRTIO 1.2 §2.7, handled by
 :class:`~pyvirtio.core.split_device.SplitDeviceQueue`.
 
-:meth:`VhostUserBackend.handle` takes one decoded :class:`Message` and returns
-an :class:`Outcome`: the replies to send and the rings that just became
-runnable; :meth:`VhostUserBackend.run_ring` returns a :class:`RunResult`
-whose ``backend_messages`` are for the back-end channel.  It never touches a
-socket; the fds it keeps (kick, call, err, back-end channel) are plain ints
-the I/O layer (``server.py``) watches, signals and writes to.  Broken rules
-raise :class:`PeerError` — unless the request asked for a REPLY_ACK, in which
-case the error becomes a non-zero reply and the connection survives.
+:meth:`VhostUserSession.handle` takes one decoded :class:`Message` and
+returns an :class:`Outcome`: the replies to send, the rings that just became
+runnable, and the fds the I/O layer must start or stop watching (kick fds,
+the back-end channel).  It never reads or writes a socket; the fds it keeps
+(kick, call, err, back-end channel) are plain ints the I/O layer
+(``server.py``) watches and writes to.  It does close the fds it replaces,
+``mmap``s the memory regions it is given, and interrupts the driver through
+the ``signal`` callable the I/O layer passes in (one eventfd write): those
+are the only system calls.  Broken rules raise :class:`PeerError` — unless
+the request asked for a REPLY_ACK, in which case the error becomes a
+non-zero reply and the connection survives.
+
+Ring processing is the device kit's (:class:`~pyvirtio.transports.device.VirtQueue`):
+the session keeps one per started ring, rebinds it when the memory table or
+the features change the ring's mapping, and closes it (the device's
+``queue_stopped``) when the ring stops.  A ring configuration message that is
+refused leaves that ring unusable until it is configured again: the back end
+never carries on with the values from before the refusal.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.layout import (
@@ -48,7 +59,7 @@ from pyvirtio.core.layout import (
 from pyvirtio.core.memory import GuestMemory, Region
 from pyvirtio.core.spec import MAX_QUEUE_SIZE, Status
 from pyvirtio.core.split_device import SplitDeviceQueue
-from pyvirtio.transports.vhost_user.device import VhostUserDevice
+from pyvirtio.transports.device import DeviceProtocol, VirtQueue, offered_features
 from pyvirtio.transports.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     MAX_CONFIG_SIZE,
@@ -69,13 +80,13 @@ from pyvirtio.transports.vhost_user.messages import (
     reply,
 )
 
-__all__ = ["SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult", "VhostUserBackend"]
+__all__ = ["SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult", "VhostUserSession"]
 
 #: Protocol features the back end implements (and offers).  INFLIGHT_SHMFD is
 #: deliberately absent: QEMU then never sends GET_INFLIGHT_FD.  BACKEND_REQ
 #: goes with REPLY_ACK: the back end asks for (and reads) an ack of each
 #: back-end request when REPLY_ACK is negotiated, without ever waiting for it.
-SUPPORTED_PROTOCOL_FEATURES = (
+SUPPORTED_PROTOCOL_FEATURES: Final = (
     1 << ProtocolFeature.MQ
     | 1 << ProtocolFeature.REPLY_ACK
     | 1 << ProtocolFeature.BACKEND_REQ
@@ -92,6 +103,9 @@ _HAS_REPLY = frozenset({
 })
 
 _VHOST_VRING_F_LOG = 1
+
+#: Requests that configure a ring's layout or position.
+_RING_CONFIG = frozenset({Request.SET_VRING_NUM, Request.SET_VRING_ADDR, Request.SET_VRING_BASE})
 
 
 def _close(fd: int | None) -> None:
@@ -115,6 +129,8 @@ class Ring:
     started: bool = False
     enabled: bool = False
     queue: SplitDeviceQueue | None = None
+    #: The device's handle on the ring while it is started (the kit's VirtQueue).
+    vq: VirtQueue | None = None
 
     @property
     def state(self) -> str:
@@ -145,12 +161,16 @@ class Ring:
 
 @dataclass
 class Outcome:
-    """What handling one message produced."""
+    """What handling one message produced: replies, rings to run, fds to (un)watch."""
 
     replies: list[Message] = field(default_factory=list)
     #: Rings that just became started and enabled: process them once now, since
     #: buffers may already wait (a kick sent before the ring started is lost).
     start: list[int] = field(default_factory=list)
+    #: Rings whose kick fd changed (watch ``rings[i].kick_fd`` now; None: stop).
+    kicks: list[int] = field(default_factory=list)
+    #: The back-end channel changed (watch ``backend_fd`` now; None: stop).
+    channel: bool = False
     #: An error reported to the front end with a non-zero REPLY_ACK (log it).
     error: str | None = None
 
@@ -160,28 +180,46 @@ class RunResult:
     """What processing one ring produced."""
 
     published: int = 0
-    #: Signal the ring's call eventfd.
-    notify: bool = False
-    #: The ring just broke for this reason (mark NEEDS_RESET, log once).
+    #: The ring broke during this run, for this reason (``on_broken`` was called).
     broken: str | None = None
-    #: Send these on the back-end channel (CONFIG_CHANGE_MSG after a break).
-    backend_messages: list[BackendMessage] = field(default_factory=list)
 
 
-class VhostUserBackend:
-    """Protocol state of one front-end connection, serving ``device``."""
+def _no_signal(fd: int) -> None:
+    """The default ``signal`` of a session nobody waits on (tests of the protocol alone)."""
 
-    def __init__(self, device: VhostUserDevice, *, max_mem_slots: int = 32,
-                 backend_req: bool = True) -> None:
+
+def _no_broken(index: int, reason: str) -> None:
+    """The default ``on_broken``."""
+
+
+class VhostUserSession:
+    """Protocol state of one front-end connection, serving ``device``.
+
+    ``signal(fd)`` interrupts the driver through a call eventfd;
+    ``on_broken(index, reason)`` tells the I/O layer a ring broke (log it,
+    write the ring's err fd, send :meth:`config_change_message`);
+    ``schedule(callback)`` runs a callback soon on the serving loop
+    (completions the device makes outside a kick are published from there).
+    """
+
+    def __init__(self, device: DeviceProtocol, *, max_mem_slots: int = 32,
+                 backend_req: bool = True, signal: Callable[[int], None] = _no_signal,
+                 on_broken: Callable[[int, str], None] = _no_broken,
+                 schedule: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.device = device
         self.max_mem_slots = max_mem_slots
-        self.offered_features = device.features() | 1 << F_PROTOCOL_FEATURES
-        self.offered_protocol = SUPPORTED_PROTOCOL_FEATURES | (
-            device.protocol_features() & SUPPORTED_PROTOCOL_FEATURES)
+        self.signal = signal
+        self.on_broken = on_broken
+        self.schedule = schedule
+        self.offered_features = offered_features(device.device_features) | 1 << F_PROTOCOL_FEATURES
+        self.offered_protocol = SUPPORTED_PROTOCOL_FEATURES
         if not backend_req:
             self.offered_protocol &= ~(1 << ProtocolFeature.BACKEND_REQ)
-        self.num_queues = device.num_queues()
-        self.max_queue_size = min(device.max_queue_size(), MAX_QUEUE_SIZE)
+        self.num_queues = device.num_queues
+        if not 1 <= self.num_queues <= VRING_INDEX_MASK + 1:
+            raise CallerError(f"a vhost-user device has 1..{VRING_INDEX_MASK + 1} queues, "
+                              f"not {self.num_queues}")
+        self.max_queue_size = min(device.queue_size, MAX_QUEUE_SIZE)
         self.features = 0
         self.protocol = 0
         self.protocol_set = False
@@ -189,12 +227,8 @@ class VhostUserBackend:
         self.status = 0
         self.memory: GuestMemory | None = None
         self.rings = [Ring(i) for i in range(self.num_queues)]
-        #: Bumped whenever a kick fd changes, so the I/O layer re-registers them.
-        self.kick_generation = 0
         #: The back-end channel (SET_BACKEND_REQ_FD), non-blocking; None without one.
         self.backend_fd: int | None = None
-        #: Bumped whenever ``backend_fd`` changes, so the I/O layer re-registers it.
-        self.backend_generation = 0
         #: Back-end requests sent with need_reply whose REPLY_ACK has not come yet.
         self._awaiting: deque[BackendRequest] = deque()
         self._adopted: set[int] = set()
@@ -262,6 +296,7 @@ class VhostUserBackend:
             result = handler(msg)
         except PeerError as exc:
             out.start.clear()
+            self._unconfigure_refused(msg)
             if msg.need_reply and self.reply_ack and msg.request not in _HAS_REPLY:
                 out.replies.append(reply(msg.request, 1))
                 out.error = f"{msg.request.name} refused: {exc}"
@@ -276,6 +311,25 @@ class VhostUserBackend:
         elif msg.need_reply and self.reply_ack:
             out.replies.append(reply(msg.request, 0))
         return out
+
+    def _unconfigure_refused(self, msg: Message) -> None:
+        """A refused ring configuration leaves the ring unusable until configured again.
+
+        Carrying on with the values from before the refusal would have the
+        back end write a used ring where the front end (which may ignore the
+        NACK) no longer expects one.
+        """
+        if msg.request not in _RING_CONFIG:
+            return
+        payload = msg.payload
+        index = payload.index if isinstance(payload, VringState | VringAddr) else -1
+        if 0 <= index < self.num_queues:
+            ring = self.rings[index]
+            self._close_vq(ring)
+            ring.queue = None
+            ring.num = 0
+            ring.addr = None
+            ring.saved = (0, 0)
 
     def _ring(self, index: int, request: Request) -> Ring:
         if not 0 <= index < self.num_queues:
@@ -402,6 +456,7 @@ class VhostUserBackend:
         ring.queue = None
         addr = ring.addr
         if addr is None or ring.num == 0:
+            self._close_vq(ring)
             return
         try:
             if self.memory is None:
@@ -413,14 +468,21 @@ class VhostUserBackend:
                               mem.translate_uaddr(addr.avail, avail_ring_size(num)),
                               mem.translate_uaddr(addr.used, used_ring_size(num)))
         except PeerError as exc:
+            self._close_vq(ring)
             if strict:
                 raise PeerError(f"ring {ring.index}: {exc}") from None
             return
         queue = SplitDeviceQueue(views, mem, self.virtio_features)
         queue.set_state(*ring.saved)
-        if old is not None and old.broken is not None:
-            queue.broken = old.broken
+        if old is not None:
+            # Requests the device still holds stay in flight on the new mapping
+            # (same guest pages), so it can complete them.
+            queue.inuse = old.inuse
+            if old.broken is not None:
+                queue.broken = old.broken
         ring.queue = queue
+        if ring.vq is not None:
+            ring.vq.ring = queue
 
     def _set_vring_num(self, msg: Message) -> _NoReply:
         assert isinstance(msg.payload, VringState)
@@ -443,14 +505,8 @@ class VhostUserBackend:
             raise PeerError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
         if ring.num == 0:
             raise PeerError(f"SET_VRING_ADDR before SET_VRING_NUM on ring {ring.index}")
-        previous = ring.addr
         ring.addr = addr
-        try:
-            self._map_ring(ring, strict=True)
-        except PeerError:
-            ring.addr = previous
-            self._map_ring(ring, strict=False)
-            raise
+        self._map_ring(ring, strict=True)
         return NO_REPLY
 
     def _set_vring_base(self, msg: Message) -> _NoReply:
@@ -474,9 +530,10 @@ class VhostUserBackend:
         return VringState(ring.index, last_avail)
 
     def _stop(self, ring: Ring) -> None:
+        self._close_vq(ring)
         ring.started = False
         if ring.kick_fd is not None:
-            self.kick_generation += 1
+            self._outcome.kicks.append(ring.index)
         _close(ring.kick_fd)
         _close(ring.call_fd)
         ring.kick_fd = ring.call_fd = None
@@ -506,7 +563,7 @@ class VhostUserBackend:
             raise PeerError(f"SET_VRING_KICK on ring {ring.index} before SET_VRING_ADDR")
         _close(ring.kick_fd)
         ring.kick_fd = fd
-        self.kick_generation += 1
+        self._outcome.kicks.append(ring.index)
         was_runnable = ring.runnable
         ring.started = True
         if not self.protocol_features_negotiated:
@@ -536,6 +593,8 @@ class VhostUserBackend:
             raise PeerError(f"SET_VRING_ENABLE {msg.payload.num} is neither 0 nor 1")
         was_runnable = ring.runnable
         ring.enabled = bool(msg.payload.num)
+        if not ring.enabled:
+            self._close_vq(ring)
         if ring.runnable and not was_runnable:
             self._outcome.start.append(ring.index)
         return NO_REPLY
@@ -592,9 +651,11 @@ class VhostUserBackend:
 
     def _reset_rings(self) -> None:
         for ring in self.rings:
+            self._close_vq(ring)
+            if ring.kick_fd is not None:
+                self._outcome.kicks.append(ring.index)
             ring.close_fds()
         self.rings = [Ring(i) for i in range(self.num_queues)]
-        self.kick_generation += 1
 
     def reset(self) -> None:
         """Forget the connection (front end gone): rings, fds, memory, features."""
@@ -623,7 +684,7 @@ class VhostUserBackend:
         self.drop_backend_channel()
         self._adopted.add(fd)
         self.backend_fd = fd
-        self.backend_generation += 1
+        self._outcome.channel = True
         return NO_REPLY
 
     def drop_backend_channel(self) -> None:
@@ -631,7 +692,7 @@ class VhostUserBackend:
         if self.backend_fd is not None:
             _close(self.backend_fd)
             self.backend_fd = None
-            self.backend_generation += 1
+            self._outcome.channel = True
         self._awaiting.clear()
 
     @property
@@ -671,66 +732,50 @@ class VhostUserBackend:
         return None
 
     # ------------------------------------------------------------ processing
-    def run_ring(self, index: int, *, poll: bool = False,
-                 notify: Callable[[], None] | None = None) -> RunResult:
-        """Process ring ``index`` until it is empty (the back end's kick handler).
+    def _signal_ring(self, ring: Ring) -> None:
+        if ring.call_fd is not None:
+            self.signal(ring.call_fd)
 
-        Kick mode: notifications off, process, re-enable and re-check so a
-        buffer added meanwhile is not missed.  Poll mode: one pass, kicks stay
-        off.  The call eventfd is signalled (by the caller) only when the core
-        says so.  A PeerError marks the ring broken and the device NEEDS_RESET.
-        With ``notify``, each interrupt the core asks for is sent at once
-        through it (after every process_queue call, so a device that completes
-        in batches lets the driver work in parallel) instead of ``res.notify``.
+    def _vq_broken(self, vq: VirtQueue, reason: str) -> None:
+        # VIRTIO 1.2 §2.1.2: the device sets DEVICE_NEEDS_RESET; the I/O layer
+        # asks the front end for the configuration change notification.
+        self.status |= Status.NEEDS_RESET
+        self.on_broken(vq.index, reason)
+
+    def _close_vq(self, ring: Ring) -> None:
+        vq = ring.vq
+        if vq is not None:
+            ring.vq = None
+            vq.close()
+            self.device.queue_stopped(vq)
+
+    def virtqueue(self, index: int) -> VirtQueue | None:
+        """The device's handle on ring ``index`` if it runs (created on first use)."""
+        ring = self.rings[index]
+        if not ring.runnable:
+            return None
+        vq = ring.vq
+        if vq is None:
+            queue = ring.queue
+            assert queue is not None
+            vq = ring.vq = VirtQueue(ring.index, queue, self.device,
+                                     lambda: self._signal_ring(ring),
+                                     on_broken=self._vq_broken, schedule=self.schedule)
+            self.device.queue_ready(vq)
+        return vq
+
+    def run_ring(self, index: int, *, poll: bool = False) -> RunResult:
+        """Process ring ``index`` (the kick handler; see :meth:`VirtQueue.run`).
+
+        Interrupts go out through ``signal`` as the kit decides them; a ring
+        that breaks is reported through ``on_broken`` and in the result.
         """
         res = RunResult()
-        ring = self.rings[index]
-        q = ring.queue
-        if q is None or not ring.runnable:
+        vq = self.virtqueue(index)
+        if vq is None:
             return res
-        process = self.device.process_queue
-        mark = q.used_idx
-        try:
-            while True:
-                # Off again on every pass (QEMU's virtio-blk loop): work found
-                # by the re-check is processed without kicks, too.
-                q.disable_notification()
-                mark = q.used_idx
-                n = process(index, q)
-                if n:
-                    res.published += n
-                    if q.should_notify():
-                        if notify is None:
-                            res.notify = True
-                        else:
-                            notify()
-                if poll or not q.enable_notification():
-                    break
-        except PeerError as exc:
-            q.mark_broken(str(exc))
-            self.status |= Status.NEEDS_RESET
-            res.broken = q.broken
-        except Exception as exc:  # a device bug must not take the other rings down
-            q.mark_broken(f"device failed: {exc!r}")
-            self.status |= Status.NEEDS_RESET
-            res.broken = q.broken
-        if res.broken is not None:
-            stranded = (q.used_idx - mark) & 0xFFFF
-            if stranded:
-                # The pass that broke the ring had published completions first:
-                # interrupt for them (unconditionally: the driver must learn of
-                # finished requests even though no more will follow).
-                res.published += stranded
-                if notify is None:
-                    res.notify = True
-                else:
-                    notify()
-            # VIRTIO 1.2 §2.1.2: after setting DEVICE_NEEDS_RESET the device
-            # sends a configuration change notification; a vhost-user back end
-            # can only ask the front end for it.
-            change = self.config_change_message()
-            if change is not None:
-                res.backend_messages.append(change)
+        res.published = vq.run(poll)
+        res.broken = vq.broken
         return res
 
 

@@ -1,0 +1,192 @@
+"""Serving a device as a vhost-user back-end program, for any device of the kit.
+
+QEMU docs/interop/vhost-user.rst "Backend program conventions": the program
+takes ``--socket-path PATH`` (listen there) or ``--fd FDNUM`` (an inherited,
+already listening socket, as libvirt passes it), answers
+``--print-capabilities`` with a ``VHostUserBackendCapabilities`` JSON object
+(docs/interop/vhost-user.json: ``type`` plus its ``features``) and exits,
+fails with a non-zero status when it cannot start, and ends cleanly on
+SIGTERM.  :class:`BackendProgram` adds those options to an argparse parser
+(the device adds its own), plus ``--print-descriptor`` (the
+``VhostUserBackend`` descriptor libvirt looks for in
+/usr/share/qemu/vhost-user/), ``--socket-mode``, ``--poll`` and
+``--verbose``.  Errors are one line on stderr naming what is wrong and what
+to do; usage errors exit with status 2, start-up failures with 1.
+
+:func:`serve` is the library entry point the program uses: one loop, one
+server, signal handling, one log line when serving starts and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from importlib import resources
+from types import FrameType
+from typing import NoReturn
+
+from pyvirtio.core.errors import CallerError
+from pyvirtio.transports.device import DeviceProtocol
+from pyvirtio.transports.vhost_user.server import VhostUserServer
+
+__all__ = ["BackendProgram", "serve"]
+
+log = logging.getLogger("pyvirtio.vhost_user")
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0..0777)")
+    return value
+
+
+def serve(device: DeviceProtocol, socket_path: str | None = None, fd: int | None = None, *,
+          poll: bool = False, socket_mode: int = 0o600,
+          stop_event: threading.Event | None = None) -> int:
+    """Serve ``device`` until SIGTERM/SIGINT (main thread) or ``stop_event``; returns 0.
+
+    Raises :class:`~pyvirtio.core.errors.CallerError` when it cannot listen.
+    """
+    server = VhostUserServer(device, socket_path=socket_path, listen_fd=fd, poll=poll,
+                             socket_mode=socket_mode)
+    where = socket_path if socket_path is not None else f"inherited fd {fd}"
+    log.info("serving %s on %s%s", type(device).__name__, where, " (polling)" if poll else "")
+    restore: list[tuple[signal.Signals, object]] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        server.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            restore.append((signum, signal.signal(signum, on_signal)))
+    if stop_event is not None:
+        def _watch() -> None:
+            stop_event.wait()
+            server.stop()
+        threading.Thread(target=_watch, name="vhost-user-stop", daemon=True).start()
+    try:
+        server.serve_forever()
+    finally:
+        for signum, handler in restore:
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+    log.info("stopped after %d connection(s)", server.connections)
+    return 0
+
+
+class BackendProgram:
+    """The command line of a vhost-user back-end program (the conventions, for any device).
+
+    ``device_type`` and ``capabilities`` are what ``--print-capabilities``
+    prints (``"block"``, ``"rng"``, ``"input"``, ``"net"``…).  Add the
+    device's own options to :attr:`parser`, then :meth:`parse_args`, build the
+    device, and :meth:`serve` it.
+    """
+
+    def __init__(self, prog: str, description: str, device_type: str,
+                 capabilities: Sequence[str] = (), *, epilog: str | None = None,
+                 binary: str | None = None,
+                 parser: argparse.ArgumentParser | None = None) -> None:
+        self.prog = prog
+        #: The console script: the descriptor's ``binary`` and ``data/50-<binary>.json``.
+        self.binary = binary or prog
+        self.description = description
+        self.device_type = device_type
+        self.capabilities = list(capabilities)
+        if parser is None:
+            parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.parser = parser
+        self.add_arguments(parser)
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        """Add the conventions' options to ``p``."""
+        conv = p.add_argument_group("vhost-user back-end program conventions")
+        where = conv.add_mutually_exclusive_group()
+        where.add_argument("--socket-path", metavar="PATH",
+                           help="listen for the front end (QEMU, DPDK, pyvirtio) on this Unix "
+                                "socket; a stale socket left by a killed back end is replaced")
+        where.add_argument("--fd", type=int, metavar="FDNUM",
+                           help="serve on this inherited, already listening Unix socket")
+        conv.add_argument("--print-capabilities", action="store_true",
+                          help="print the back-end capabilities as JSON and exit")
+        conv.add_argument("--print-descriptor", action="store_true",
+                          help="print the vhost-user.json descriptor of this installation "
+                               "(for /etc/qemu/vhost-user/) and exit")
+        conv.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
+                          help="permissions of the socket file, octal (default: 0600: only "
+                               "this user may connect)")
+        conv.add_argument("--poll", action="store_true",
+                          help="busy-poll the rings (spin, then sleep) instead of waiting for "
+                               "kicks (default: wait for kicks)")
+        conv.add_argument("-v", "--verbose", action="store_true",
+                          help="log every vhost-user message (debug level)")
+
+    # ------------------------------------------------------------ arguments
+    def error(self, message: str) -> NoReturn:
+        """A usage error: one line on stderr, exit status 2."""
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def fail(self, message: str) -> int:
+        """A start-up failure: one line on stderr; returns exit status 1."""
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        return 1
+
+    def capabilities_json(self) -> dict[str, object]:
+        return {"type": self.device_type, "features": list(self.capabilities)}
+
+    def descriptor(self) -> dict[str, object]:
+        """The shipped ``50-<prog>.json`` descriptor with this installation's binary path."""
+        desc: dict[str, object] = {"description": self.description, "type": self.device_type,
+                                   "tags": ["pyvirtio"]}
+        with contextlib.suppress(FileNotFoundError, ModuleNotFoundError):
+            raw = resources.files("pyvirtio.data").joinpath(f"50-{self.binary}.json").read_text()
+            desc = json.loads(raw)
+        binary = shutil.which(self.binary) or os.path.join(os.path.dirname(sys.executable),
+                                                           self.binary)
+        desc["binary"] = os.path.abspath(binary)
+        return desc
+
+    def parse_args(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """Parse; answers ``--print-capabilities``/``--print-descriptor`` and exits."""
+        args = self.parser.parse_args(argv)
+        self.check_args(args)
+        return args
+
+    def check_args(self, args: argparse.Namespace) -> None:
+        """Answer the print options (exit 0), insist on a socket (exit 2), set up logging."""
+        if args.print_capabilities:
+            print(json.dumps(self.capabilities_json(), indent=2))
+            raise SystemExit(0)
+        if args.print_descriptor:
+            print(json.dumps(self.descriptor(), indent=2))
+            raise SystemExit(0)
+        if args.socket_path is None and args.fd is None:
+            self.error("one of --socket-path or --fd is required (see --help)")
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    # ---------------------------------------------------------------- serve
+    def serve(self, device: DeviceProtocol, args: argparse.Namespace) -> int:
+        """Serve ``device`` as the arguments say; returns the exit status."""
+        try:
+            return serve(device, socket_path=args.socket_path, fd=args.fd, poll=args.poll,
+                         socket_mode=args.socket_mode)
+        except CallerError as exc:
+            return self.fail(str(exc))
+        except KeyboardInterrupt:
+            return 0
