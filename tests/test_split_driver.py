@@ -271,7 +271,7 @@ def test_disable_enable_cb_with_event_idx(ring_pair: Pair) -> None:
     assert drv.get_buf() == (1, 0)
     drv.disable_cb()
     assert pair.avail_flags == 0  # flags are not used under EVENT_IDX
-    assert pair.used_event == (drv.last_used_idx - 1) & 0xFFFF
+    assert pair.used_event == 0
     dev.push(elems[1].head, 0)  # type: ignore[union-attr]
     assert dev.should_notify() is False
     assert drv.enable_cb() is True  # used entry 1 is waiting
@@ -280,6 +280,34 @@ def test_disable_enable_cb_with_event_idx(ring_pair: Pair) -> None:
     assert drv.enable_cb() is False
     dev.push(elems[2].head, 0)  # type: ignore[union-attr]
     assert dev.should_notify() is True
+
+
+@pytest.mark.parametrize("start", [0, 5, 65533])
+def test_disable_cb_with_event_idx_writes_used_event_like_linux(ring_pair: Pair,
+                                                                start: int) -> None:
+    # Linux virtqueue_disable_cb_split: under EVENT_IDX it writes used_event = 0
+    # once, when interrupts go from enabled to disabled, and get_buf leaves
+    # used_event alone while they stay disabled.
+    pair = ring_pair(num=8, features=EVENT_IDX, start_idx=start)
+    drv, dev = pair.driver, pair.device
+    for t in range(6):
+        drv.add([(pair.buf(1), 1)], [], token=t + 1)
+    heads = [e.head for e in dev.pop_batch()]
+    dev.push(heads[0], 0)
+    assert drv.get_buf() == (1, 0)
+    assert pair.used_event == (start + 1) & 0xFFFF
+    drv.disable_cb()
+    assert pair.used_event == 0 and pair.avail_flags == 0
+    pair.used_event = 0x1234  # already disabled: nothing more is written
+    drv.disable_cb()
+    assert pair.used_event == 0x1234
+    dev.push(heads[1], 0)
+    assert drv.get_buf() == (2, 0)
+    assert pair.used_event == 0x1234
+    assert drv.enable_cb() is False
+    assert pair.used_event == drv.last_used_idx == (start + 2) & 0xFFFF
+    drv.disable_cb()
+    assert pair.used_event == 0
 
 
 def test_enable_cb_delayed(ring_pair: Pair) -> None:

@@ -359,9 +359,14 @@ class SplitDriverQueue(Breakable):
         if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             self.avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT
             if self.event_idx:
-                # The device ignores flags under EVENT_IDX: park used_event one
-                # behind what we consumed, the index the device reaches last.
-                self._avail[self._used_event_i] = (self.last_used_idx - 1) & 0xFFFF
+                # The device ignores flags under EVENT_IDX.  Linux's
+                # virtqueue_disable_cb_split writes used_event = 0 here (its
+                # "hack" value), once per disable: the device may then still
+                # interrupt when used.idx crosses 0, at most once per 2**16
+                # buffers, which a driver with interrupts disabled tolerates
+                # (they are hints, §2.7.7.2).  Same value as Linux, so a device
+                # tested against pyvirtio sees what a Linux guest writes.
+                self._avail[self._used_event_i] = 0
             else:
                 self._avail[0] = self.avail_flags_shadow
 
