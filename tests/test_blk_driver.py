@@ -14,9 +14,9 @@ import pytest
 
 from blk_loop_harness import make_loop
 from pyvirtio.core.errors import CallerError
-from pyvirtio.devices.blk.backend_file import FileBackend
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import BlkDriver
+from pyvirtio.devices.blk.file_store import FileStore
 
 SIZE = 1 << 20
 
@@ -29,7 +29,7 @@ def img(tmp_path: Path) -> Path:
 
 
 def loop(img: Path) -> BlkDriver:
-    return make_loop(BlkDevice(FileBackend(str(img))), max_io=8192)[0]
+    return make_loop(BlkDevice(FileStore(str(img))), max_io=8192)[0]
 
 
 def test_offsets_are_bytes_like_pread_and_pwrite(img: Path) -> None:

@@ -10,48 +10,86 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from pyvirtio.cli.common import (
+    connect_problem,
+    failure,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    queue_size,
+    socket_problem,
+    usage_error,
+)
+from pyvirtio.core.errors import CallerError
 from pyvirtio.devices.blk.workload import RW_MODES, format_fio, parse_size, run_workload
 
+PROG = "pyvirtio bench blk"
 
-def _pow2_at_least(n: int) -> int:
-    size = 2
-    while size < n:
-        size *= 2
-    return size
+
+def _block_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except CallerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_blk(args: argparse.Namespace) -> int:
     from pyvirtio.devices.blk.driver import BlkDriver
 
+    path = args.socket_path
+    if args.rw.endswith("write") and not args.allow_writes:
+        return usage_error(PROG, f"--rw {args.rw} overwrites the disk behind {path} with "
+                                 f"random blocks (its data is lost): add --allow-writes if "
+                                 f"nothing on it matters")
+    # A request takes two descriptors (header+data, status), so the ring holds half as many.
+    if args.iodepth > args.queue_size // 2:
+        return usage_error(PROG, f"--iodepth {args.iodepth} does not fit a ring of "
+                                 f"--queue-size {args.queue_size} (2 descriptors per request): "
+                                 f"use --iodepth {args.queue_size // 2} or less, or a larger "
+                                 f"--queue-size")
+    problem = socket_problem(path)
+    if problem is not None:
+        return failure(PROG, problem)
     try:
-        bs = parse_size(args.bs)
-        queue_size = max(args.queue_size, _pow2_at_least(2 * args.iodepth))
-        with BlkDriver.connect(args.socket_path, queue_size=queue_size,
-                               max_io=max(bs, 4096), spin=args.spin_us / 1e6) as drv:
-            result = run_workload(drv, args.rw, bs, args.iodepth, args.seconds,
-                                  warmup=args.warmup)
+        with BlkDriver.connect(path, queue_size=args.queue_size,
+                               max_io=max(args.bs, 4096), spin=args.spin_us / 1e6) as drv:
+            result = run_workload(drv, args.rw, args.bs, args.iodepth, args.seconds,
+                                  warmup=args.warmup, allow_writes=args.allow_writes)
     except Exception as exc:  # a CLI reports every failure in one line
-        print(f"pyvirtio bench blk: {exc}", file=sys.stderr)
-        return 1
+        return failure(PROG, connect_problem(path, exc))
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_fio(result))
     return 1 if result.errors else 0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks against vhost-user back ends")
+    p = subparsers.add_parser("bench", help="benchmarks against vhost-user back ends",
+                              description="Benchmarks against vhost-user back ends.")
     sub = p.add_subparsers(dest="bench_target", metavar="TARGET", required=True)
-    b = sub.add_parser("blk", help="fio-like load on a vhost-user-blk socket",
-                       description=__doc__.split("\n\n")[0])
-    b.add_argument("--socket-path", required=True, metavar="PATH")
-    b.add_argument("--rw", choices=RW_MODES, default="randread")
-    b.add_argument("--bs", default="4k", help="block size (default 4k)")
-    b.add_argument("--iodepth", type=int, default=32, help="requests in flight (default 32)")
-    b.add_argument("--seconds", type=float, default=10.0, help="run time (default 10)")
-    b.add_argument("--warmup", type=float, default=0.0, help="unmeasured seconds first")
-    b.add_argument("--queue-size", type=int, default=256, help="ring size (default 256)")
-    b.add_argument("--spin-us", type=float, default=0.0, metavar="US",
-                   help="busy-poll for completions this long before sleeping (default 0)")
-    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b = sub.add_parser(
+        "blk", help="fio-like load on a vhost-user-blk socket",
+        description="Connect pyvirtio's virtio-blk driver to a vhost-user-blk back end as its "
+                    "front end and keep --iodepth requests in flight for --seconds: IOPS, "
+                    "MiB/s, latency percentiles, and kicks and interrupts per 1,000 requests. "
+                    "Write workloads destroy the data on the back end's disk and run only "
+                    "with --allow-writes.")
+    b.add_argument("--socket-path", required=True, metavar="PATH",
+                   help="the Unix socket the back end listens on")
+    b.add_argument("--rw", choices=RW_MODES, default="randread",
+                   help="access pattern; write and randwrite overwrite the disk")
+    b.add_argument("--allow-writes", action="store_true",
+                   help="let --rw write/randwrite overwrite the back end's disk with random "
+                        "blocks (whatever it holds is lost)")
+    b.add_argument("--bs", type=_block_size, default="4k",
+                   help="block size: bytes, or with k/m/g, a multiple of 512")
+    b.add_argument("--iodepth", type=positive_int, default=32,
+                   help="requests in flight, at most half of --queue-size")
+    b.add_argument("--seconds", type=positive_float, default=10.0, help="measured run time")
+    b.add_argument("--warmup", type=non_negative_float, default=0.0,
+                   help="unmeasured seconds before the measurement")
+    b.add_argument("--queue-size", type=queue_size(), default=256,
+                   help="ring size, a power of two (2 descriptors per request)")
+    b.add_argument("--spin-us", type=non_negative_float, default=0.0, metavar="US",
+                   help="busy-poll for completions this long before sleeping")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(func=run_blk)

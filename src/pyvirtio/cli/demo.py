@@ -13,19 +13,9 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from pyvirtio.core.layout import is_valid_queue_size
+from pyvirtio.cli.common import positive_float, queue_size
 from pyvirtio.demo.host import SUPPRESSION_MODES, DemoConfig, Snapshot, run_demo
 from pyvirtio.demo.report import live_view, result_table
-
-
-def _queue_size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if n < 4 or not is_valid_queue_size(n):
-        raise argparse.ArgumentTypeError("a queue size is a power of two in 4..32768")
-    return n
 
 
 def register(subparsers: Any) -> None:
@@ -37,16 +27,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--suppression", choices=SUPPRESSION_MODES, default="event-idx",
                    help="none: never suppress; flags: VRING_USED_F_NO_NOTIFY / "
                         "VRING_AVAIL_F_NO_INTERRUPT; event-idx: VIRTIO_RING_F_EVENT_IDX")
-    p.add_argument("--seconds", type=float, default=3.0, help="how long the guest sends")
-    p.add_argument("--queue-size", type=_queue_size, default=256,
+    p.add_argument("--seconds", type=positive_float, default=3.0,
+                   help="how long the guest sends")
+    p.add_argument("--queue-size", type=queue_size(4), default=256,
                    help="size of rx and tx queues (power of two, 4..32768)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON on stdout instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seconds <= 0:
-        raise SystemExit("--seconds must be positive")
     config = DemoConfig(args.suppression, args.seconds, args.queue_size)
     err = Console(stderr=True)
     if err.is_terminal:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pyvirtio.cli.common import (
+    non_negative_float,
+    positive_int,
+    queue_size,
+    usage_error,
+)
 from pyvirtio.demo.duel import DEFAULT_RATIOS, MODES, DuelPoint, sweep, write_outputs
+
+PROG = "pyvirtio duel"
 
 
 def _floats(text: str) -> list[float]:
@@ -43,18 +52,23 @@ def register(subparsers: Any) -> None:
         description="A driver process and a device process exchange buffers over a shared "
                     "split ring; each spins for its per-buffer work. For each suppression mode "
                     "and speed ratio, count kicks and interrupts per 1,000 buffers.")
-    p.add_argument("--device-work-us", type=float, default=20.0,
+    p.add_argument("--device-work-us", type=non_negative_float, default=20.0,
                    help="device work per buffer in microseconds (fixed)")
-    p.add_argument("--driver-work-us", type=float, default=None,
-                   help="measure one ratio only: this driver work per buffer")
-    p.add_argument("--ratios", type=_floats, default=list(DEFAULT_RATIOS),
-                   help="driver work / device work, comma-separated (default %(default)s)")
-    p.add_argument("--modes", type=_modes, default=list(MODES),
-                   help="suppression modes, comma-separated (default: all)")
-    p.add_argument("--buffers", type=int, default=4000, help="buffers per point")
-    p.add_argument("--queue-size", type=int, default=128)
-    p.add_argument("--out", type=Path, default=None, help="write duel.csv and duel.png here")
-    p.add_argument("--json", action="store_true", help="print the points as JSON")
+    p.add_argument("--driver-work-us", type=non_negative_float, default=None,
+                   help="measure one ratio only: this driver work per buffer in microseconds "
+                        "(default: sweep --ratios)")
+    p.add_argument("--ratios", type=_floats, default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
+                   help="driver work / device work, comma-separated")
+    p.add_argument("--modes", type=_modes, default=",".join(MODES),
+                   help="suppression modes, comma-separated")
+    p.add_argument("--buffers", type=positive_int, default=4000, help="buffers per point")
+    p.add_argument("--queue-size", type=queue_size(), default=128,
+                   help="size of the shared ring (power of two, 2..32768)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="write duel.csv and duel.png into this directory (created if missing; "
+                        "checked before the sweep)")
+    p.add_argument("--json", action="store_true",
+                   help="print the points as JSON on stdout instead of a table")
     p.set_defaults(func=run)
 
 
@@ -71,14 +85,28 @@ def _table(points: list[DuelPoint]) -> Table:
     return t
 
 
+def _out_dir_problem(out: Path) -> str | None:
+    """Why the results could not be written to ``out``; None once it is a writable directory."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is not a directory: give a directory (created if missing)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--out {out}: cannot create the directory ({exc.strerror}): give another one"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out}: the directory is not writable: give another one"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.buffers <= 0 or args.device_work_us < 0:
-        raise SystemExit("--buffers must be positive and --device-work-us not negative")
     ratios = args.ratios
     if args.driver_work_us is not None:
         if args.device_work_us == 0:
-            raise SystemExit("--driver-work-us needs a non-zero --device-work-us")
+            return usage_error(PROG, "--driver-work-us needs a non-zero --device-work-us")
         ratios = [args.driver_work_us / args.device_work_us]
+    # Checked before the sweep, which takes minutes: a bad --out must not lose the results.
+    if args.out is not None and (problem := _out_dir_problem(args.out)) is not None:
+        return usage_error(PROG, problem)
     err = Console(stderr=True)
     total = len(args.modes) * len(ratios)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

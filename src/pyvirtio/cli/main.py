@@ -14,19 +14,21 @@ import sys
 
 from pyvirtio import __version__
 from pyvirtio._build import build_kind
+from pyvirtio.cli.common import Parser
 
 # Sub-command modules under pyvirtio.cli, in the order --help lists them.
 _COMMANDS = ["demo", "duel", "blk", "probe", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pyvirtio",
         description="virtio in Python: split virtqueues on both sides, notification "
                     "suppression, legacy virtio-pci and vhost-user transports.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version",
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    parser.add_argument("--version", action="version", help="show the version and which build "
+                        "of the ring runs, then exit",
                         version=f"pyvirtio {__version__} (ring hot paths: {build_kind()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from pyvirtio.cli.common import connect_problem, failure, socket_problem
 from pyvirtio.core.spec import (
     F_ACCESS_PLATFORM,
     F_ANY_LAYOUT,
@@ -118,19 +118,28 @@ def render(info: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+PROG = "pyvirtio probe"
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = socket_problem(args.socket_path)
+    if problem is not None:
+        return failure(PROG, problem)
     try:
         info = probe(args.socket_path)
     except Exception as exc:  # a CLI reports every failure in one line
-        print(f"pyvirtio probe: {args.socket_path}: {exc}", file=sys.stderr)
-        return 1
+        return failure(PROG, connect_problem(args.socket_path, exc))
     print(json.dumps(info, indent=2) if args.json else render(info))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("probe", help="show what a vhost-user-blk back end offers",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--socket-path", required=True, metavar="PATH")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = subparsers.add_parser(
+        "probe", help="show what a vhost-user-blk back end offers",
+        description="Connect to a vhost-user-blk back end as a front end and show its feature "
+                    "bits by name, its protocol features, its virtio-blk config space and its "
+                    "queue count. Nothing is negotiated and no queue is started.")
+    p.add_argument("--socket-path", required=True, metavar="PATH",
+                   help="the Unix socket the back end listens on")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)

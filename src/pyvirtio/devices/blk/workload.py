@@ -60,10 +60,18 @@ class WorkloadResult:
 
 
 def run_workload(drv: BlkDriver, rw: str, bs: int, iodepth: int, seconds: float,
-                 queue: int = 0, seed: int = 1, warmup: float = 0.0) -> WorkloadResult:
-    """Run ``rw`` with ``bs``-byte requests, ``iodepth`` in flight, for ``seconds``."""
+                 queue: int = 0, seed: int = 1, warmup: float = 0.0, *,
+                 allow_writes: bool = False) -> WorkloadResult:
+    """Run ``rw`` with ``bs``-byte requests, ``iodepth`` in flight, for ``seconds``.
+
+    ``write`` and ``randwrite`` overwrite the disk with random blocks: they
+    run only with ``allow_writes=True``.
+    """
     if rw not in RW_MODES:
         raise CallerError(f"rw must be one of {', '.join(RW_MODES)}")
+    if rw.endswith("write") and not allow_writes:
+        raise CallerError(f"rw={rw} overwrites the disk: pass allow_writes=True if nothing "
+                          f"on it matters")
     if bs > drv.max_io:
         raise CallerError(f"bs {bs} exceeds the driver's max_io {drv.max_io}")
     if not 1 <= iodepth <= drv.depth(queue):

@@ -1,0 +1,137 @@
+"""What every console command shares: one-line errors, defaults in --help, value checks.
+
+A user's mistake ends a command with one line on stderr that names the
+program, the value and what to do instead: exit status 2 for a usage error
+(a value that can never work), 1 for a runtime failure (the world is not as
+the command needs it: no back end listening, a busy back end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from pyvirtio.core.layout import is_valid_queue_size
+
+USAGE = 2
+FAILURE = 1
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help (unless there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        # (Identity, not ==: a default of 0 is worth showing, False of a flag is not.)
+        if ("%(default)" in text or not action.option_strings
+                or any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: ``PROG: error: MESSAGE``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(self.prog, message)
+        sys.exit(USAGE)
+
+
+def usage_error(prog: str, message: str) -> int:
+    """Print a usage error of ``prog`` (one line) and return its exit status, 2."""
+    print(f"{prog}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
+    return USAGE
+
+
+def failure(prog: str, message: str) -> int:
+    """Print a runtime failure of ``prog`` (one line) and return its exit status, 1."""
+    print(f"{prog}: {one_line(message)}", file=sys.stderr)
+    return FAILURE
+
+
+# ------------------------------------------------------------- argument types
+def _number(kind: Callable[[str], float], text: str) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(float, text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(_number(int, text))
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def queue_size(minimum: int = 2) -> Callable[[str], int]:
+    """An argparse type: a virtqueue size, a power of two in ``minimum``..32768 (§2.7)."""
+
+    def parse(text: str) -> int:
+        value = int(_number(int, text))
+        if value < minimum or not is_valid_queue_size(value):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a queue size: use a power of two in {minimum}..32768")
+        return value
+
+    return parse
+
+
+# ------------------------------------------------------- vhost-user sockets
+def socket_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a back end's listening socket, or None if it can be."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"no vhost-user socket at {path}: start a back end first"
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISSOCK(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" \
+            if stat.S_ISREG(mode) else "not a socket"
+        return (f"{path} is {kind}, not a vhost-user socket: give the socket path a back end "
+                f"listens on")
+    return None
+
+
+def connect_problem(path: str, exc: BaseException) -> str:
+    """One line about a failure to talk to the back end at ``path``."""
+    from pyvirtio.transports.vhost_user.frontend import VhostUserBusy
+
+    if isinstance(exc, VhostUserBusy):
+        return (f"{path}: back end busy (it serves another front end?): stop that front end "
+                f"or start another back end")
+    if isinstance(exc, ConnectionRefusedError):
+        return (f"nothing listens on {path} (left behind by a back end that exited?): "
+                f"start a back end first")
+    if isinstance(exc, FileNotFoundError):
+        return f"no vhost-user socket at {path}: start a back end first"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{path}: {exc.strerror}"
+    return f"{path}: {exc}"
