@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,6 +28,41 @@ def test_each_subcommand_has_a_description(name: str, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert out.startswith(f"usage: pyvirtio {name}")
     assert len(out.splitlines()) > 3
+
+
+def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser under ``parser`` that runs a command (``pyvirtio bench blk``, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in action.choices.values():
+            yield from _commands(child)
+
+
+COMMANDS = {p.prog: p for p in _commands(build_parser())}
+
+
+@pytest.mark.parametrize("prog", sorted(COMMANDS))
+def test_every_option_is_explained_with_its_default(prog: str) -> None:
+    parser = COMMANDS[prog]
+    text = parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{prog} {action.option_strings}: no help text"
+        if action.option_strings and not any(
+                action.default is v for v in (None, False, argparse.SUPPRESS)):
+            # The rendered help of this option, up to the next option.
+            opt = action.option_strings[-1]
+            entry = text.split(f"  {opt}", 1)[1].split("\n  -", 1)[0]
+            assert "default" in entry, f"{prog} {opt}: default {action.default!r} not shown"
+
+
+@pytest.mark.parametrize("prog", sorted(COMMANDS))
+def test_help_is_plain_text(prog: str) -> None:
+    text = COMMANDS[prog].format_help()
+    assert "``" not in text and ":mod:" not in text and ":func:" not in text
 
 
 def test_version_from_the_installed_script() -> None:
