@@ -1,4 +1,4 @@
-"""Memory ordering between the two sides of a ring in shared memory.
+"""Memory ordering between the two sides of a ring in shared memory — x86-64 only.
 
 VIRTIO 1.2 §2.7.13 (driver) and §2.7.7/§2.7.10 (device) need three kinds of
 ordering, which Linux calls ``virtio_wmb``, ``virtio_rmb`` and ``virtio_mb``:
@@ -42,6 +42,25 @@ eventfd waits and counts lost wake-ups: zero.
 
 The lock is private to this module and never held across anything, so it can
 never be contended for longer than one acquire/release pair of another thread.
+
+**x86-64 only.**  All three arguments above are x86-64 (TSO) arguments, and
+none holds on arm64 or another weakly ordered CPU:
+
+* arm64 reorders a store with a later store and a load with a later load, so
+  ring entries and the index that publishes them need ``dmb`` barriers
+  (``virtio_wmb``/``virtio_rmb`` are real instructions there), and
+  memoryview's plain stores and loads issue none;
+* glibc's ``sem_trywait`` on arm64 is an *acquire* compare-and-swap and
+  ``sem_post`` a *release* operation.  Acquire keeps later accesses after
+  it and release keeps earlier ones before it, but an earlier store may still
+  sink below the acquire and a later load rise above the release, meeting
+  and passing each other inside the pair: no store-to-load ordering, which
+  is the one thing the full fence is for.
+
+Python offers no portable way to issue ``dmb ish``, so pyvirtio does not claim
+arm64: :func:`fence_is_hardware_barrier` answers False there, importing this
+module on another architecture warns once (:func:`arch_warning`), and the
+README lists it under "Known limits".
 """
 
 from __future__ import annotations
@@ -52,13 +71,30 @@ import os
 import platform
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-if sys.byteorder != "little":  # pragma: no cover - pyvirtio targets x86-64/arm64 hosts
+if sys.byteorder != "little":  # pragma: no cover - pyvirtio targets x86-64 hosts
     raise ImportError("pyvirtio maps virtio's little-endian rings with native typed views")
 
+#: platform.machine() names of the CPUs whose ordering the module docstring argues for.
+X86_64_NAMES: Final = ("x86_64", "AMD64")
 _ARCH = platform.machine()
+
+
+def arch_warning(machine: str) -> str | None:
+    """The warning to give on ``machine``, or None on x86-64."""
+    if machine in X86_64_NAMES:
+        return None
+    return (f"pyvirtio's shared-ring memory ordering is only correct on x86-64, not on "
+            f"{machine or 'this CPU'}: a driver and device in two processes may lose "
+            f"wake-ups or read stale ring entries (pyvirtio.core.barrier)")
+
+
+_WARNING = arch_warning(_ARCH)
+if _WARNING is not None:  # pragma: no cover - the test machines are x86-64
+    warnings.warn(_WARNING, RuntimeWarning, stacklevel=2)
 
 
 class _FenceLock(Protocol):
@@ -116,5 +152,5 @@ def full_fence() -> None:
 
 
 def fence_is_hardware_barrier() -> bool:
-    """Whether :func:`full_fence` is documented above to be a real barrier here."""
-    return _ARCH in ("x86_64", "AMD64")
+    """Whether :func:`full_fence` is documented above to be a real barrier here (x86-64)."""
+    return _ARCH in X86_64_NAMES
