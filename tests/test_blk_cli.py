@@ -32,7 +32,7 @@ def test_help_lists_the_convention_options() -> None:
 def test_also_reachable_as_pyvirtio_blk_subcommand() -> None:
     args = build_parser().parse_args(["blk", "--socket-path", "/x", "--blk-file", "/y",
                                       "--num-queues", "2"])
-    assert args.func is blk_cli.run and args.num_queues == 2
+    assert args.func.func is blk_cli.run and args.num_queues == 2
 
 
 def test_print_capabilities_is_the_block_json_and_ignores_other_options() -> None:

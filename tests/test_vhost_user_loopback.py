@@ -56,7 +56,7 @@ class EchoDevice(KitEcho):
     def __init__(self, queues: int = 2) -> None:
         super().__init__(queues, xor=True)
         self.acked = 0
-        self.config = b"pyvirtio-echo-config"  # type: ignore[assignment]
+        self.config = b"pyvirtio-echo-config"
 
     def set_config(self, offset: int, data: bytes) -> None:
         raise PeerError("read-only config")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import sys
 
@@ -95,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     program = _program("pyvirtio blk", p)
-    p.set_defaults(func=lambda args: run(args, program))
+    p.set_defaults(func=functools.partial(run, program=program))
 
 
 def main(argv: list[str] | None = None) -> int:

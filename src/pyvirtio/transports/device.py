@@ -156,10 +156,16 @@ class Request:
 class DeviceProtocol(Protocol):
     """What the kit needs of a device; :class:`Device` implements it with defaults."""
 
-    device_id: int
-    num_queues: int
-    queue_size: int
-    device_features: int
+    # Read-only for the kit: properties let a device declare them as plain
+    # (class) attributes of any int subtype (DeviceId.BLOCK, say).
+    @property
+    def device_id(self) -> int: ...
+    @property
+    def num_queues(self) -> int: ...
+    @property
+    def queue_size(self) -> int: ...
+    @property
+    def device_features(self) -> int: ...
 
     def attach(self, loop: EventLoop) -> None: ...
     def get_config(self, offset: int, size: int) -> bytes: ...

@@ -1,0 +1,266 @@
+"""The device kit (pyvirtio.transports.device): features, sync and deferred answers, breakage.
+
+Driven in process over a :class:`RingPair` (VIRTIO 1.2 §2.7 split ring): the
+kit's :class:`VirtQueue` wraps the device side, the test is the driver.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import EVENT_IDX, RingPair
+from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.spec import (
+    F_NOTIFY_ON_EMPTY,
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    F_VERSION_1,
+    DeviceId,
+)
+from pyvirtio.transports.device import (
+    DEFERRED,
+    RING_FEATURES,
+    Deferred,
+    Device,
+    DeviceProtocol,
+    Request,
+    VirtQueue,
+    offered_features,
+)
+
+
+class Upper(Device):
+    """Answers each request with its readable bytes upper-cased."""
+
+    device_id = DeviceId.CONSOLE
+
+    def handle(self, queue: VirtQueue, req: Request) -> int:
+        return req.write(req.read().upper())
+
+
+class Holder(Device):
+    """Keeps every request (deferred) until the test completes it."""
+
+    device_id = DeviceId.CONSOLE
+
+    def __init__(self) -> None:
+        self.held: list[Request] = []
+        self.stopped: list[VirtQueue] = []
+
+    def handle(self, queue: VirtQueue, req: Request) -> Deferred:
+        self.held.append(req)
+        return DEFERRED
+
+    def queue_stopped(self, queue: VirtQueue) -> None:
+        self.stopped.append(queue)
+
+
+class Kit:
+    """A VirtQueue over a ring pair, recording interrupts, breaks and scheduled work."""
+
+    def __init__(self, pair: RingPair, device: DeviceProtocol, schedule: bool = False) -> None:
+        self.pair = pair
+        self.irqs = 0
+        self.broken: list[str] = []
+        self.soon: list[object] = []
+        self.vq = VirtQueue(0, pair.device, device, self._irq,
+                            on_broken=lambda vq, why: self.broken.append(why),
+                            schedule=self.soon.append if schedule else None)
+
+    def _irq(self) -> None:
+        self.irqs += 1
+
+    def request(self, text: bytes, room: int = 64, token: object = None) -> int:
+        out = self.pair.buf(len(text), text)
+        inn = self.pair.buf(room)
+        self.pair.driver.add([(out, len(text))], [(inn, room)],
+                             token=text if token is None else token)
+        return inn
+
+
+def test_offered_features_add_the_ring_bits_and_mask_transport_bits() -> None:
+    assert RING_FEATURES == (1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX
+                             | 1 << F_RING_INDIRECT_DESC | 1 << F_NOTIFY_ON_EMPTY)
+    # Device bits (0..23, 50..63) pass; transport bits the core does not do
+    # (ACCESS_PLATFORM 33, RING_PACKED 34, IN_ORDER 35) never get offered.
+    dev_bits = 1 << 0 | 1 << 23 | 1 << 50 | 1 << 63
+    assert offered_features(dev_bits | 1 << 33 | 1 << 34 | 1 << 35 | 1 << 30) == (
+        dev_bits | RING_FEATURES)
+
+
+def test_defaults_make_a_minimal_device() -> None:
+    dev = Upper()
+    assert isinstance(dev, DeviceProtocol)
+    assert (dev.num_queues, dev.queue_size, dev.device_features) == (1, 1024, 0)
+    assert dev.get_config(0, 4) == bytes(4)
+    dev.set_config(0, b"xx")  # ignored
+    dev.set_features(RING_FEATURES)
+    assert dev.acked_features == RING_FEATURES
+    dev.reset()
+    assert dev.acked_features == 0
+
+
+def test_a_device_without_a_handler_says_so() -> None:
+    class Nothing(Device):
+        device_id = 1
+
+    with pytest.raises(NotImplementedError, match="handle"):
+        Nothing().handle(None, None)  # type: ignore[arg-type]
+
+
+def test_request_read_write_scatter(ring_pair: type) -> None:
+    pair: RingPair = ring_pair(8)
+    kit = Kit(pair, Upper())
+    a, b = pair.buf(3), pair.buf(5)
+    out = pair.buf(4, b"abcd")
+    pair.driver.add([(out, 4)], [(a, 3), (b, 5)], token="t")
+    req = kit.vq.pop()
+    assert req is not None and req.read() == b"abcd"
+    assert (req.readable_len, req.writable_len) == (4, 8)
+    assert req.write(b"0123456789", offset=1) == 7  # cut at the end of the buffers
+    assert pair.mem.read(a, 3) == b"\x0001" and pair.mem.read(b, 5) == b"23456"
+    with pytest.raises(CallerError):
+        req.write(b"x", offset=-1)
+
+
+@pytest.mark.parametrize("features", [0, EVENT_IDX], ids=["flags", "event-idx"])
+def test_sync_handler_publishes_a_batch_and_interrupts_once(ring_pair: type,
+                                                            features: int) -> None:
+    pair: RingPair = ring_pair(16, features)
+    kit = Kit(pair, Upper())
+    bufs = [kit.request(f"req-{i}".encode()) for i in range(5)]
+    assert kit.vq.run() == 5
+    assert kit.irqs == 1
+    for i, inn in enumerate(bufs):
+        token, length = pair.driver.get_buf()  # type: ignore[misc]
+        assert (token, length) == (f"req-{i}".encode(), 5)
+        assert pair.mem.read(inn, 5) == f"REQ-{i}".encode()
+    # Kicks are wanted again after the pass (the re-check found nothing).
+    pair.driver.kick_prepare()
+    kit.request(b"next")
+    assert pair.driver.kick_prepare()
+
+
+def test_deferred_requests_complete_later_through_the_loop(ring_pair: type) -> None:
+    pair: RingPair = ring_pair(8, EVENT_IDX)
+    dev = Holder()
+    kit = Kit(pair, dev, schedule=True)
+    for i in range(3):
+        kit.request(b"x", token=i)
+    assert kit.vq.run() == 0 and len(dev.held) == 3 and kit.irqs == 0
+    # Completed out of order, outside a kick: published by the scheduled callback.
+    dev.held[2].complete(2)
+    dev.held[0].complete(0)
+    assert pair.driver.get_buf() is None and len(kit.soon) == 1
+    kit.soon.pop()()  # type: ignore[operator]
+    assert kit.irqs == 1
+    assert [pair.driver.get_buf() for _ in range(2)] == [(2, 2), (0, 0)]
+    # Without a loop the completion is published at once.
+    kit2 = Kit(ring_pair(8), Holder())
+    kit2.request(b"y", token="y")
+    kit2.vq.run()
+    holder = kit2.vq.device
+    assert isinstance(holder, Holder)
+    holder.held[0].complete(1)
+    assert kit2.pair.driver.get_buf() == ("y", 1)
+
+
+def test_completions_of_a_stopped_queue_are_dropped(ring_pair: type) -> None:
+    pair: RingPair = ring_pair(8)
+    dev = Holder()
+    kit = Kit(pair, dev)
+    kit.request(b"x")
+    kit.vq.run()
+    kit.vq.close()
+    dev.held[0].complete(1)
+    assert pair.driver.get_buf() is None
+    other = Kit(ring_pair(8), Holder())
+    with pytest.raises(CallerError, match="another queue"):
+        other.vq.complete(dev.held[0], 1)
+
+
+def test_a_device_that_waits_for_something_else_leaves_kicks_on(ring_pair: type) -> None:
+    """process() that takes nothing must not spin although buffers wait (net rx, input)."""
+
+    class Idle(Device):
+        device_id = DeviceId.INPUT
+        calls = 0
+
+        def process(self, queue: VirtQueue) -> None:
+            self.calls += 1
+
+    pair: RingPair = ring_pair(8, EVENT_IDX)
+    dev = Idle()
+    kit = Kit(pair, dev)
+    kit.request(b"x")
+    assert kit.vq.run() == 0 and dev.calls == 1
+    assert kit.vq.available() == 1
+
+
+def test_a_peer_error_breaks_only_this_queue_after_publishing_what_was_done(
+        ring_pair: type) -> None:
+    class Picky(Device):
+        device_id = DeviceId.CONSOLE
+
+        def handle(self, queue: VirtQueue, req: Request) -> int:
+            if req.read() == b"bad":
+                raise PeerError("a request this device cannot take")
+            return 0
+
+    pair: RingPair = ring_pair(8, EVENT_IDX)
+    kit = Kit(pair, Picky())
+    kit.request(b"ok1", token=1)
+    kit.request(b"ok2", token=2)
+    kit.request(b"bad", token=3)
+    kit.vq.run()
+    assert kit.broken == ["a request this device cannot take"] and not kit.vq.ready
+    assert kit.irqs == 1  # the two completions were signalled
+    assert [pair.driver.get_buf() for _ in range(2)] == [(1, 0), (2, 0)]
+    assert kit.vq.run() == 0  # a broken queue is not run
+
+
+def test_a_device_bug_breaks_the_queue_not_the_process(ring_pair: type) -> None:
+    class Buggy(Device):
+        device_id = DeviceId.CONSOLE
+
+        def handle(self, queue: VirtQueue, req: Request) -> int:
+            raise ZeroDivisionError("bug")
+
+    pair: RingPair = ring_pair(8)
+    kit = Kit(pair, Buggy())
+    kit.request(b"x")
+    kit.vq.run()
+    assert len(kit.broken) == 1 and "ZeroDivisionError" in kit.broken[0]
+
+
+def test_a_hostile_head_after_good_requests(ring_pair: type) -> None:
+    pair: RingPair = ring_pair(8)
+    kit = Kit(pair, Upper())
+    kit.request(b"a", token="a")
+    avail = pair.driver.rings.avail16
+    avail[2 + 1] = 200  # a head beyond the ring
+    avail[1] = 2
+    kit.vq.run()
+    assert kit.broken and "head 200" in kit.broken[0]
+    assert pair.used_idx == 1 and kit.irqs == 1
+
+
+def test_used_length_must_be_32_bit(ring_pair: type) -> None:
+    pair: RingPair = ring_pair(8)
+    dev = Holder()
+    kit = Kit(pair, dev)
+    kit.request(b"x")
+    kit.vq.run()
+    with pytest.raises(CallerError, match="32-bit"):
+        dev.held[0].complete(1 << 32)
+
+
+def test_kick_runs_the_queue_again(ring_pair: type) -> None:
+    pair: RingPair = ring_pair(8)
+    kit = Kit(pair, Upper(), schedule=True)
+    kit.request(b"q")
+    kit.vq.kick()
+    kit.vq.kick()  # one run scheduled, not two
+    assert len(kit.soon) == 1
+    kit.soon.pop()()  # type: ignore[operator]
+    assert pair.driver.get_buf() is not None
