@@ -6,10 +6,12 @@ The ring's hot paths are compiled with mypyc at install time; see
 :mod:`pyvirtio._build` for running them interpreted.
 """
 
-from pyvirtio._build import install_source_finder, pure_python_requested
+from pyvirtio._build import install_docstring_loader, install_source_finder, pure_python_requested
 
 if pure_python_requested():
     install_source_finder()
+else:
+    install_docstring_loader()
 
 __version__ = "0.1.0"
 

@@ -49,6 +49,31 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+class _DocumentedExtensionLoader(importlib.machinery.ExtensionFileLoader):
+    """Loads a compiled module, then gives it its source docstrings (mypyc drops them)."""
+
+    def exec_module(self, module: ModuleType) -> None:
+        super().exec_module(module)
+        from pyvirtio._docstrings import attach_loaded
+
+        # Modules of the same mypyc group that this one imported were initialised
+        # natively, without passing through this loader: document them too.
+        attach_loaded(COMPILED_MODULES)
+
+
+class _DocstringFinder(importlib.abc.MetaPathFinder):
+    """Finds the extension of a compiled module and loads it with its docstrings."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and type(spec.loader) is importlib.machinery.ExtensionFileLoader:
+            spec.loader = _DocumentedExtensionLoader(spec.loader.name, spec.loader.path)
+        return spec
+
+
 def pure_python_requested() -> bool:
     return os.environ.get(PURE_ENV, "") not in ("", "0")
 
@@ -57,6 +82,12 @@ def install_source_finder() -> None:
     """Make the compiled modules import from source (idempotent)."""
     if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceFinder())
+
+
+def install_docstring_loader() -> None:
+    """Make the compiled modules carry their source docstrings (idempotent)."""
+    if not any(isinstance(f, _DocstringFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DocstringFinder())
 
 
 def build_kind() -> str:
