@@ -1,6 +1,6 @@
 """pyvirtio-blk against qemu-storage-daemon, side by side, driven by pyvirtio's front end.
 
-Issue 3 §8.  Both back ends serve the same page-cached raw image (one after
+Both back ends serve the same page-cached raw image (one after
 the other: qemu-storage-daemon locks the image) over vhost-user (QEMU
 docs/interop/vhost-user.rst); pyvirtio's virtio-blk driver (VIRTIO 1.2
 §5.2) is the front end for both.  Workloads: 4K random read at iodepth 1

@@ -62,7 +62,7 @@ NUM = 4096
 BATCHES = (1, 16, 256)
 CHAINS = (1, 3)
 TARGETS = {
-    # (mode, batch, chain): minimum descriptors per second (issue 2, section 7)
+    # (mode, batch, chain): minimum descriptors per second (the targets in the README)
     ("full", 1, 1): 0.7e6,
     ("full", 256, 1): 2.5e6,
     ("device", 256, 1): 5e6,

@@ -1,4 +1,4 @@
-"""pyvirtio.core is sans-I/O (DESIGN.md "core is sans-I/O"; issue 2 §2).
+"""pyvirtio.core is sans-I/O (docs/architecture.md "Core is sans-I/O").
 
 No module of core may import socket, selectors, asyncio or subprocess: checked
 statically (AST of every file) and dynamically (a fresh interpreter that

@@ -1,4 +1,4 @@
-"""The speed duel (issue 2 §5): real driver and device processes, CSV and PNG outputs."""
+"""The speed duel (VIRTIO 1.2 §2.7.10): real driver and device processes, CSV and PNG outputs."""
 
 from __future__ import annotations
 

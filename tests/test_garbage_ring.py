@@ -1,6 +1,6 @@
 """Hostile rings: random bytes where the driver's ring and tables should be.
 
-DESIGN.md "Guest input is hostile", VIRTIO 1.2 §2.7.5 (descriptors), §2.7.5.3
+docs/architecture.md "Guest input is hostile", VIRTIO 1.2 §2.7.5 (descriptors), §2.7.5.3
 (indirect tables), §2.7.6 (available ring), §2.7.8 (used ring).  Whatever the
 descriptor table, the available ring and the indirect tables hold:
 

@@ -1,6 +1,6 @@
 """A hostile front end against the real VhostUserServer serving the real BlkDevice.
 
-DESIGN.md "Guest input is hostile" and issue 3 §7 "Bad input", over a real Unix
+docs/architecture.md "Guest input is hostile", over a real Unix
 socket with real SCM_RIGHTS (QEMU docs/interop/vhost-user.rst "Communication"):
 
 * random and well-formed-but-wrong message sequences (hypothesis) with random

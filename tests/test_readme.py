@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -27,3 +30,19 @@ def test_readme_ring_example_runs() -> None:
     namespace: dict[str, object] = {}
     exec(compile(code.group(1), "README.md", "exec"), namespace)
     assert "drv" in namespace and "dev" in namespace
+
+
+def test_readme_device_tutorial_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = README.read_text()
+    section = text.split("### Serve your own device", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None and "class Upper(Device)" in code.group(1)
+    monkeypatch.chdir(tmp_path)  # the script makes upper.sock in the current directory
+    namespace: dict[str, object] = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    server = namespace["server"]
+    assert getattr(server, "connections", 0) == 1
+    deadline = time.monotonic() + 5  # stop() ends the server thread soon, not at once
+    while (tmp_path / "upper.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not (tmp_path / "upper.sock").exists()

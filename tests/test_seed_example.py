@@ -1,6 +1,6 @@
 """The seed's worked example of delayed notification, replayed on the real objects.
 
-Seed: /work/shared/seed/virtio-notify-blog.txt, near the end (VIRTIO 1.2
+The classic walk-through of EVENT_IDX, step by step (VIRTIO 1.2
 §2.7.7.2 used_event, §2.7.10 avail_event; Linux ``virtqueue_kick_prepare``,
 QEMU ``virtio_should_notify``):
 
@@ -93,7 +93,7 @@ def test_seed_worked_example(ring_pair: Pair) -> None:
 
 
 def test_seed_example_with_event_fields_written_through_memory(ring_pair: Pair) -> None:
-    """The issue's literal phrasing: the device pops all 8, the fields are set to 4 and 2."""
+    """The walk-through's literal phrasing: the device pops all 8, the fields are set to 4 and 2."""
     pair = ring_pair(num=32, features=EVENT_IDX)
     drv, dev = pair.driver, pair.device
     _add(pair, 8, first_token=0)

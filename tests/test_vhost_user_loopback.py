@@ -353,7 +353,7 @@ def test_listen_fd_must_be_a_listening_unix_socket() -> None:
     b.close()
 
 
-# ------------------------------------------------- back-end channel (issue 3 §7)
+# ------------------------------------------------- back-end channel ------------
 GARBAGE = b"\xde\xad\xbe\xef"
 
 
