@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pyvirtio.core.errors import PeerError
+from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
 from pyvirtio.core.split_driver import SplitDriverQueue
 from pyvirtio.devices.net.spec import (
@@ -62,7 +62,7 @@ class NetDriver:
         self.rx_descs = 1 if self.mergeable else 2
         self.rx_slot = rx_buf_size if self.mergeable else self.hdr_len + ETH_FRAME_MAX
         if self.rx_slot <= self.hdr_len:
-            raise ValueError("receive buffers must be larger than the header")
+            raise CallerError("receive buffers must be larger than the header")
         n_rx = rx.num // self.rx_descs
         self.rx_base = allocator.alloc(self.rx_slot * n_rx, 64)
         self.rx_view = memory.translate(self.rx_base, self.rx_slot * n_rx)
@@ -199,7 +199,7 @@ class NetDriver:
     def xmit(self, frame: bytes | memoryview) -> bool:
         """Send one frame; False if the queue is stopped (try again after an interrupt)."""
         if len(frame) > ETH_FRAME_MAX:
-            raise ValueError(f"frame of {len(frame)} bytes is larger than {ETH_FRAME_MAX}")
+            raise CallerError(f"frame of {len(frame)} bytes is larger than {ETH_FRAME_MAX}")
         self.free_old_xmit()
         if not self._has_room():
             self._stop_queue()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pyvirtio.core.errors import PeerError
+from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import F_VERSION_1
 
 RX_QUEUE = 0
@@ -73,7 +73,7 @@ class NetHdr:
             return HDR_MRG.pack(*fields, self.num_buffers)
         if size == HDR_LEGACY.size:
             return HDR_LEGACY.pack(*fields)
-        raise ValueError(f"virtio_net_hdr is 10 or 12 bytes, not {size}")
+        raise CallerError(f"virtio_net_hdr is 10 or 12 bytes, not {size}")
 
     @classmethod
     def unpack(cls, data: bytes | memoryview, size: int) -> NetHdr:
@@ -88,5 +88,5 @@ class NetHdr:
 def net_config(mac: bytes, status: int = S_LINK_UP) -> bytes:
     """The device configuration (§5.1.4): ``mac[6]``, ``le16 status``."""
     if len(mac) != 6:
-        raise ValueError("a MAC address has 6 bytes")
+        raise CallerError("a MAC address has 6 bytes")
     return bytes(mac) + status.to_bytes(2, "little")
