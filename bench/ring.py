@@ -1,6 +1,6 @@
 """Ring benchmark: descriptors per second on one core, pyvirtio against C.
 
-Not a test.  Run ``.venv/bin/python bench/ring.py [--json PATH] [--seconds S]``.
+Not a test.  Run ``.venv/bin/python bench/ring.py [--json] [--seconds S]``.
 
 Measures the split virtqueue of VIRTIO 1.2 §2.7 (legacy contiguous layout,
 §2.7.2, ``num`` = 4096, ``VIRTIO_RING_F_EVENT_IDX`` negotiated) with both
@@ -243,14 +243,16 @@ def interpreted_rows(seconds: float, tmp: Path) -> list[tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--json", action="store_true",
+                    help="print the figures as JSON on stdout instead of the table")
     ap.add_argument("--seconds", type=float, default=1.5,
                     help="time per row and implementation (default 1.5)")
     ap.add_argument("--no-interpreted", action="store_true",
                     help="skip the interpreted run of the same source (saves a third of the time)")
     ap.add_argument("--python-rows-to", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    console = Console(width=max(110, Console().width))
+    # Progress on stderr, results on stdout (the table, or JSON with --json).
+    console = Console(stderr=True, width=max(110, Console().width))
     if args.python_rows_to:  # the child of interpreted_rows
         args.python_rows_to.write_text(json.dumps(python_rows(args.seconds, console)))
         return 0
@@ -284,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                       "" if r.interpreted_desc_per_s is None
                       else f"{r.interpreted_desc_per_s / 1e6:.2f}",
                       f"{r.c_desc_per_s / 1e6:.1f}", f"{r.ratio:.3f}", tgt)
-    console.print(table)
-    if args.json:
+    if not args.json:
+        Console(width=max(110, Console().width)).print(table)
+    else:
         doc = {
             "benchmark": "ring",
             "num": NUM,
@@ -297,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "build": build,
             "rows": [asdict(r) for r in rows],
         }
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+        print(json.dumps(doc, indent=2))
     return 0
 
 
