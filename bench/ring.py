@@ -14,8 +14,8 @@ sides in this process:
 at batch sizes 1, 16 and 256 and chains of 1 descriptor (readable) and 3
 (one readable, two writable).  Batch 1 uses the scalar API
 (``SplitDriverQueue.add`` ... ``get_buf``); larger batches use
-:mod:`pyvirtio.core.split_batch`, which picks its scalar loop or numpy by
-size.  The same algorithm in C (``bench/ring_loop.c``: same layout, same
+:mod:`pyvirtio.batch` (the ``batch`` extra), which picks its scalar loop or
+numpy by size.  The same algorithm in C (``bench/ring_loop.c``: same layout, same
 checks, same fences) is compiled with ``gcc -O2`` into a temporary directory
 and run in the same invocation; the table shows pyvirtio/C.
 
@@ -51,10 +51,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pyvirtio._build import PURE_ENV, build_kind
+from pyvirtio.batch import DeviceBatch, DriverBatch
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX
-from pyvirtio.core.split_batch import DeviceBatch, DriverBatch
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
 

@@ -1,6 +1,6 @@
 """The batched ring paths equal the scalar ones, byte for byte (VIRTIO 1.2 §2.7).
 
-:mod:`pyvirtio.core.split_batch` promises that ``DriverBatch.add``/``get`` and
+:mod:`pyvirtio.batch` promises that ``DriverBatch.add``/``get`` and
 ``DeviceBatch.pop``/``push`` leave the same ring bytes and the same queue
 state, and return the same buffers, as the scalar calls they fuse (§2.7.5
 descriptor chains, §2.7.5.3 indirect tables, §2.7.6 available ring, §2.7.8
@@ -27,13 +27,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pyvirtio.core.split_batch as sb
+import pyvirtio.batch as sb
 from conftest import EVENT_IDX, INDIRECT, RingPair, close_pair, make_pair
+from pyvirtio.batch import DeviceBatch, DriverBatch
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
-from pyvirtio.core.split_batch import DeviceBatch, DriverBatch
 from pyvirtio.core.split_device import Element, SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
 
@@ -46,7 +46,7 @@ HYP = settings(max_examples=150, deadline=None,
 @contextlib.contextmanager
 def forced(path: str) -> Iterator[None]:
     """Force one path of every batched operation by moving the thresholds."""
-    names = ("POP_THRESHOLD", "PUSH_THRESHOLD", "ADD_THRESHOLD", "GET_THRESHOLD")
+    names = ("POP_THRESHOLD", "PUSH_THRESHOLD", "ADD_THRESHOLD")
     saved = {n: getattr(sb, n) for n in names}
     for n in names:
         setattr(sb, n, 1 << 30 if path == "scalar" else 0)

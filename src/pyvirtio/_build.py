@@ -20,13 +20,13 @@ from types import ModuleType
 
 #: The modules setup.py compiles (the per-request path of both ring sides).
 COMPILED_MODULES: tuple[str, ...] = (
+    "pyvirtio.batch",
     "pyvirtio.core.barrier",
     "pyvirtio.core.chain",
     "pyvirtio.core.errors",
     "pyvirtio.core.layout",
     "pyvirtio.core.memory",
     "pyvirtio.core.notify",
-    "pyvirtio.core.split_batch",
     "pyvirtio.core.split_device",
     "pyvirtio.core.split_driver",
 )
@@ -96,8 +96,14 @@ def build_kind() -> str:
     A mix (some compiled, some not) is reported as "mixed": it means a
     partial build and is never what setup.py produces.
     """
-    kinds = {str(importlib.import_module(name).__file__).endswith(".py")
-             for name in COMPILED_MODULES}
+    kinds: set[bool] = set()
+    for name in COMPILED_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            # An optional module whose extra is not installed (pyvirtio.batch: numpy).
+            continue
+        kinds.add(str(module.__file__).endswith(".py"))
     if kinds == {False}:
         return "compiled"
     if kinds == {True}:

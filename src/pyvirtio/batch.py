@@ -1,11 +1,18 @@
-"""Batched split-ring operations over numpy views, VIRTIO 1.2 §2.7 (DESIGN.md "Speed").
+"""Batched split-ring operations over numpy views, VIRTIO 1.2 §2.7 (optional: ``pyvirtio[batch]``).
 
-The scalar ring sides (:mod:`split_device`, :mod:`split_driver`) spend about a
-microsecond of interpreted Python per descriptor (a third of that compiled
-with mypyc, setup.py).  The classes here do the same work for
-many heads at once with numpy views over the same ring bytes, on the same
-queue state (same indices, same ``broken`` marking, same hostile-input
-checks):
+The scalar ring sides (:mod:`pyvirtio.core.split_device`,
+:mod:`pyvirtio.core.split_driver`) spend about a microsecond of interpreted
+Python per descriptor (a third of that compiled with mypyc, setup.py).  The
+classes here do the same work for many heads at once with numpy views over
+the same ring bytes, on the same queue state (same indices, same ``broken``
+marking, same hostile-input checks).  They reach that state only through the
+queues' documented batch interfaces (``SplitDeviceQueue.pop_window`` /
+``commit_pops`` / ``pop_failed``; ``SplitDriverQueue.take_free`` /
+``record_heads`` / ``publish_avail`` / ``get_bufs``), so every rule about
+indices, in-flight heads and broken queues stays in the queue classes.
+
+This module lives outside :mod:`pyvirtio.core` because it needs numpy, which
+the core does not: install it with ``pip install 'pyvirtio[batch]'``.
 
 * :class:`DeviceBatch` — ``pop`` up to N heads (§2.7.6 available ring, §2.7.5
   descriptor chains, §2.7.5.3 indirect tables via the scalar walk), ``push``
@@ -13,11 +20,12 @@ checks):
   published as the scalar pop does (§2.7.10);
 * :class:`DriverBatch` — ``add`` N chains of k descriptors from the free list
   and publish ``avail.idx`` once (§2.7.13), ``get`` up to N used buffers and
-  publish ``used_event`` once (§2.7.7.2).
+  publish ``used_event`` once (§2.7.7.2) — the latter is
+  ``SplitDriverQueue.get_bufs``, with arrays for results.
 
 Each operation picks its path by size: below a measured threshold a Python
 loop (the scalar algorithm), above it numpy.  Both give byte-identical rings
-and identical results (``tests/test_split_batch.py`` checks it).
+and identical results (``tests/test_batch.py`` checks it).
 
 A batch is "the scalar loop, fused": it stops before the first bad entry and
 returns the good prefix; the bad entry is met again by the next call, which
@@ -35,21 +43,21 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain as _chain
-from operator import itemgetter as _itemgetter
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
+try:
+    import numpy as np
+    import numpy.typing as npt
+except ImportError as _exc:  # pragma: no cover - the test environment has numpy
+    raise ImportError("pyvirtio.batch needs numpy, which pyvirtio's core does not: "
+                      "pip install 'pyvirtio[batch]'") from _exc
 from mypy_extensions import mypyc_attr
 
-from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import iter_chain
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError, QueueFull
 from pyvirtio.core.layout import DESC_SIZE, unpack_desc
 from pyvirtio.core.memory import Region
 from pyvirtio.core.spec import (
-    VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -82,7 +90,6 @@ BoolArray = npt.NDArray[np.bool_]
 POP_THRESHOLD = 20
 PUSH_THRESHOLD = 2
 ADD_THRESHOLD = 8
-GET_THRESHOLD = 24
 
 # Chains longer than this many descriptors leave the vectorised walk and take
 # the scalar one (which applies the queue-size hop limit).
@@ -186,6 +193,7 @@ class DeviceBatch:
         self.num = num
         # Descriptors as two u64 words: plain-dtype gathers are much cheaper
         # than structured ones; fields are views of a gathered copy.
+        self._desc = rings.desc
         self._desc2 = np.frombuffer(rings.desc, np.uint64, count=2 * num).reshape(num, 2)
         self._avail_ring = np.frombuffer(rings.avail16, np.uint16)[2:2 + num]
         used = np.frombuffer(rings.used32, np.uint32)
@@ -198,10 +206,12 @@ class DeviceBatch:
 
     # --------------------------------------------------------------- regions
     def _regions(self) -> list[Region]:
-        regions = self.q.memory._regions
+        memory = self.q.memory
+        sole = memory.sole_region
         key = self._reg_key
-        if len(regions) == 1 and len(key) == 1 and regions[0] is key[0]:
+        if sole is not None and len(key) == 1 and key[0] is sole:
             return key
+        regions = memory.regions
         if len(key) != len(regions) or any(a is not b for a, b in zip(key, regions,
                                                                       strict=True)):
             self._reg_key = list(regions)
@@ -248,30 +258,12 @@ class DeviceBatch:
         very first available entry is bad, exactly as the scalar ``pop`` would.
         """
         q = self.q
-        if q.broken is not None:
-            raise QueueBrokenError(f"queue is broken: {q.broken}")
-        if max_n <= 0:
-            return _empty_chains(self._regions())
-        last = q.last_avail_idx
-        have = (q.shadow_avail_idx - last) & 0xFFFF
-        if have == 0:
-            have = (q._fetch_avail_idx() - last) & 0xFFFF
-        elif have < max_n:
-            # The scalar loop would pop the cached heads before re-reading
-            # avail.idx; a bad index then breaks the queue on the next call.
-            idx = q._avail[1]
-            if (idx - last) & 0xFFFF <= self.num:
-                q.shadow_avail_idx = idx
-                have = (idx - last) & 0xFFFF
-        room = self.num - q.inuse
-        if have > 0 and room <= 0:
-            raise q._size_exceeded()
-        n = min(max_n, have, room)
+        n = q.pop_window(max_n)
         regions = self._regions()
         if n <= 0:
             return _empty_chains(regions)
         num = self.num
-        s1, s2 = _ring_slices(last & (num - 1), n, num)
+        s1, s2 = _ring_slices(q.last_avail_idx & (num - 1), n, num)
         ring = self._avail_ring
         if s2 is None:
             heads: IntArray = ring[s1].astype(np.intp)
@@ -281,26 +273,6 @@ class DeviceBatch:
             return self._pop_scalar(heads, regions)
         return self._pop_vector(heads, regions)
 
-    def _finish_pop(self, n: int) -> None:
-        """Advance the queue past ``n`` popped heads as ``n`` scalar pops would."""
-        q = self.q
-        last = (q.last_avail_idx + n) & 0xFFFF
-        q.last_avail_idx = last
-        if q.event_idx and q.notification:
-            q._used16[q._avail_event_i] = last
-        q.inuse += n
-
-    def _fail_first(self, head: int, exc: PeerError | None) -> PeerError:
-        """State and error of a scalar pop that fails on the first entry."""
-        q = self.q
-        if exc is None:
-            return q.mark_broken(f"available ring entry {q.last_avail_idx} names head {head} "
-                                 f"of a queue of size {q.num}")
-        # The scalar pop advanced past the head before walking it.
-        self._finish_pop(1)
-        q.inuse -= 1
-        return q.mark_broken(f"head {head}: {exc}")
-
     def _walk(self, head: int, regions: list[Region]) -> list[Segment]:
         """The scalar chain walk (core.chain), as segments; PeerError unmarked."""
         q = self.q
@@ -308,8 +280,9 @@ class DeviceBatch:
         region_of = memory.region_of
         single = regions[0] if len(regions) == 1 else None
         segs: list[Segment] = []
-        first = unpack_desc(q._desc, head * DESC_SIZE)
-        for addr, length, is_write in iter_chain(q._desc, first, q.num, q.indirect,
+        table = self._desc
+        first = unpack_desc(table, head * DESC_SIZE)
+        for addr, length, is_write in iter_chain(table, first, q.num, q.indirect,
                                                  memory.translate):
             r = region_of(addr, length)
             segs.append((0 if r is single else regions.index(r), addr - r.gpa, length, is_write))
@@ -318,7 +291,7 @@ class DeviceBatch:
     def _pop_scalar(self, heads: IntArray, regions: list[Region]) -> Chains:
         num = self.num
         walk = self._walk
-        table = self.q._desc
+        table = self._desc
         single = regions[0] if len(regions) == 1 else None
         gpa, size = (single.gpa, single.size) if single is not None else (0, -1)
         starts = [0]
@@ -328,7 +301,7 @@ class DeviceBatch:
         for h in hl:
             if h >= num:
                 if done == 0:
-                    raise self._fail_first(h, None)
+                    raise self.q.pop_failed(h, None)
                 break
             # One direct descriptor inside the only region: no walk needed.  On
             # any doubt the walk re-reads and decides; its values alone are used.
@@ -341,11 +314,11 @@ class DeviceBatch:
                     segs.extend(walk(h, regions))
                 except PeerError as exc:
                     if done == 0:
-                        raise self._fail_first(h, exc) from None
+                        raise self.q.pop_failed(h, exc) from None
                     break
             starts.append(len(segs))
             done += 1
-        self._finish_pop(done)
+        self.q.commit_pops(done)
         return self._chains_from(hl[:done], starts, segs, regions)
 
     @staticmethod
@@ -443,7 +416,7 @@ class DeviceBatch:
             special = bad_chain if special is None else special | bad_chain
         if special is not None and _lor(special):
             return self._pop_mixed(orig, special, ids, ri, off, length, writable, regions)
-        self._finish_pop(n)
+        self.q.commit_pops(n)
         return Chains(heads, starts, ri, off, length.astype(np.uint32), writable, regions)
 
     def _pop_mixed(self, heads: IntArray, special: BoolArray, ids: IntArray | None,
@@ -467,21 +440,21 @@ class DeviceBatch:
                 h = head_l[i]
                 if h >= num:
                     if i == 0:
-                        raise self._fail_first(h, None)
+                        raise self.q.pop_failed(h, None)
                     cut = i
                     break
                 try:
                     segs.extend(self._walk(h, regions))
                 except PeerError as exc:
                     if i == 0:
-                        raise self._fail_first(h, exc) from None
+                        raise self.q.pop_failed(h, exc) from None
                     cut = i
                     break
             else:
                 a, b = vec_starts[i], vec_starts[i + 1]
                 segs.extend(zip(ri_l[a:b], off_l[a:b], len_l[a:b], w_l[a:b], strict=True))
             starts.append(len(segs))
-        self._finish_pop(cut)
+        self.q.commit_pops(cut)
         return self._chains_from(head_l[:cut], starts, segs, regions)
 
     # ------------------------------------------------------------------ push
@@ -548,10 +521,7 @@ class DriverBatch:
         self.num = num
         self._desc: npt.NDArray[Any] = np.frombuffer(rings.desc, DESC_DTYPE, count=num)
         self._avail_ring = np.frombuffer(rings.avail16, np.uint16)[2:2 + num]
-        used = np.frombuffer(rings.used32, np.uint32)
-        self._used_id = used[1:1 + 2 * num:2]
-        self._used_len = used[2:2 + 2 * num:2]
-        area = queue._indirect
+        area = queue.indirect_area
         self._area: npt.NDArray[Any] | None = None
         if area is not None:
             self._area = np.frombuffer(area.view, DESC_DTYPE,
@@ -591,19 +561,15 @@ class DriverBatch:
             raise CallerError("batched tokens are integers")
         if n < ADD_THRESHOLD:
             return self._add_scalar(a, ln, n_out, tok)
-        indirect = q.use_indirect and k > 1 and self._area is not None
-        free = q._free
+        area = q.indirect_area
+        indirect = q.use_indirect and k > 1 and area is not None and self._area is not None
         need = n if indirect else n * k
-        if need > len(free):
-            raise QueueFull(f"{need} descriptors needed, {len(free)} free")
-        flags = _chain_flags(k, n_out)
-        # The scalar add pops the free list from its end, one descriptor at a time.
-        area = q._indirect
+        if need > q.num_free:
+            raise QueueFull(f"{need} descriptors needed, {q.num_free} free")
         if indirect and area is not None and k > area.per_head:
             raise CallerError(f"{k} segments exceed the indirect slot of {area.per_head}")
-        cut = len(free) - need
-        taken = np.fromiter(free[cut:], np.intp, need)[::-1]
-        del free[cut:]
+        flags = _chain_flags(k, n_out)
+        taken = np.array(q.take_free(need), np.intp)
         desc = self._desc
         if indirect:
             assert area is not None and self._area is not None
@@ -635,20 +601,9 @@ class DriverBatch:
             rec["next"][:, -1] = 0
             desc[taken] = rec.reshape(-1)
             chains_v = None if k == 1 else list(map(tuple, idx2.tolist()))
-        head_l = heads.tolist()
-        tokens_l = q._tokens
-        # A free head already holds its 1-tuple chain (split_driver invariant).
-        for h, t in zip(head_l, tok.tolist(), strict=True):
-            tokens_l[h] = t
-        if chains_v is not None:
-            chains_l = q._chains
-            for h, c in zip(head_l, chains_v, strict=True):
-                chains_l[h] = c
-            q._multi += n
-        q._outstanding += n
+        q.record_heads(heads.tolist(), tok.tolist(), chains_v)
         num = self.num
-        shadow = q.avail_idx_shadow
-        s1, s2 = _ring_slices(shadow & (num - 1), n, num)
+        s1, s2 = _ring_slices(q.avail_idx_shadow & (num - 1), n, num)
         ring = self._avail_ring
         if s2 is None:
             ring[s1] = heads
@@ -656,19 +611,16 @@ class DriverBatch:
             m = s1.stop - s1.start
             ring[s1] = heads[:m]
             ring[s2] = heads[m:]
-        shadow = (shadow + n) & 0xFFFF
-        q.avail_idx_shadow = shadow
-        q._avail[1] = shadow
-        q.num_added += n
+        q.publish_avail(n)
         return heads
 
     def _add_scalar(self, a: npt.NDArray[np.uint64], ln: U32Array, n_out: int,
                     tok: npt.NDArray[Any]) -> IntArray:
         q = self.q
         n, k = a.shape
-        need = n if (q.use_indirect and k > 1 and q._indirect is not None) else n * k
-        if need > len(q._free):
-            raise QueueFull(f"{need} descriptors needed, {len(q._free)} free")
+        need = n if (q.use_indirect and k > 1 and q.indirect_area is not None) else n * k
+        if need > q.num_free:
+            raise QueueFull(f"{need} descriptors needed, {q.num_free} free")
         add = q.add
         out: list[int] = []
         for segs_a, segs_l, t in zip(a.tolist(), ln.tolist(), tok.tolist(), strict=True):
@@ -680,121 +632,17 @@ class DriverBatch:
     def get(self, max_n: int) -> UsedBatch:
         """Up to ``max_n`` used buffers, publishing ``used_event`` once (§2.7.7.2).
 
-        Stops before the first bad used element (id out of range or not an
-        outstanding head); if that is the first one, raises :class:`PeerError`
-        and marks the queue broken as the scalar ``get_buf`` does.  Tokens
-        come back as an int64 array when they are all integers.
+        This is ``SplitDriverQueue.get_bufs(max_n)`` with arrays for results:
+        it stops before the first bad used element (id out of range or not an
+        outstanding head), and raises :class:`PeerError` (queue broken) if that
+        is the first one.  Tokens come back as an int64 array when they are
+        all integers.
         """
-        q = self.q
-        if q.broken is not None:
-            raise QueueBrokenError(f"queue is broken: {q.broken}")
-        last = q.last_used_idx
-        used_idx = q._used16[1]
-        pending = (used_idx - last) & 0xFFFF
-        if pending > q.num:
-            raise q.mark_broken(f"device moved used.idx from {last} to {used_idx}: "
-                                f"more than the queue size ahead")
-        n = min(max_n, pending)
-        if n <= 0:
+        bufs = self.q.get_bufs(max_n)
+        if not bufs:
             return UsedBatch(np.zeros(0, np.int64), _EMPTY_U32)
-        if n < GET_THRESHOLD:
-            return self._get_scalar(n)
-        num = self.num
-        s1, s2 = _ring_slices(last & (num - 1), n, num)
-        if s2 is None:
-            ids_a = self._used_id[s1].astype(np.intp)
-            lens = self._used_len[s1].copy()
-        else:
-            ids_a = np.concatenate((self._used_id[s1], self._used_id[s2])).astype(np.intp)
-            lens = np.concatenate((self._used_len[s1], self._used_len[s2]))
-        tokens_l = q._tokens
-        if int(ids_a.max()) >= num:
-            good = int(np.argmax(ids_a >= num))
-            ids_a = ids_a[:good]
-            lens = lens[:good]
-        ids = ids_a.tolist()
-        toks = list(_itemgetter(*ids)(tokens_l)) if len(ids) > 1 else [tokens_l[h] for h in ids]
-        # Consume in order; a head that is not outstanding (or comes twice)
-        # ends the batch there, as the scalar loop would stop on it.
-        n = 0
-        for h in ids:
-            if tokens_l[h] is None:
-                break
-            tokens_l[h] = None
-            n += 1
-        if n == 0:
-            # The scalar call raises the exact error (and marks the queue broken).
-            one = q.get_buf()
-            assert one is not None
-            return UsedBatch(_token_array([one[0]]), np.array([one[1]], np.uint32))
-        if n < len(ids):
-            ids = ids[:n]
-            toks = toks[:n]
-            lens = lens[:n]
-        if q._multi:
-            chains_l = q._chains
-            chains = [chains_l[h] for h in ids]
-            descs = list(_chain.from_iterable(chains))
-            q._free.extend(descs)
-            if len(descs) != n:
-                singles = q._singles
-                for h, c in zip(ids, chains, strict=True):
-                    if len(c) > 1:
-                        chains_l[h] = singles[h]
-                        q._multi -= 1
-        else:
-            q._free.extend(ids)
-        q._outstanding -= n
-        last = (last + n) & 0xFFFF
-        q.last_used_idx = last
-        if not q.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
-            q._avail[q._used_event_i] = last
-            full_fence()
-        return UsedBatch(_token_array(toks), lens)
-
-    def _get_scalar(self, n: int) -> UsedBatch:
-        """The scalar get_buf loop, publishing used_event once; stops before a bad element."""
-        q = self.q
-        num = self.num
-        mask = num - 1
-        last = q.last_used_idx
-        used32 = q._used32
-        tokens_l = q._tokens
-        chains_l = q._chains
-        singles = q._singles
-        extend = q._free.extend
-        toks: list[object] = []
-        lens: list[int] = []
-        for i in range(n):
-            slot = 1 + 2 * ((last + i) & mask)
-            h = used32[slot]
-            length = used32[slot + 1]
-            if h >= num:
-                break
-            t = tokens_l[h]
-            if t is None:
-                break
-            tokens_l[h] = None
-            c = chains_l[h]
-            extend(c)
-            if len(c) > 1:
-                chains_l[h] = singles[h]
-                q._multi -= 1
-            toks.append(t)
-            lens.append(length)
-        got = len(toks)
-        if got == 0:
-            # The scalar call raises the exact error (and marks the queue broken).
-            one = q.get_buf()
-            assert one is not None
-            return UsedBatch(_token_array([one[0]]), np.array([one[1]], np.uint32))
-        q._outstanding -= got
-        last = (last + got) & 0xFFFF
-        q.last_used_idx = last
-        if not q.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
-            q._avail[q._used_event_i] = last
-            full_fence()
-        return UsedBatch(_token_array(toks), np.array(lens, np.uint32))
+        toks = [t for t, _ in bufs]
+        return UsedBatch(_token_array(toks), np.array([n for _, n in bufs], np.uint32))
 
 
 def _fits_u32(a: npt.NDArray[Any]) -> bool:

@@ -1,8 +1,10 @@
 """The one walk of a split-ring descriptor chain, VIRTIO 1.2 §2.7.5 and §2.7.5.3.
 
-Both device-side pops — the scalar :meth:`SplitDeviceQueue.pop` and the
-batched :class:`~pyvirtio.core.split_batch.DeviceBatch` — take their buffers
-from :func:`iter_chain`, so every rule for hostile chains lives here once:
+Every device-side pop — the scalar :meth:`SplitDeviceQueue.pop` and the
+batched :class:`pyvirtio.batch.DeviceBatch` — takes the buffers of any chain
+its fast path does not fully check from :func:`iter_chain`, so every rule for
+hostile chains lives here (the fast paths take only chains of one or two
+direct descriptors whose checks they repeat, and leave anything else here):
 
 * each descriptor is unpacked once into locals (no double fetch);
 * an indirect descriptor must be negotiated, carry no ``NEXT``, and name a

@@ -66,6 +66,9 @@ class GuestMemory:
         self._regions: list[Region] = []
         self._starts: list[int] = []
         self._ustarts: list[tuple[int, Region]] = []
+        #: The region when there is exactly one, else None: the common case,
+        #: which the rings' per-request fast paths read without a call.
+        self.sole_region: Region | None = None
         for r in regions or []:
             self.add_region(r)
 
@@ -128,6 +131,11 @@ class GuestMemory:
         self._regions.insert(i, region)
         self._starts.insert(i, region.gpa)
         self._ustarts = sorted(((r.uaddr, r) for r in self._regions), key=lambda t: t[0])
+        self._regions_changed()
+
+    def _regions_changed(self) -> None:
+        regions = self._regions
+        self.sole_region = regions[0] if len(regions) == 1 else None
 
     def remove_region(self, gpa: int, size: int) -> Region:
         """Remove the region that starts at ``gpa`` with ``size`` (PeerError if none)."""
@@ -136,6 +144,7 @@ class GuestMemory:
                 del self._regions[i]
                 del self._starts[i]
                 self._ustarts = [(u, x) for (u, x) in self._ustarts if x is not r]
+                self._regions_changed()
                 return r
         raise PeerError(f"no memory region at {gpa:#x} of size {size:#x}")
 
@@ -156,6 +165,7 @@ class GuestMemory:
         self._regions.clear()
         self._starts.clear()
         self._ustarts.clear()
+        self._regions_changed()
 
     # -------------------------------------------------------------- translation
     @property

@@ -172,6 +172,10 @@ class SplitDeviceQueue(Breakable):
         return self.mark_broken(f"Virtqueue size exceeded: {self.inuse} heads in flight "
                                 f"on a queue of size {self.num}, and more made available")
 
+    def _bad_head(self, head: int) -> PeerError:
+        return self.mark_broken(f"available ring entry {self.last_avail_idx} names head {head} "
+                                f"of a queue of size {self.num}")
+
     def pop_head(self) -> int | None:
         """Take the next available head index without walking its chain."""
         if self.broken is not None:
@@ -183,8 +187,7 @@ class SplitDeviceQueue(Breakable):
             raise self._size_exceeded()
         head = self._avail[2 + (last & self._mask)]
         if head >= self.num:
-            raise self.mark_broken(f"available ring entry {last} names head {head} "
-                                   f"of a queue of size {self.num}")
+            raise self._bad_head(head)
         last = (last + 1) & 0xFFFF
         self.last_avail_idx = last
         if self.event_idx and self.notification:
@@ -214,8 +217,7 @@ class SplitDeviceQueue(Breakable):
             raise self._size_exceeded()
         head = avail[2 + (last & self._mask)]
         if head >= self.num:
-            raise self.mark_broken(f"available ring entry {last} names head {head} "
-                                   f"of a queue of size {self.num}")
+            raise self._bad_head(head)
         last = (last + 1) & 0xFFFF
         self.last_avail_idx = last
         if self.event_idx and self.notification:
@@ -227,9 +229,8 @@ class SplitDeviceQueue(Breakable):
             # One direct descriptor inside the only region: the common request.
             # Anything else (or any failed check) takes the general walk, which
             # raises the precise error; it reuses this fetch, never re-reads.
-            regions = self.memory._regions
-            if len(regions) == 1:
-                r = regions[0]
+            r = self.memory.sole_region
+            if r is not None:
                 length = first[1]
                 off = first[0] - r.gpa
                 if off >= 0 and length > 0 and off + length <= r.size:
@@ -241,9 +242,8 @@ class SplitDeviceQueue(Breakable):
             # Two direct descriptors (a request header + its reply, say): the
             # walk unrolled with the same checks.  Any doubt takes the general
             # walk, which decides on its own fetch of the second descriptor.
-            regions = self.memory._regions
-            if len(regions) == 1:
-                r = regions[0]
+            r = self.memory.sole_region
+            if r is not None:
                 a1, l1, f1, _ = unpack_desc(self._desc, first[3] * DESC_SIZE)
                 off0 = first[0] - r.gpa
                 l0 = first[1]
@@ -288,13 +288,12 @@ class SplitDeviceQueue(Breakable):
         if first is None:
             return out
         out.append(first)
-        regions = self.memory._regions
+        r = self.memory.sole_region
         last = self.last_avail_idx
         # Never more in flight than the queue size: pop raises on the next one.
         todo = min((self.shadow_avail_idx - last) & 0xFFFF, max_n - 1, self.num - self.inuse)
-        if todo <= 0 or len(regions) != 1:
+        if todo <= 0 or r is None:
             return out
-        r = regions[0]
         gpa, size, view = r.gpa, r.size, r.view
         ro = self._ro_view if r is self._ro_region else self._readonly_of(r)
         avail = self._avail
@@ -337,6 +336,60 @@ class SplitDeviceQueue(Breakable):
         if self.event_idx and self.notification:
             self._used16[self._avail_event_i] = last
         return out
+
+    # ------------------------------------------------------ batch interface
+    # What a batched pop built on this queue (pyvirtio.batch.DeviceBatch) needs
+    # to behave exactly as repeated pop() calls: it reads heads and descriptors
+    # itself (rings.avail16 / rings.desc, chains through core.chain.iter_chain)
+    # and leaves the queue's state and its rules to these three methods.
+    def pop_window(self, max_n: int) -> int:
+        """How many heads a batch may take now from ``last_avail_idx`` (at most ``max_n``).
+
+        The same ``avail.idx`` reads and checks as that many :meth:`pop` calls:
+        the cached index while it still shows work (re-read when it shows less
+        than ``max_n``, but a bad re-read only shortens the window — the scalar
+        loop would pop the cached heads first), and never more heads in flight
+        than the queue size.  Raises :class:`PeerError` (queue broken) where
+        the first of those pops would.
+        """
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+        if max_n <= 0:
+            return 0
+        last = self.last_avail_idx
+        have = (self.shadow_avail_idx - last) & 0xFFFF
+        if have == 0:
+            have = (self._fetch_avail_idx() - last) & 0xFFFF
+        elif have < max_n:
+            idx = self._avail[1]
+            if (idx - last) & 0xFFFF <= self.num:
+                self.shadow_avail_idx = idx
+                have = (idx - last) & 0xFFFF
+        room = self.num - self.inuse
+        if have and room <= 0:
+            raise self._size_exceeded()
+        return min(max_n, have, room)
+
+    def commit_pops(self, count: int) -> None:
+        """Take ``count`` heads of the window, as ``count`` successful pops do (§2.7.10)."""
+        last = (self.last_avail_idx + count) & 0xFFFF
+        self.last_avail_idx = last
+        if self.event_idx and self.notification:
+            self._used16[self._avail_event_i] = last
+        self.inuse += count
+
+    def pop_failed(self, head: int, error: PeerError | None) -> PeerError:
+        """Break the queue as a pop of the next entry, naming ``head``, does; returns the error.
+
+        ``error`` None: ``head`` is out of range.  Otherwise the walk of its
+        chain raised ``error``; that pop consumed the entry without taking a
+        buffer.
+        """
+        if error is None:
+            return self._bad_head(head)
+        self.commit_pops(1)
+        self.inuse -= 1
+        return self.mark_broken(f"head {head}: {error}")
 
     def _readonly_of(self, region: Region) -> memoryview:
         """A read-only view of a whole region, cached so slices of it need no copy."""

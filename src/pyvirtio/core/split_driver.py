@@ -108,6 +108,10 @@ class SplitDriverQueue(Breakable):
         """Buffers made available and not yet returned by get_buf."""
         return self._outstanding
 
+    @property
+    def indirect_area(self) -> IndirectArea | None:
+        return self._indirect
+
 
     # -------------------------------------------------------------------- add
     def add(self, out_segs: Sequence[Segment], in_segs: Sequence[Segment],
@@ -288,14 +292,15 @@ class SplitDriverQueue(Breakable):
             full_fence()
         return token, length
 
-    def get_bufs(self) -> list[tuple[object, int]]:
-        """Every used buffer available now, as get_buf would return them one by one.
+    def get_bufs(self, max_n: int = 0x10000) -> list[tuple[object, int]]:
+        """Up to ``max_n`` used buffers available now, as get_buf would return them one by one.
 
         ``used_event`` is published once, after the last one (§2.7.7.2): until
         then the device sees an older value, which can only cause an extra
         interrupt, never a lost one.  A bad used element ends the batch before
         it; the next call (or get_buf) meets it again and raises, exactly as
-        get_buf does when it is the first.
+        get_buf does when it is the first.  The batched ``DriverBatch.get``
+        (pyvirtio.batch) is this method too.
         """
         if self.broken is not None:
             raise QueueBrokenError(f"queue is broken: {self.broken}")
@@ -314,6 +319,10 @@ class SplitDriverQueue(Breakable):
         extend = self._free.extend
         out: list[tuple[object, int]] = []
         append = out.append
+        if ((used_idx - last) & 0xFFFF) > max_n:
+            if max_n <= 0:
+                return out
+            used_idx = (last + max_n) & 0xFFFF
         while last != used_idx:
             slot = 1 + 2 * (last & mask)
             head = used32[slot]
@@ -339,6 +348,60 @@ class SplitDriverQueue(Breakable):
             self._avail[self._used_event_i] = last
             full_fence()
         return out
+
+    # ------------------------------------------------------ batch interface
+    # What a batched add built on this queue (pyvirtio.batch.DriverBatch) needs
+    # to leave the queue exactly as repeated add() calls would: it writes the
+    # descriptors and available-ring entries itself (rings.desc / rings.avail16,
+    # indirect_area.view) between take_free() and publish_avail().
+    def take_free(self, count: int) -> list[int]:
+        """Take ``count`` free descriptors, in the order ``count`` one-descriptor adds would.
+
+        :class:`QueueFull` (nothing taken) if fewer are free.
+        """
+        if self.broken is not None:
+            raise QueueBrokenError(f"queue is broken: {self.broken}")
+        free = self._free
+        if count > len(free):
+            raise QueueFull(f"{count} descriptors needed, {len(free)} free")
+        cut = len(free) - count
+        taken = free[cut:]
+        del free[cut:]
+        taken.reverse()
+        return taken
+
+    def record_heads(self, heads: Sequence[int], tokens: Sequence[object],
+                     chains: Sequence[tuple[int, ...]] | None = None) -> None:
+        """Make ``heads`` (taken with :meth:`take_free`) outstanding with their tokens.
+
+        ``chains[i]`` lists the descriptors of head ``i``'s chain (head first)
+        when it has several; None when every head is alone in the table (one
+        segment, or an indirect table).  get_buf frees them.
+        """
+        tok = self._tokens
+        for h, t in zip(heads, tokens, strict=True):
+            if t is None:
+                raise CallerError("token must not be None")
+            tok[h] = t
+        if chains is not None:
+            chain_of = self._chains
+            for h, c in zip(heads, chains, strict=True):
+                chain_of[h] = c
+                if len(c) > 1:
+                    self._multi += 1
+        self._outstanding += len(heads)
+
+    def publish_avail(self, count: int) -> None:
+        """Publish ``count`` available-ring entries written from ``avail_idx_shadow`` on (§2.7.13).
+
+        The entries (and their descriptors) must already be stored: this
+        store of ``avail.idx`` is what makes them visible (x86-64 keeps stores
+        in order; core/barrier.py).
+        """
+        shadow = (self.avail_idx_shadow + count) & 0xFFFF
+        self.avail_idx_shadow = shadow
+        self._avail[1] = shadow
+        self.num_added += count
 
     def detach_unused(self) -> list[object]:
         """Take back every outstanding token (after a device reset)."""
