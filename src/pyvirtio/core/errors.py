@@ -1,4 +1,4 @@
-"""The two error families of pyvirtio (DESIGN.md, "Guest input is hostile").
+"""The two error families of pyvirtio (docs/architecture.md, "Guest input is hostile").
 
 * :class:`PeerError`: the other side broke the specification — a guest driver
   wrote a malformed ring, a device returned a bogus used id, a vhost-user
@@ -37,7 +37,7 @@ class QueueFull(VirtioError):
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Breakable:
-    """A queue that a :class:`PeerError` marks broken until it is reset (DESIGN.md).
+    """A queue that a :class:`PeerError` marks broken until it is reset (docs/architecture.md).
 
     Both ring sides use it, so "broken" means the same thing on each: the
     first reason is kept, and every later use raises :class:`QueueBrokenError`.

@@ -5,7 +5,7 @@ so another process — QEMU, a vhost-user back end — can map the same pages).
 Translation of (address, length) gives a writable ``memoryview`` into the
 mapping without copying.  A range that leaves every region, or runs from one
 region into the next, is refused with :class:`PeerError`: addresses come from
-the other side and are hostile (DESIGN.md).  Regions also carry the front
+the other side and are hostile (docs/architecture.md).  Regions also carry the front
 end's user address (vhost-user's ``userspace_addr``), since vhost-user rings
 are given as user addresses while descriptors hold guest addresses
 (QEMU docs/interop/vhost-user.rst, "Memory region description").

@@ -18,7 +18,7 @@
 
 Everything the driver wrote is hostile: each descriptor is read once, chains
 are walked with a hop limit, and any violation raises :class:`PeerError` and
-marks the queue broken (DESIGN.md).  No I/O happens here: a notification is a
+marks the queue broken (docs/architecture.md).  No I/O happens here: a notification is a
 decision returned to the caller.
 """
 
@@ -198,7 +198,7 @@ class SplitDeviceQueue(Breakable):
 
     def pop(self) -> Element | None:
         """Pop the next request, or None if the ring is empty."""
-        # pop_head inlined: this is the per-request hot path (DESIGN.md "Speed").
+        # pop_head inlined: this is the per-request hot path (docs/architecture.md "Speed").
         if self.broken is not None:
             raise QueueBrokenError(f"queue is broken: {self.broken}")
         last = self.last_avail_idx

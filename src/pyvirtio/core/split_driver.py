@@ -124,7 +124,7 @@ class SplitDriverQueue(Breakable):
         n_out = len(out_segs)
         total = n_out + len(in_segs)
         if total == 1:
-            # One segment, never indirect: the per-request hot path (DESIGN.md "Speed").
+            # One segment, never indirect: the per-request hot path (docs/architecture.md "Speed").
             free = self._free
             if not free:
                 raise QueueFull("1 descriptors needed, 0 free")
