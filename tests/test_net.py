@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import logging
+import functools
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
@@ -11,8 +12,9 @@ from pyvirtio.core.errors import PeerError
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1, bit
 from pyvirtio.demo.frames import check_frame, make_frame
-from pyvirtio.devices.net import NetDriver, NetHdr, NetLoopbackDevice, hdr_size
+from pyvirtio.devices.net import NetDevice, NetDriver, NetHdr, hdr_size
 from pyvirtio.devices.net.spec import F_MRG_RXBUF, RX_QUEUE, TX_QUEUE, net_config
+from pyvirtio.transports.device import VirtQueue
 from pyvirtio.transports.inprocess import InProcessTransport
 
 MAC = bytes.fromhex("525400abcdef")
@@ -47,8 +49,19 @@ class Loop:
                                     on_kick=lambda q: self.events.append(("kick", q)),
                                     on_interrupt=lambda q: self.events.append(("irq", q)))
         self.frames: list[bytes] = []
-        self.dev = NetLoopbackDevice(self.t.device(RX_QUEUE), self.t.device(TX_QUEUE), features,
-                                     suppress=suppress)
+        # The device model of pyvirtio-net and the demo, with its loopback port.
+        self.dev = NetDevice(MAC, queue_size=qsize)
+        self.dev.suppress = suppress
+        self.dev.uplink = self.dev.loopback
+        self.dev.set_features(features)
+        self.soon: list[Callable[[], None]] = []
+        self.broken: list[str] = []
+        self.vqs = [VirtQueue(q, self.t.device(q), self.dev,
+                              functools.partial(self.t.notify_driver, q),
+                              on_broken=lambda vq, why: self.broken.append(why),
+                              schedule=self.soon.append) for q in (RX_QUEUE, TX_QUEUE)]
+        for vq in self.vqs:
+            self.dev.queue_ready(vq)
         self.drv = NetDriver(self.t.driver(RX_QUEUE), self.t.driver(TX_QUEUE), self.mem, alloc,
                              features, kick=self.t.notify_device,
                              on_frame=lambda f: self.frames.append(bytes(f)),
@@ -58,17 +71,21 @@ class Loop:
         while self.events:
             kind, q = self.events.popleft()
             if kind == "kick":
-                res = self.dev.poll()
-                if res.interrupt_tx:
-                    self.t.notify_driver(TX_QUEUE)
-                if res.interrupt_rx:
-                    self.t.notify_driver(RX_QUEUE)
+                self.run(q)
             elif q == RX_QUEUE:
                 self.drv.rx_interrupt()
             else:
                 self.drv.tx_interrupt()
 
-    def run(self, count: int, max_steps: int = 100_000) -> None:
+    def run(self, queue: int) -> int:
+        """The device's kick handler for ``queue``, then what it scheduled; tx chains done."""
+        before = self.dev.stats.tx_buffers
+        self.vqs[queue].run()
+        while self.soon:
+            self.soon.pop(0)()
+        return self.dev.stats.tx_buffers - before
+
+    def run_frames(self, count: int, max_steps: int = 100_000) -> None:
         self.drv.try_fill_recv()
         sent = 0
         for _ in range(max_steps):
@@ -91,10 +108,10 @@ class Loop:
 ])
 def test_loopback_frames_intact_in_order(features: int, suppress: bool, rx_buf: int) -> None:
     loop = Loop(features, suppress, rx_buf_size=rx_buf)
-    loop.run(700)
+    loop.run_frames(700)
     assert len(loop.frames) == 700
     assert [check_frame(f, i, MAC) for i, f in enumerate(loop.frames)] == [None] * 700
-    assert loop.dev.frames == 700 and loop.dev.dropped == 0
+    assert loop.dev.stats.tx_frames == 700 and not loop.dev.stats.drops
     assert loop.drv.frames_received == 700
     if rx_buf < 1514:
         assert loop.drv.rx_buffers > 700  # merged buffers were used
@@ -144,24 +161,25 @@ def test_rx_refill_threshold() -> None:
     assert len(loop.frames) == 17
 
 
-def test_device_breaks_on_writable_tx_chain(caplog: pytest.LogCaptureFixture) -> None:
+def test_device_breaks_on_writable_tx_chain() -> None:
     loop = Loop(0, True, qsize=16)
     loop.drv.try_fill_recv()
     tx = loop.t.driver(TX_QUEUE)
     tx.add([(0x200000, 10)], [(0x200100, 64)], "bad")
-    with caplog.at_level(logging.WARNING):
-        res = loop.dev.poll()
-        assert loop.dev.poll().frames == 0
-    assert res.frames == 0 and loop.dev.broken is not None
-    assert len([r for r in caplog.records if "broken" in r.message]) == 1
+    assert loop.run(TX_QUEUE) == 0 and loop.run(TX_QUEUE) == 0
+    assert len(loop.broken) == 1 and "device-writable" in loop.broken[0]
+    assert not loop.vqs[TX_QUEUE].ready and loop.vqs[RX_QUEUE].ready
 
 
-def test_device_breaks_on_short_tx_header() -> None:
+def test_header_only_and_short_tx_chains_are_dropped_and_counted() -> None:
     loop = Loop(bit(F_MRG_RXBUF), True, qsize=16)
     loop.drv.try_fill_recv()
     loop.t.driver(TX_QUEUE).add([(0x200000, 5)], [], "short")
-    assert loop.dev.poll().frames == 0
-    assert loop.dev.broken is not None and "virtio_net_hdr" in loop.dev.broken
+    loop.t.driver(TX_QUEUE).add([(0x200000, 12)], [], "header only")
+    assert loop.run(TX_QUEUE) == 2
+    assert loop.dev.stats.drops == {"tx_runt": 2} and not loop.broken
+    assert [loop.t.driver(TX_QUEUE).get_buf() for _ in range(2)] == [("short", 0),
+                                                                     ("header only", 0)]
 
 
 def test_driver_rejects_oversized_used_length() -> None:
@@ -172,7 +190,7 @@ def test_driver_rejects_oversized_used_length() -> None:
     assert elem is not None
     devq.push(elem.head, 4096)
     with pytest.raises(PeerError):
-        loop.drv.receive(8)
+        loop.drv.poll_receive(8)
 
 
 def test_non_mergeable_too_small_frame_dropped_not_broken() -> None:
@@ -181,8 +199,8 @@ def test_non_mergeable_too_small_frame_dropped_not_broken() -> None:
     # A 2-segment receive buffer holds 10 + 1514 bytes; hand-craft a bigger packet.
     tx = loop.t.driver(TX_QUEUE)
     tx.add([(0x200000, 10), (0x200100, 1600)], [], "big")
-    loop.dev.poll()
-    assert loop.dev.dropped == 1 and loop.dev.broken is None
+    loop.run(TX_QUEUE)
+    assert loop.dev.stats.drops == {"rx_too_big": 1} and not loop.broken
 
 
 def test_tx_chain_naming_gigabytes_is_dropped_without_a_copy() -> None:
@@ -195,12 +213,12 @@ def test_tx_chain_naming_gigabytes_is_dropped_without_a_copy() -> None:
     tx.add([(0x400000, 4 << 20)] * 15, [], "huge")
     tracemalloc.start()
     try:
-        res = loop.dev.poll()
+        done = loop.run(TX_QUEUE)
         _now, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20
-    assert res.frames == 1 and loop.dev.dropped == 1 and loop.dev.broken is None
+    assert done == 1 and loop.dev.stats.drops == {"tx_oversize": 1} and not loop.broken
     assert tx.get_buf() == ("huge", 0)
     assert loop.drv.xmit(make_frame(1, MAC))  # the queue pair still loops frames
     loop.deliver()

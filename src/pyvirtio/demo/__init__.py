@@ -1,4 +1,4 @@
-"""The two-process guest/host demo and the speed duel (VIRTIO 1.2 §2.7.7, §2.7.10; docs/architecture.md).
+"""The two-process guest/host demo and the speed duel (VIRTIO 1.2 §2.7.7, §2.7.10).
 
 * :mod:`~pyvirtio.demo.host` runs the device side (the VMM): the legacy
   virtio-pci register model and a virtio-net loopback device, serving a

@@ -23,6 +23,7 @@ and on Ctrl-C, and always reaps it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import selectors
 import socket
@@ -33,11 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvirtio.core.errors import PeerError
+from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX, Status, bit
 from pyvirtio.demo import wire
-from pyvirtio.devices.net.device import NetLoopbackDevice
+from pyvirtio.devices.net.device import NetDevice
 from pyvirtio.devices.net.spec import (
     F_MAC,
     F_MRG_RXBUF,
@@ -48,6 +49,7 @@ from pyvirtio.devices.net.spec import (
 )
 from pyvirtio.io.eventfd import EventFd
 from pyvirtio.transports import pci_legacy as pci
+from pyvirtio.transports.device import VirtQueue
 
 log = logging.getLogger("pyvirtio.demo.host")
 
@@ -155,7 +157,7 @@ class DemoHost:
 
     def __init__(self, config: DemoConfig) -> None:
         if config.suppression not in SUPPRESSION_MODES:
-            raise ValueError(f"suppression must be one of {SUPPRESSION_MODES}")
+            raise CallerError(f"suppression must be one of {SUPPRESSION_MODES}")
         self.config = config
         self.memory = GuestMemory.anonymous(config.memory_size(), name="pyvirtio-demo-guest")
         self.regs = pci.LegacyPciDevice(
@@ -165,7 +167,11 @@ class DemoHost:
         self.irqfds = [EventFd(nonblocking=True) for _ in range(MSIX_VECTORS)]
         self.ioeventfds: dict[int, EventFd] = {}
         self.sel = selectors.DefaultSelector()
-        self.net: NetLoopbackDevice | None = None
+        self.net: NetDevice | None = None
+        self.vqs: dict[int, VirtQueue] = {}
+        #: Work the device kit scheduled (publishing, resuming transmit): run
+        #: after each kick, as an event loop would.
+        self._soon: list[Callable[[], None]] = []
         self.buffers = [0, 0]
         self.kicks = [0, 0]
         self.interrupts = [0, 0]
@@ -210,7 +216,7 @@ class DemoHost:
         self._guest_sock.close()
         for e in self.irqfds:
             e.close()
-        self.net = None
+        self._stop_device()
         self.memory.close()
 
     def __enter__(self) -> DemoHost:
@@ -239,7 +245,7 @@ class DemoHost:
                 else:
                     efd: EventFd = key.fileobj  # type: ignore[assignment]
                     self.kicks[key.data] += efd.drain()
-                    self._service()
+                    self._service(key.data)
             if on_tick is not None and now >= next_tick:
                 next_tick = now + tick
                 on_tick(self.snapshot(now - start))
@@ -267,8 +273,8 @@ class DemoHost:
     def _update_buffers(self) -> None:
         net = self.net
         if net is not None:
-            self.buffers = [self._base_buffers[0] + net.rx_buffers,
-                            self._base_buffers[1] + net.tx_buffers]
+            self.buffers = [self._base_buffers[0] + net.stats.rx_buffers,
+                            self._base_buffers[1] + net.stats.tx_buffers]
 
     # ----------------------------------------------------------- VM exits
     def _disconnect(self, reason: str) -> None:
@@ -308,11 +314,11 @@ class DemoHost:
     def _apply(self, effect: pci.Effect) -> None:
         if isinstance(effect, pci.Kick):
             self.kicks[effect.queue] += 1
-            self._service()
+            self._service(effect.queue)
         elif isinstance(effect, pci.Reset):
             self._update_buffers()
             self._base_buffers = list(self.buffers)
-            self.net = None
+            self._stop_device()
             self._drop_ioeventfds(tell_guest=True)
         elif (isinstance(effect, pci.StatusChanged) and effect.new & Status.DRIVER_OK
               and not effect.old & Status.DRIVER_OK):
@@ -324,9 +330,18 @@ class DemoHost:
         if rxq is None or txq is None:
             self._signal_vector(self.regs.needs_reset("DRIVER_OK before both queues were set up"))
             return
-        self.net = NetLoopbackDevice(rxq, txq, self.regs.guest_features,
-                                     suppress=self.config.suppression != "none",
-                                     burst=self.config.queue_size)
+        # The same device model pyvirtio-net serves over vhost-user, with its
+        # loopback port: transmitted frames come back on receive.
+        net = self.net = NetDevice(DEMO_MAC, queue_size=self.config.queue_size,
+                                   tx_burst=self.config.queue_size, name="demo")
+        net.suppress = self.config.suppression != "none"
+        net.uplink = net.loopback
+        net.set_features(self.regs.guest_features)
+        for q, ring in ((RX_QUEUE, rxq), (TX_QUEUE, txq)):
+            vq = VirtQueue(q, ring, net, functools.partial(self._interrupt, q),
+                           on_broken=self._broken, schedule=self._soon.append)
+            self.vqs[q] = vq
+            net.queue_ready(vq)
         for q in (RX_QUEUE, TX_QUEUE):
             efd = EventFd(nonblocking=True)
             self.ioeventfds[q] = efd
@@ -346,19 +361,33 @@ class DemoHost:
         self.ioeventfds.clear()
 
     # -------------------------------------------------------------- device
-    def _service(self) -> None:
-        net = self.net
-        if net is None:
+    def _service(self, queue: int) -> None:
+        vq = self.vqs.get(queue)
+        if vq is None:
             return
-        res = net.poll()
-        if res.interrupt_tx:
-            self.interrupts[TX_QUEUE] += 1
-            self._signal_vector(self.regs.interrupt(TX_QUEUE))
-        if res.interrupt_rx:
-            self.interrupts[RX_QUEUE] += 1
-            self._signal_vector(self.regs.interrupt(RX_QUEUE))
-        if net.broken is not None and not self.regs.status & Status.NEEDS_RESET:
-            self._signal_vector(self.regs.needs_reset(net.broken))
+        vq.run()
+        soon = self._soon
+        while soon:
+            soon.pop(0)()
+
+    def _stop_device(self) -> None:
+        net = self.net
+        if net is not None:
+            for vq in self.vqs.values():
+                vq.close()
+                net.queue_stopped(vq)
+        self.vqs.clear()
+        self._soon.clear()
+        self.net = None
+
+    def _interrupt(self, queue: int) -> None:
+        self.interrupts[queue] += 1
+        self._signal_vector(self.regs.interrupt(queue))
+
+    def _broken(self, vq: VirtQueue, reason: str) -> None:
+        log.warning("virtio-net: queue %d broken, device needs reset: %s", vq.index, reason)
+        if not self.regs.status & Status.NEEDS_RESET:
+            self._signal_vector(self.regs.needs_reset(reason))
 
     def _signal_vector(self, vector: int) -> None:
         if 0 <= vector < len(self.irqfds):

@@ -199,6 +199,9 @@ class Device:
     #: The loop serving this device; set by :meth:`attach` before any other hook.
     loop: EventLoop
 
+    def __repr__(self) -> str:
+        return type(self).__name__
+
     def attach(self, loop: EventLoop) -> None:
         """The device is served on ``loop``; override to add fds and timers (call super)."""
         self.loop = loop
@@ -274,6 +277,14 @@ class VirtQueue:
         self._run_due = False
         self.closed = False
         self._reported = False
+        #: The kit turns kicks off while the device works and back on with the
+        #: re-check after (§2.7.10).  False: never touch the suppression fields
+        #: (a baseline that shows what suppression saves).
+        self.notifications = True
+        #: Turn kicks back on when a pass ends.  A receive queue sets it False:
+        #: it wants kicks only when it runs out of buffers (:meth:`need_buffers`),
+        #: as QEMU's virtio-net does (``virtio_net_has_buffers``).
+        self.kicks_when_idle = True
         #: Interrupts sent (signal calls) for this ring.
         self.interrupts = 0
 
@@ -326,6 +337,16 @@ class VirtQueue:
         self._filled += 1
         if not self._dispatching:
             self._publish_soon()
+
+    def need_buffers(self) -> bool:
+        """The device found no buffer: ask for the driver's next kick; True if one is there.
+
+        Kicks are enabled, then the ring is read again (the re-check): a
+        buffer made available meanwhile is reported rather than lost.
+        """
+        if self.notifications:
+            return self.ring.enable_notification()
+        return self.ring.available() > 0
 
     def kick(self) -> None:
         """Process this queue again soon, as if the driver had kicked it."""
@@ -385,11 +406,18 @@ class VirtQueue:
         self._dispatching = True
         try:
             while True:
-                ring.disable_notification()
+                if self.notifications:
+                    ring.disable_notification()
                 before = ring.last_avail_idx
                 self.device.process(self)
                 self.publish()
-                if poll or not ring.enable_notification() or ring.last_avail_idx == before:
+                if poll:
+                    break
+                if self.notifications and self.kicks_when_idle:
+                    more = ring.enable_notification()
+                else:
+                    more = ring.available() > 0
+                if not more or ring.last_avail_idx == before:
                     break
         except PeerError as exc:
             self.fail(str(exc))

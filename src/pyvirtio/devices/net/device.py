@@ -1,197 +1,344 @@
-"""A virtio-net device that loops transmitted frames back to the driver (VIRTIO 1.2 §5.1.6).
+"""The virtio-net device model, VIRTIO 1.2 §5.1, on the device kit.
 
-§5.1.6.2 (transmit): the device pops a chain from transmitq1 whose readable
-part is the ``virtio_net_hdr`` followed by the frame, and returns it with a
-used length of 0.  §5.1.6.3/§5.1.6.4 (receive): the device fills buffers
-from receiveq1 with a header and the frame; with ``VIRTIO_NET_F_MRG_RXBUF`` a
-frame may span several single buffers and ``num_buffers`` says how many.
+One model serves every transport: ``pyvirtio-net`` (vhost-user) and the
+demo's legacy virtio-pci device both run :class:`NetDevice`; only where the
+frames go differs (a *port*: loopback, a switch port, a TAP).
 
-The loop follows QEMU's ``virtio-net``: transmit notifications are off while
-the device drains transmitq1 and turned back on (with the re-check) when it
-is empty; receive notifications are wanted only while receiveq1 has no
-buffers (``virtio_net_has_buffers``), since only then does the device need to
-hear about a refill.  A frame waits in transmitq1 until a receive buffer is
-there.  With ``suppress=False`` the device never touches the suppression
-fields, which is the baseline the demo compares against.
+* Queues (§5.1.2): receiveq N is queue 2N, transmitq N is 2N+1, for
+  ``pairs`` queue pairs; with more than one pair ``VIRTIO_NET_F_MQ`` and
+  ``max_virtqueue_pairs`` in the configuration (§5.1.4).  The control queue
+  is not offered (``VIRTIO_NET_F_CTRL_VQ``): QEMU and DPDK's ``virtio_user``
+  emulate it in front of a vhost-user back end.
+* Configuration: ``mac`` and ``status`` (link up) — ``VIRTIO_NET_F_MAC``,
+  ``VIRTIO_NET_F_STATUS``.
+* The header (§5.1.6): 12 bytes with ``VERSION_1`` or ``MRG_RXBUF``, else 10.
+  No checksum or segmentation offload is offered (the ports pass plain
+  Ethernet frames), so a transmitted header carries nothing to act on and a
+  received one is all zero but ``num_buffers``.
+* Transmit (§5.1.6.2): every chain is header + frame, device-readable only;
+  the frame goes to the port, the chain comes back with used length 0.
+  While the device drains transmitq, kicks are off (the kit); a port that
+  cannot take a frame now (loopback with a full receive side) leaves it in
+  the ring until the receive side has room again.
+* Receive (§5.1.6.3, §5.1.6.4): a frame fills one buffer, or with
+  ``VIRTIO_NET_F_MRG_RXBUF`` as many as it needs (``num_buffers`` says how
+  many; they are published together).  Buffers are taken only when a frame
+  arrives (deferred completion).  Kicks on receiveq are wanted only while it
+  has no buffers (QEMU ``virtio_net_has_buffers``); meanwhile frames wait in
+  a bounded backlog, beyond which they are dropped and counted.
 
-Notifications are decisions: :meth:`NetLoopbackDevice.poll` returns which
-queues need an interrupt; the caller signals them.  A malformed chain marks
-the queue broken (:class:`PeerError` from the core), logs one line, and the
-device stops moving frames until it is reset.
+Bad input (a peer error breaks that queue only, with one log line): a
+device-writable buffer in a transmit chain, a device-readable buffer in a
+receive chain, a receive buffer shorter than the header.  Dropped and
+counted instead: transmit chains shorter than a header plus an Ethernet
+header, longer than a 64 KiB packet plus headers, and frames larger than
+every receive buffer the driver could post.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from pyvirtio.core.errors import PeerError
-from pyvirtio.core.split_device import Element, SplitDeviceQueue
-from pyvirtio.devices.net.spec import F_MRG_RXBUF, HDR_MRG, NetHdr, hdr_size
+from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.spec import DeviceId
+from pyvirtio.devices.net.spec import (
+    F_MAC,
+    F_MQ,
+    F_MRG_RXBUF,
+    F_STATUS,
+    HDR_MRG,
+    S_LINK_UP,
+    format_mac,
+    hdr_size,
+    net_config,
+)
+from pyvirtio.io.loop import EventLoop
+from pyvirtio.transports.device import Device, Request, VirtQueue
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pyvirtio.net")
 
-#: Largest packet after the virtio_net_hdr the device copies: a 64 KiB GSO
-#: packet plus its Ethernet and VLAN headers.  A transmit chain may name far
-#: more guest memory than that (the same buffer many times over); such a frame
-#: is dropped before anything is copied.
+#: Largest packet after the header: a 64 KiB GSO packet plus Ethernet and VLAN
+#: headers.  A chain may name far more guest memory (the same buffer many
+#: times over); such a frame is dropped before anything is copied.
 MAX_TX_PACKET = 65536 + 18
+ETH_HLEN = 14
+DEFAULT_MAC = bytes.fromhex("525400123456")
+
+#: Where a transmitted frame goes; False: the port cannot take it now (retry later).
+Uplink = Callable[[bytes], bool]
 
 
-@dataclass(slots=True)
-class PollResult:
-    """What one :meth:`NetLoopbackDevice.poll` did and which interrupts it wants."""
+@dataclass
+class NetStats:
+    """Counters of one device (port), cumulative for the life of the process."""
 
-    frames: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    #: Transmit chains returned (frames sent plus frames dropped).
+    tx_buffers: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
     rx_buffers: int = 0
-    interrupt_tx: bool = False
-    interrupt_rx: bool = False
+    drops: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
+                "tx_buffers": self.tx_buffers,
+                "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
+                "rx_buffers": self.rx_buffers, "drops": dict(self.drops)}
 
 
-class NetLoopbackDevice:
-    """Device side of one receive/transmit queue pair that loops tx back to rx."""
+def _no_uplink(frame: bytes) -> bool:
+    return True  # not connected to anything: the frame is gone (counted by the caller)
 
-    def __init__(self, rx: SplitDeviceQueue, tx: SplitDeviceQueue, features: int,
-                 suppress: bool = True, burst: int = 256) -> None:
-        self.rx = rx
-        self.tx = tx
+
+class NetDevice(Device):
+    """A virtio-net device whose frames go to and come from a port (see :attr:`uplink`)."""
+
+    device_id = int(DeviceId.NET)
+
+    def __init__(self, mac: bytes = DEFAULT_MAC, *, pairs: int = 1, queue_size: int = 1024,
+                 backlog: int = 256, name: str = "net", tx_burst: int = 256) -> None:
+        if len(mac) != 6:
+            raise CallerError("a MAC address has 6 bytes")
+        if not 1 <= pairs <= 128:
+            raise CallerError(f"{pairs} queue pairs: use 1..128")
+        if backlog < 0 or tx_burst < 1:
+            raise CallerError("backlog must be >= 0 and tx_burst >= 1")
+        self.mac = bytes(mac)
+        self.name = name
+        self.pairs = pairs
+        self.num_queues = 2 * pairs
+        self.queue_size = queue_size
+        self.device_features = 1 << F_MAC | 1 << F_STATUS | 1 << F_MRG_RXBUF
+        if pairs > 1:
+            self.device_features |= 1 << F_MQ
+        self.config = net_config(self.mac, S_LINK_UP, pairs if pairs > 1 else None)
+        self.backlog_limit = backlog
+        self.tx_burst = tx_burst
+        #: The port: where transmitted frames go.  Loopback: :meth:`deliver`.
+        self.uplink: Uplink = _no_uplink
+        self.stats = NetStats()
+        #: Whether the kit may suppress notifications (False: the demo's baseline).
+        self.suppress = True
+        self._rx: list[VirtQueue | None] = [None] * pairs
+        self._tx: list[VirtQueue | None] = [None] * pairs
+        self._backlog: deque[bytes] = deque()
+        self._tx_blocked: set[VirtQueue] = set()
+        self.hdr_len = HDR_MRG.size
+        self.mergeable = True
+        #: Called with the serving loop when the device is attached (a TAP registers its fd).
+        self.attach_hooks: list[Callable[[EventLoop], None]] = []
+
+    def __repr__(self) -> str:
+        return f"NetDevice({self.name}, mac={format_mac(self.mac)}, pairs={self.pairs})"
+
+    # ------------------------------------------------------------ the kit
+    def attach(self, loop: EventLoop) -> None:
+        super().attach(loop)
+        for hook in self.attach_hooks:
+            hook(loop)
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
         self.hdr_len = hdr_size(features)
         self.mergeable = bool(features >> F_MRG_RXBUF & 1)
-        self.suppress = suppress
-        self.burst = burst
-        self.frames = 0
-        self.tx_buffers = 0
-        self.rx_buffers = 0
-        self.dropped = 0
-        self.broken: str | None = None
-        if suppress:
-            # Until receiveq1 runs dry the device does not need refill kicks.
-            rx.disable_notification()
 
-    # ------------------------------------------------------------- main loop
-    def poll(self) -> PollResult:
-        """Move every frame that can move now; returns the interrupts to send."""
-        res = PollResult()
-        if self.broken is not None:
-            return res
-        try:
-            self._poll(res)
-        except PeerError as exc:
-            self.broken = str(exc)
-            log.warning("virtio-net: queue broken, device stops until reset: %s", exc)
-            return res
-        if res.frames:
-            res.interrupt_tx = self.tx.should_notify()
-        if res.rx_buffers:
-            res.interrupt_rx = self.rx.should_notify()
-        return res
+    def reset(self) -> None:
+        super().reset()
+        self._backlog.clear()
+        self._tx_blocked.clear()
+        self._rx = [None] * self.pairs
+        self._tx = [None] * self.pairs
 
-    def _poll(self, res: PollResult) -> None:
-        tx = self.tx
-        suppress = self.suppress
-        if suppress and self.rx.notification:
-            # Buffers may be back: refill kicks are not needed until the next shortage.
-            self.rx.disable_notification()
-        while True:
-            if suppress:
-                tx.disable_notification()
-            blocked = self._flush_tx(res)
-            if blocked:
-                # Frames wait for receive buffers: ask for the refill kick, then re-check.
-                if suppress and self.rx.enable_notification():
-                    self.rx.disable_notification()
-                    continue
-                if not suppress and self.rx.available():
-                    continue
-                return
-            if not suppress or not tx.enable_notification():
-                return
+    def queue_ready(self, queue: VirtQueue) -> None:
+        pair, is_tx = divmod(queue.index, 2)
+        queue.notifications = self.suppress
+        if is_tx:
+            self._tx[pair] = queue
+        else:
+            self._rx[pair] = queue
+            # Kicks only when the ring runs dry (QEMU virtio_net_has_buffers).
+            queue.kicks_when_idle = False
 
-    def _flush_tx(self, res: PollResult) -> bool:
-        """Loop up to ``burst`` frames; True if a frame waits for a receive buffer."""
-        tx = self.tx
-        rx = self.rx
-        for _ in range(self.burst):
-            if tx.available() == 0:
-                return False
-            if rx.available() == 0:
-                return True
-            elem = tx.pop()
-            if elem is None:
-                return False
-            size = elem.readable_len
-            if size < self.hdr_len:
-                raise tx.mark_broken(f"tx head {elem.head}: {size} bytes, shorter "
-                                     f"than the {self.hdr_len}-byte virtio_net_hdr")
-            if elem.writable:
-                raise tx.mark_broken(f"tx head {elem.head}: device-writable buffer in a "
-                                     f"transmit chain")
-            if size > self.hdr_len + MAX_TX_PACKET:
-                tx.push(elem.head, 0)
-                self.tx_buffers += 1
-                self.dropped += 1
-                res.frames += 1  # a transmit buffer came back: the tx interrupt decision
-                continue
-            packet = b"".join(elem.readable)
-            used = self._receive(packet)
-            if used < 0:
-                tx.unpop(1)
-                return True
-            tx.push(elem.head, 0)
-            self.tx_buffers += 1
-            self.frames += 1
-            res.frames += 1
-            res.rx_buffers += used
-        return False
+    def queue_stopped(self, queue: VirtQueue) -> None:
+        pair, is_tx = divmod(queue.index, 2)
+        ring_list = self._tx if is_tx else self._rx
+        if ring_list[pair] is queue:
+            ring_list[pair] = None
+        self._tx_blocked.discard(queue)
 
-    # --------------------------------------------------------------- receive
-    def _receive(self, packet: bytes) -> int:
-        """Put one packet (tx header + frame) into receive buffers.
+    @property
+    def link_ready(self) -> bool:
+        """A front end has a receive queue running: frames can be delivered."""
+        return any(q is not None and q.ready for q in self._rx)
 
-        Returns the number of receive buffers used (a dropped frame uses one,
-        with length 0), or -1 if receiveq1 ran out (nothing consumed).
+    def process(self, queue: VirtQueue) -> None:
+        if queue.index & 1:
+            self._drain_tx(queue)
+        else:
+            self._fill_rx(queue)
+
+    # ------------------------------------------------------------- transmit
+    def _drain_tx(self, queue: VirtQueue) -> None:
+        """Send up to ``tx_burst`` frames to the port (the kit loops while more wait).
+
+        The batched core calls (``pop_batch``/``fill``/``flush``) and no
+        per-frame objects: this is the path a traffic generator stresses.
         """
-        rx = self.rx
+        ring = queue.ring
+        batch = ring.pop_batch(self.tx_burst)
+        if not batch:
+            return
+        stats = self.stats
+        drops = stats.drops
         hdr_len = self.hdr_len
-        need = len(packet)
-        elems: list[Element] = []
+        min_size = hdr_len + ETH_HLEN
+        max_size = hdr_len + MAX_TX_PACKET
+        uplink = self.uplink
+        fill = ring.fill
+        done = 0
+        sent = sent_bytes = 0
+        try:
+            for elem in batch:
+                if elem.writable:
+                    raise PeerError(f"{self.name}: transmit head {elem.head} has a "
+                                    f"device-writable buffer (VIRTIO 1.2 §5.1.6.2)")
+                views = elem.readable
+                size = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
+                if size < min_size:
+                    drops["tx_runt"] += 1
+                elif size > max_size:
+                    drops["tx_oversize"] += 1
+                else:
+                    frame = (views[0][hdr_len:].tobytes() if len(views) == 1
+                             else b"".join(views)[hdr_len:])
+                    if not uplink(frame):
+                        # The port is full: the frame stays in the ring for later.
+                        self._tx_blocked.add(queue)
+                        break
+                    sent += 1
+                    sent_bytes += size - hdr_len
+                fill(elem.head, 0, done)
+                done += 1
+        finally:
+            left = len(batch) - done
+            if left:
+                ring.unpop(left)
+            if done:
+                ring.flush(done)
+            stats.tx_frames += sent
+            stats.tx_bytes += sent_bytes
+            stats.tx_buffers += done
+
+    def _resume_tx(self) -> None:
+        blocked = list(self._tx_blocked)
+        self._tx_blocked.clear()
+        for q in blocked:
+            q.kick()
+
+    # -------------------------------------------------------------- receive
+    def _fill_rx(self, queue: VirtQueue) -> None:
+        """The driver added receive buffers: move waiting frames into them."""
+        backlog = self._backlog
+        while backlog:
+            if not self._put(queue, backlog[0]):
+                return
+            backlog.popleft()
+        if self._tx_blocked:
+            self._resume_tx()
+
+    def _rx_queue(self, frame: bytes) -> VirtQueue | None:
+        ready = [q for q in self._rx if q is not None and q.ready]
+        if not ready:
+            return None
+        if len(ready) == 1:
+            return ready[0]
+        # One flow (source and destination MAC) stays on one queue: in order.
+        return ready[zlib.crc32(frame[:12]) % len(ready)]
+
+    def can_accept(self) -> bool:
+        """Whether :meth:`deliver` would take a frame now (for ports with back-pressure)."""
+        return self._rx_queue(b"") is not None and len(self._backlog) < max(1, self.backlog_limit)
+
+    def deliver(self, frame: bytes) -> bool:
+        """A frame for the driver; True when it was taken (delivered or waiting).
+
+        Frames wait in order while the receive queue has no buffers, up to
+        ``backlog`` of them; beyond that, or without a front end, they are
+        dropped and counted.
+        """
+        queue = self._rx_queue(frame)
+        drops = self.stats.drops
+        if queue is None:
+            drops["rx_no_frontend"] += 1
+            return False
+        if not self._backlog and self._put(queue, frame):
+            return True
+        if len(self._backlog) >= self.backlog_limit:
+            drops["rx_no_buffer"] += 1
+            return False
+        self._backlog.append(frame)
+        return True
+
+    def loopback(self, frame: bytes) -> bool:
+        """The loopback port: a transmitted frame comes back on receive; waits when full."""
+        if not self.can_accept():
+            return False
+        return self.deliver(frame)
+
+    def _put(self, queue: VirtQueue, frame: bytes) -> bool:
+        """Write one frame into receive buffers; False (nothing taken) if there are too few."""
+        hdr_len = self.hdr_len
+        need = hdr_len + len(frame)
+        reqs: list[Request] = []
         room = 0
-        while room < need:
-            elem = rx.pop()
-            if elem is None:
-                rx.unpop(len(elems))
-                return -1
-            elems.append(elem)
-            room += elem.writable_len
-            if elem.readable:
-                raise rx.mark_broken(f"rx head {elem.head}: driver-readable buffer in a "
-                                     f"receive chain")
-            if not self.mergeable:
-                break
-        if room < need:
-            # Without mergeable buffers one buffer must hold it all (§5.1.6.3.1).
-            self.dropped += 1
-            rx.push(elems[0].head, 0)
-            self.rx_buffers += 1
-            return 1
-        # The receive header: the transmit one, with num_buffers when it exists.
-        data = bytearray(packet)
-        if hdr_len == HDR_MRG.size:
-            hdr = NetHdr.unpack(packet, hdr_len)
-            data[:hdr_len] = NetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size,
-                                    hdr.csum_start, hdr.csum_offset, len(elems)).pack(hdr_len)
-        src = memoryview(data)
-        pos = 0
-        for k, elem in enumerate(elems):
-            written = 0
-            for view in elem.writable:
-                n = min(len(view), need - pos)
-                if n <= 0:
+        try:
+            while room < need:
+                req = queue.pop()
+                if req is None:
+                    if len(reqs) >= queue.size:
+                        break  # more than the whole ring could hold: never deliverable
+                    queue.ring.unpop(len(reqs))
+                    if queue.need_buffers():
+                        return self._put(queue, frame)
+                    return False
+                reqs.append(req)
+                if req.readable:
+                    raise PeerError(f"{self.name}: receive head {req.head} has a "
+                                    f"device-readable buffer (VIRTIO 1.2 §5.1.6.3)")
+                length = req.writable_len
+                if length < hdr_len:
+                    raise PeerError(f"{self.name}: receive buffer of {length} bytes is shorter "
+                                    f"than the {hdr_len}-byte virtio_net_hdr")
+                room += length
+                if not self.mergeable:
                     break
-                view[:n] = src[pos:pos + n]
-                pos += n
-                written += n
-            rx.fill(elem.head, written, k)
-        rx.flush(len(elems))
-        self.rx_buffers += len(elems)
-        return len(elems)
+        except PeerError:
+            if reqs:
+                queue.ring.unpop(len(reqs))
+            raise
+        stats = self.stats
+        if room < need:
+            # Without mergeable buffers one buffer must hold it all (§5.1.6.3.1);
+            # with them, the whole ring could not.  The buffers stay posted.
+            stats.drops["rx_too_big"] += 1
+            queue.ring.unpop(len(reqs))
+            return True
+        header = bytearray(hdr_len)
+        if hdr_len == HDR_MRG.size:
+            header[10:12] = len(reqs).to_bytes(2, "little")
+        data = bytes(header) + frame
+        pos = 0
+        for req in reqs:
+            n = req.write(memoryview(data)[pos:])
+            pos += n
+            req.complete(n)
+        stats.rx_frames += 1
+        stats.rx_bytes += len(frame)
+        stats.rx_buffers += len(reqs)
+        return True

@@ -31,6 +31,7 @@ F_MAC = 5
 F_MRG_RXBUF = 15
 F_STATUS = 16
 F_CTRL_VQ = 17
+F_MQ = 22
 
 # Header flags and GSO types, §5.1.6.
 HDR_F_NEEDS_CSUM = 1
@@ -85,8 +86,28 @@ class NetHdr:
         return cls(*HDR_LEGACY.unpack_from(data))
 
 
-def net_config(mac: bytes, status: int = S_LINK_UP) -> bytes:
-    """The device configuration (§5.1.4): ``mac[6]``, ``le16 status``."""
+def net_config(mac: bytes, status: int = S_LINK_UP, max_pairs: int | None = None) -> bytes:
+    """The device configuration (§5.1.4): ``mac[6]``, ``le16 status``
+    and, with ``VIRTIO_NET_F_MQ``, ``le16 max_virtqueue_pairs``."""
     if len(mac) != 6:
         raise CallerError("a MAC address has 6 bytes")
-    return bytes(mac) + status.to_bytes(2, "little")
+    cfg = bytes(mac) + status.to_bytes(2, "little")
+    if max_pairs is not None:
+        cfg += max_pairs.to_bytes(2, "little")
+    return cfg
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:00:12:34:56`` as 6 bytes; CallerError if it is not a MAC address."""
+    parts = text.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise CallerError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
+    return mac
+
+
+def format_mac(mac: bytes | memoryview) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(mac))

@@ -28,16 +28,17 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from types import FrameType
 from typing import NoReturn
 
 from pyvirtio.core.errors import CallerError
+from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.device import DeviceProtocol
 from pyvirtio.transports.vhost_user.server import VhostUserServer
 
-__all__ = ["BackendProgram", "serve"]
+__all__ = ["BackendProgram", "Endpoint", "serve", "serve_all"]
 
 log = logging.getLogger("pyvirtio.vhost_user")
 
@@ -52,6 +53,10 @@ def _mode(text: str) -> int:
     return value
 
 
+#: What one listening socket serves: (device, socket path, inherited fd) — one of the two.
+Endpoint = tuple[DeviceProtocol, str | None, int | None]
+
+
 def serve(device: DeviceProtocol, socket_path: str | None = None, fd: int | None = None, *,
           poll: bool = False, socket_mode: int = 0o600,
           stop_event: threading.Event | None = None) -> int:
@@ -59,30 +64,65 @@ def serve(device: DeviceProtocol, socket_path: str | None = None, fd: int | None
 
     Raises :class:`~pyvirtio.core.errors.CallerError` when it cannot listen.
     """
-    server = VhostUserServer(device, socket_path=socket_path, listen_fd=fd, poll=poll,
-                             socket_mode=socket_mode)
-    where = socket_path if socket_path is not None else f"inherited fd {fd}"
-    log.info("serving %s on %s%s", type(device).__name__, where, " (polling)" if poll else "")
+    return serve_all([(device, socket_path, fd)], poll=poll, socket_mode=socket_mode,
+                     stop_event=stop_event)
+
+
+def serve_all(endpoints: Sequence[Endpoint], *, poll: bool = False, socket_mode: int = 0o600,
+              stop_event: threading.Event | None = None,
+              on_signal: dict[signal.Signals, Callable[[], None]] | None = None,
+              loop: EventLoop | None = None) -> int:
+    """Serve every endpoint from one event loop until SIGTERM/SIGINT or ``stop_event``.
+
+    ``on_signal`` adds handlers run on the loop (SIGUSR1: print statistics,
+    say).  Raises :class:`~pyvirtio.core.errors.CallerError` when a socket
+    cannot be created (the ones already made are closed again).
+    """
+    own_loop = loop is None
+    loop = loop if loop is not None else EventLoop()
+    servers: list[VhostUserServer] = []
+    try:
+        for device, path, fd in endpoints:
+            servers.append(VhostUserServer(device, socket_path=path, listen_fd=fd, poll=poll,
+                                           socket_mode=socket_mode, loop=loop))
+            where = path if path is not None else f"inherited fd {fd}"
+            log.info("serving %s on %s%s", device, where, " (polling)" if poll else "")
+    except BaseException:
+        for server in servers:
+            server.close()
+        if own_loop:
+            loop.close()
+        raise
     restore: list[tuple[signal.Signals, object]] = []
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
-        server.stop()
+        loop.stop()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        assert on_signal is not None
+        loop.call_soon_threadsafe(on_signal[signal.Signals(signum)])
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
-            restore.append((signum, signal.signal(signum, on_signal)))
+            restore.append((signum, signal.signal(signum, stop)))
+        for signum in on_signal or {}:
+            restore.append((signum, signal.signal(signum, forward)))
     if stop_event is not None:
         def _watch() -> None:
             stop_event.wait()
-            server.stop()
+            loop.stop()
         threading.Thread(target=_watch, name="vhost-user-stop", daemon=True).start()
     try:
-        server.serve_forever()
+        loop.run()
     finally:
         for signum, handler in restore:
             signal.signal(signum, handler)  # type: ignore[arg-type]
-    log.info("stopped after %d connection(s)", server.connections)
+        for server in servers:
+            server.close()
+        if own_loop:
+            loop.close()
+    log.info("stopped after %d connection(s)", sum(s.connections for s in servers))
     return 0
 
 
@@ -98,7 +138,8 @@ class BackendProgram:
     def __init__(self, prog: str, description: str, device_type: str,
                  capabilities: Sequence[str] = (), *, epilog: str | None = None,
                  binary: str | None = None,
-                 parser: argparse.ArgumentParser | None = None) -> None:
+                 parser: argparse.ArgumentParser | None = None,
+                 several_sockets: bool = False) -> None:
         self.prog = prog
         #: The console script: the descriptor's ``binary`` and ``data/50-<binary>.json``.
         self.binary = binary or prog
@@ -109,18 +150,22 @@ class BackendProgram:
             parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                              formatter_class=argparse.RawDescriptionHelpFormatter)
         self.parser = parser
-        self.add_arguments(parser)
+        self.several_sockets = several_sockets
+        self.add_arguments(parser, several_sockets)
 
     @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        """Add the conventions' options to ``p``."""
+    def add_arguments(p: argparse.ArgumentParser, several_sockets: bool = False) -> None:
+        """Add the conventions' options to ``p`` (``several_sockets``: they may repeat)."""
         conv = p.add_argument_group("vhost-user back-end program conventions")
-        where = conv.add_mutually_exclusive_group()
-        where.add_argument("--socket-path", metavar="PATH",
+        where = conv if several_sockets else conv.add_mutually_exclusive_group()
+        more = "; may repeat: one device per socket" if several_sockets else ""
+        action = "append" if several_sockets else "store"
+        where.add_argument("--socket-path", metavar="PATH", action=action,
                            help="listen for the front end (QEMU, DPDK, pyvirtio) on this Unix "
-                                "socket; a stale socket left by a killed back end is replaced")
-        where.add_argument("--fd", type=int, metavar="FDNUM",
-                           help="serve on this inherited, already listening Unix socket")
+                                "socket; a stale socket left by a killed back end is replaced"
+                                + more)
+        where.add_argument("--fd", type=int, metavar="FDNUM", action=action,
+                           help="serve on this inherited, already listening Unix socket" + more)
         conv.add_argument("--print-capabilities", action="store_true",
                           help="print the back-end capabilities as JSON and exit")
         conv.add_argument("--print-descriptor", action="store_true",
@@ -175,7 +220,7 @@ class BackendProgram:
         if args.print_descriptor:
             print(json.dumps(self.descriptor(), indent=2))
             raise SystemExit(0)
-        if args.socket_path is None and args.fd is None:
+        if not args.socket_path and args.fd is None:
             self.error("one of --socket-path or --fd is required (see --help)")
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -183,9 +228,21 @@ class BackendProgram:
     # ---------------------------------------------------------------- serve
     def serve(self, device: DeviceProtocol, args: argparse.Namespace) -> int:
         """Serve ``device`` as the arguments say; returns the exit status."""
+        return self.serve_all([(device, args.socket_path, args.fd)], args)
+
+    def endpoints_of(self, args: argparse.Namespace) -> list[tuple[str | None, int | None]]:
+        """The sockets to serve, in order (with ``several_sockets``: every one given)."""
+        if not self.several_sockets:
+            return [(args.socket_path, args.fd)]
+        return ([(path, None) for path in args.socket_path or []]
+                + [(None, fd) for fd in args.fd or []])
+
+    def serve_all(self, endpoints: Sequence[Endpoint], args: argparse.Namespace,
+                  on_signal: dict[signal.Signals, Callable[[], None]] | None = None) -> int:
+        """Serve every endpoint from one loop as the arguments say; returns the exit status."""
         try:
-            return serve(device, socket_path=args.socket_path, fd=args.fd, poll=args.poll,
-                         socket_mode=args.socket_mode)
+            return serve_all(endpoints, poll=args.poll, socket_mode=args.socket_mode,
+                             on_signal=on_signal)
         except CallerError as exc:
             return self.fail(str(exc))
         except KeyboardInterrupt:

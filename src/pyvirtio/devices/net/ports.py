@@ -1,0 +1,150 @@
+"""Where a virtio-net device's frames go: a learning switch, or a Linux TAP interface.
+
+A port connects :attr:`NetDevice.uplink <pyvirtio.devices.net.device.NetDevice.uplink>`
+(frames the driver transmitted) to something, and hands frames for the
+driver to :meth:`NetDevice.deliver`.  The third port, loopback, is
+:meth:`NetDevice.loopback` itself.
+
+* :class:`Switch` — an L2 learning switch between devices of one process
+  (IEEE 802.1D forwarding without spanning tree or ageing): a source MAC is
+  learned on the port it came from; a frame to a known unicast MAC goes to
+  that port only; broadcasts, multicasts and unknown destinations flood to
+  every other port.  A port with no front end drops (the device counts it).
+* :class:`TapPort` — a Linux TAP interface (``/dev/net/tun``, ``IFF_TAP |
+  IFF_NO_PI``: plain Ethernet frames, no ``virtio_net_hdr``, so no offload
+  is offered).  Opened by name: an existing (persistent) interface is
+  attached to and left as it was; a missing one is created for the life of
+  the process and disappears when it ends.  Its fd is one more reader on the
+  process's event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import logging
+import os
+import struct
+
+from pyvirtio.core.errors import CallerError
+from pyvirtio.devices.net.device import NetDevice
+from pyvirtio.io.loop import EventLoop
+
+__all__ = ["Switch", "TapPort"]
+
+log = logging.getLogger("pyvirtio.net")
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+_READ_SIZE = 65536 + 64
+#: Frames read from the TAP per loop round, so one busy port cannot starve the rest.
+_READ_BUDGET = 256
+
+
+class Switch:
+    """A learning switch joining the :class:`NetDevice` ports added to it."""
+
+    def __init__(self, name: str = "switch") -> None:
+        self.name = name
+        self.ports: list[NetDevice] = []
+        #: Learned MAC address -> port.
+        self.table: dict[bytes, NetDevice] = {}
+        self.flooded = 0
+
+    def add(self, port: NetDevice) -> NetDevice:
+        self.ports.append(port)
+        port.uplink = functools.partial(self.forward, port)
+        return port
+
+    def forget(self, port: NetDevice) -> None:
+        """The port's front end left: the addresses behind it are unknown again."""
+        for mac in [m for m, p in self.table.items() if p is port]:
+            del self.table[mac]
+
+    def forward(self, source: NetDevice, frame: bytes) -> bool:
+        """Forward one frame that ``source`` transmitted; never refuses (drops are counted)."""
+        dst = frame[:6]
+        src = frame[6:12]
+        if not src[0] & 1:
+            self.table[src] = source
+        out = None if dst[0] & 1 else self.table.get(dst)
+        if out is not None:
+            if out is not source:
+                out.deliver(frame)
+            return True
+        self.flooded += 1
+        for port in self.ports:
+            if port is not source:
+                port.deliver(frame)
+        return True
+
+
+def _open_tap(name: str) -> int:
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
+        raise CallerError(f"{name!r} is not an interface name (1..15 characters, no '/')")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CallerError(f"cannot open /dev/net/tun for TAP {name}: {exc.strerror} "
+                          f"(load the tun module; it needs CAP_NET_ADMIN)") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack(f"{IFNAMSIZ}sH", name.encode(),
+                                                IFF_TAP | IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        hint = (" (it exists with other flags, or belongs to another user)"
+                if exc.errno in (errno.EINVAL, errno.EBUSY, errno.EPERM) else "")
+        raise CallerError(f"cannot attach to TAP {name}: {exc.strerror}{hint}") from None
+    return fd
+
+
+class TapPort:
+    """One :class:`NetDevice` bridged to the TAP interface ``name``."""
+
+    def __init__(self, name: str, device: NetDevice) -> None:
+        self.name = name
+        self.existed = os.path.exists(f"/sys/class/net/{name}")
+        self.fd = _open_tap(name)
+        self.device = device
+        self.loop: EventLoop | None = None
+        device.uplink = self.write
+        device.attach_hooks.append(self.attach)
+        self.write_drops = 0
+
+    def attach(self, loop: EventLoop) -> None:
+        self.loop = loop
+        loop.add_reader(self.fd, self._on_readable)
+
+    def write(self, frame: bytes) -> bool:
+        try:
+            os.write(self.fd, frame)
+        except BlockingIOError:
+            self.device.stats.drops["tap_full"] += 1
+        except OSError as exc:
+            # EIO while the interface is down: the frame had nowhere to go.
+            self.device.stats.drops[f"tap_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
+        return True
+
+    def _on_readable(self) -> None:
+        deliver = self.device.deliver
+        for _ in range(_READ_BUDGET):
+            try:
+                frame = os.read(self.fd, _READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("TAP %s: read failed: %s", self.name, exc)
+                return
+            if not frame:
+                return
+            deliver(frame)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(self.fd)
+            self.loop = None
+        os.close(self.fd)
