@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import logging
 import sys
 
+from pyvirtio.transports.commandline import ExamplesHelpFormatter
 from pyvirtio.transports.vhost_user.program import BackendProgram
-
-log = logging.getLogger("pyvirtio.blk")
 
 DESCRIPTION = "vhost-user-blk back end in Python (pyvirtio): serve a disk image to a VM"
 EPILOG = """example:
@@ -40,17 +38,15 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
     blk.add_argument("--read-only", action="store_true",
                      help="offer VIRTIO_BLK_F_RO and never open the image for writing")
     blk.add_argument("--num-queues", type=int, default=1, metavar="N",
-                     help="request queues, 1..256 (VIRTIO_BLK_F_MQ when > 1; default: 1)")
+                     help="request queues, 1..256 (VIRTIO_BLK_F_MQ when > 1)")
     blk.add_argument("--queue-size", type=int, default=1024, metavar="N",
-                     help="largest ring size accepted, a power of two up to 32768 "
-                          "(default: 1024)")
+                     help="largest ring size accepted, a power of two up to 32768")
     blk.add_argument("--serial", default="pyvirtio-blk",
-                     help="the disk's serial number (GET_ID), at most 20 ASCII characters "
-                          "(default: pyvirtio-blk)")
+                     help="the disk's serial number (GET_ID), at most 20 ASCII characters")
     blk.add_argument("--batch", type=int, default=16, metavar="N",
                      help="complete and interrupt after half of the waiting requests, at most "
                           "N, so the driver refills the ring meanwhile (0: all available at "
-                          "once; default: 16)")
+                          "once)")
     return program
 
 
@@ -83,8 +79,6 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
                              f"give it a size first (truncate -s 64M {args.blk_file})")
     device = BlkDevice(store, num_queues=args.num_queues, queue_size=args.queue_size,
                        serial=args.serial, batch=args.batch)
-    log.info("disk %s: %d sectors%s, %d queue(s)", args.blk_file, store.capacity,
-             ", read-only" if args.read_only else "", args.num_queues)
     try:
         return program.serve(device, args)
     finally:
@@ -94,7 +88,7 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("blk", help="serve a disk image as a vhost-user-blk back end",
                               description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=ExamplesHelpFormatter)
     program = _program("pyvirtio blk", p)
     p.set_defaults(func=functools.partial(run, program=program))
 

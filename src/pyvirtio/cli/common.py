@@ -11,54 +11,25 @@ from __future__ import annotations
 import argparse
 import os
 import stat
-import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
 
 from pyvirtio.core.layout import is_valid_queue_size
 
-USAGE = 2
-FAILURE = 1
+# The one-line-error parser lives with the back-end program conventions, which
+# every device program (blk, net, rng, input) uses too.
+from pyvirtio.transports.commandline import (
+    FAILURE,
+    USAGE,
+    HelpFormatter,
+    Parser,
+    failure,
+    one_line,
+    usage_error,
+)
 
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows each option's default after its help (unless there is none to show)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        # (Identity, not ==: a default of 0 is worth showing, False of a flag is not.)
-        if ("%(default)" in text or not action.option_strings
-                or any(action.default is v for v in (None, False, argparse.SUPPRESS))):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line: ``PROG: error: MESSAGE``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        usage_error(self.prog, message)
-        sys.exit(USAGE)
-
-
-def usage_error(prog: str, message: str) -> int:
-    """Print a usage error of ``prog`` (one line) and return its exit status, 2."""
-    print(f"{prog}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
-    return USAGE
-
-
-def failure(prog: str, message: str) -> int:
-    """Print a runtime failure of ``prog`` (one line) and return its exit status, 1."""
-    print(f"{prog}: {one_line(message)}", file=sys.stderr)
-    return FAILURE
+__all__ = ["FAILURE", "USAGE", "HelpFormatter", "Parser", "connect_problem", "failure",
+           "non_negative_float", "one_line", "positive_float", "positive_int", "queue_size",
+           "socket_problem", "usage_error"]
 
 
 # ------------------------------------------------------------- argument types

@@ -21,6 +21,7 @@ import signal
 import sys
 
 from pyvirtio.core.errors import CallerError
+from pyvirtio.transports.commandline import ExamplesHelpFormatter
 from pyvirtio.transports.vhost_user.program import BackendProgram, Endpoint
 
 log = logging.getLogger("pyvirtio.net")
@@ -50,16 +51,14 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
                       help="bridge the (one) port to this TAP interface; created if missing "
                            "and then gone at exit, an existing one is left as it was")
     net.add_argument("--mac", default="52:54:00:12:34:56",
-                     help="MAC address of the first port; port N adds N to the last byte "
-                          "(default: 52:54:00:12:34:56)")
+                     help="MAC address of the first port; port N adds N to the last byte")
     net.add_argument("--num-queues", type=int, default=1, metavar="N",
-                     help="queue pairs per port, 1..128 (VIRTIO_NET_F_MQ when > 1; default: 1)")
+                     help="queue pairs per port, 1..128 (VIRTIO_NET_F_MQ when > 1)")
     net.add_argument("--queue-size", type=int, default=1024, metavar="N",
-                     help="largest ring size accepted, a power of two up to 32768 "
-                          "(default: 1024)")
+                     help="largest ring size accepted, a power of two up to 32768")
     net.add_argument("--backlog", type=int, default=256, metavar="N",
                      help="frames a port keeps while its guest has no receive buffer; more "
-                          "are dropped and counted (default: 256)")
+                          "are dropped and counted")
     return program
 
 
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("net", help="serve virtio-net ports as a vhost-user-net back end",
                               description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=ExamplesHelpFormatter)
     program = _program("pyvirtio net", p)
     p.set_defaults(func=functools.partial(run, program=program))
 

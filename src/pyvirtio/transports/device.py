@@ -60,6 +60,7 @@ __all__ = [
     "Request",
     "VirtQueue",
     "offered_features",
+    "scatter",
 ]
 
 log = logging.getLogger("pyvirtio.device")
@@ -131,25 +132,31 @@ class Request:
 
         What does not fit is cut off (the caller compares the result).
         """
-        if offset < 0:
-            raise CallerError(f"offset {offset} is negative")
-        src = memoryview(data).cast("B")
-        done = 0
-        for view in self.writable:
-            if offset >= len(view):
-                offset -= len(view)
-                continue
-            n = min(len(view) - offset, len(src) - done)
-            view[offset:offset + n] = src[done:done + n]
-            done += n
-            offset = 0
-            if done == len(src):
-                break
-        return done
+        return scatter(self.writable, data, offset)
 
     def complete(self, length: int) -> None:
         """Return the request to the driver with ``length`` bytes written (§2.7.8)."""
         self.queue.complete(self, length)
+
+
+def scatter(views: list[memoryview], data: bytes | bytearray | memoryview,
+            offset: int = 0) -> int:
+    """Copy ``data`` into ``views`` (in order) from byte ``offset``; returns bytes copied."""
+    if offset < 0:
+        raise CallerError(f"offset {offset} is negative")
+    src = memoryview(data).cast("B")
+    done = 0
+    for view in views:
+        if offset >= len(view):
+            offset -= len(view)
+            continue
+        n = min(len(view) - offset, len(src) - done)
+        view[offset:offset + n] = src[done:done + n]
+        done += n
+        offset = 0
+        if done == len(src):
+            break
+    return done
 
 
 @runtime_checkable
@@ -307,6 +314,12 @@ class VirtQueue:
     # ------------------------------------------------------------- device API
     def pop(self) -> Request | None:
         """The next request, or None when the driver has made none available."""
+        elem = self.pop_element()
+        return None if elem is None else Request(self, elem)
+
+    def pop_element(self) -> Element | None:
+        """:meth:`pop` without the :class:`Request` around it (hot paths); complete it
+        with :meth:`complete` all the same."""
         ring = self.ring
         if self._filled:
             # Completions go out before the next pop: a pop that breaks the
@@ -314,20 +327,19 @@ class VirtQueue:
             # for the end of the pass).
             ring.flush(self._filled)
             self._filled = 0
-        elem = ring.pop()
-        return None if elem is None else Request(self, elem)
+        return ring.pop()
 
     def available(self) -> int:
         """Requests waiting to be popped (at least this many; 0 is exact)."""
         return self.ring.available()
 
-    def complete(self, req: Request, length: int) -> None:
+    def complete(self, req: Request | Element, length: int) -> None:
         """Return ``req`` with ``length`` bytes written; published in a batch soon.
 
         A request of a queue that was stopped or broken since is dropped: the
         driver no longer waits for it on this ring.
         """
-        if req.queue is not self:
+        if isinstance(req, Request) and req.queue is not self:
             raise CallerError(f"{req!r} belongs to another queue")
         if not self.ready:
             return

@@ -103,6 +103,10 @@ class BlkDevice(Device):
         #: on the rest: a pipeline, not a lockstep.
         self.batch = batch
 
+    def __repr__(self) -> str:
+        return (f"BlkDevice({self.store.path}, {self.store.capacity} sectors"
+                f"{', read-only' if self.read_only else ''}, {self.num_queues} queue(s))")
+
     # ------------------------------------------------------------ the kit
     def set_config(self, offset: int, data: bytes) -> None:
         # Only ``writeback`` is driver-writable, and only with CONFIG_WCE, which

@@ -34,6 +34,7 @@ from types import FrameType
 from typing import NoReturn
 
 from pyvirtio.core.errors import CallerError
+from pyvirtio.transports.commandline import ExamplesHelpFormatter, Parser, failure, usage_error
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.device import DeviceProtocol
 from pyvirtio.transports.vhost_user.server import VhostUserServer
@@ -147,8 +148,8 @@ class BackendProgram:
         self.device_type = device_type
         self.capabilities = list(capabilities)
         if parser is None:
-            parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter)
+            parser = Parser(prog=prog, description=description, epilog=epilog,
+                            formatter_class=ExamplesHelpFormatter)
         self.parser = parser
         self.several_sockets = several_sockets
         self.add_arguments(parser, several_sockets)
@@ -171,25 +172,23 @@ class BackendProgram:
         conv.add_argument("--print-descriptor", action="store_true",
                           help="print the vhost-user.json descriptor of this installation "
                                "(for /etc/qemu/vhost-user/) and exit")
-        conv.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
-                          help="permissions of the socket file, octal (default: 0600: only "
-                               "this user may connect)")
+        conv.add_argument("--socket-mode", type=_mode, default="0600", metavar="MODE",
+                          help="permissions of the socket file, octal (0600: only this user "
+                               "may connect)")
         conv.add_argument("--poll", action="store_true",
                           help="busy-poll the rings (spin, then sleep) instead of waiting for "
-                               "kicks (default: wait for kicks)")
+                               "kicks")
         conv.add_argument("-v", "--verbose", action="store_true",
                           help="log every vhost-user message (debug level)")
 
     # ------------------------------------------------------------ arguments
     def error(self, message: str) -> NoReturn:
         """A usage error: one line on stderr, exit status 2."""
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(usage_error(self.prog, message))
 
     def fail(self, message: str) -> int:
         """A start-up failure: one line on stderr; returns exit status 1."""
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        return 1
+        return failure(self.prog, message)
 
     def capabilities_json(self) -> dict[str, object]:
         return {"type": self.device_type, "features": list(self.capabilities)}
