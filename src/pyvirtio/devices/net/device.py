@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import DeviceId
+from pyvirtio.core.split_device import Element
 from pyvirtio.devices.net.spec import (
     F_MAC,
     F_MQ,
@@ -57,7 +58,7 @@ from pyvirtio.devices.net.spec import (
     net_config,
 )
 from pyvirtio.io.loop import EventLoop
-from pyvirtio.transports.device import Device, Request, VirtQueue
+from pyvirtio.transports.device import Device, VirtQueue, scatter
 
 log = logging.getLogger("pyvirtio.net")
 
@@ -131,6 +132,7 @@ class NetDevice(Device):
         self._tx_blocked: set[VirtQueue] = set()
         self.hdr_len = HDR_MRG.size
         self.mergeable = True
+        self._header1 = bytes(10) + b"\x01\x00"
         #: Called with the serving loop when the device is attached (a TAP registers its fd).
         self.attach_hooks: list[Callable[[EventLoop], None]] = []
 
@@ -147,6 +149,8 @@ class NetDevice(Device):
         super().set_features(features)
         self.hdr_len = hdr_size(features)
         self.mergeable = bool(features >> F_MRG_RXBUF & 1)
+        # No offloads: a received header is all zero but num_buffers (1 here).
+        self._header1 = bytes(10) + (b"\x01\x00" if self.hdr_len == HDR_MRG.size else b"")
 
     def reset(self) -> None:
         super().reset()
@@ -295,50 +299,63 @@ class NetDevice(Device):
         """Write one frame into receive buffers; False (nothing taken) if there are too few."""
         hdr_len = self.hdr_len
         need = hdr_len + len(frame)
-        reqs: list[Request] = []
+        elem = queue.pop_element()
+        if elem is not None and not elem.readable:
+            views = elem.writable
+            if len(views) == 1 and len(views[0]) >= need:
+                # The common case: one buffer holds header and frame.
+                view = views[0]
+                view[:hdr_len] = self._header1
+                view[hdr_len:need] = frame
+                queue.complete(elem, need)
+                stats = self.stats
+                stats.rx_frames += 1
+                stats.rx_bytes += len(frame)
+                stats.rx_buffers += 1
+                return True
+        elems: list[Element] = []
         room = 0
         try:
-            while room < need:
-                req = queue.pop()
-                if req is None:
-                    if len(reqs) >= queue.size:
+            while True:
+                if elem is None:
+                    if len(elems) >= queue.size:
                         break  # more than the whole ring could hold: never deliverable
-                    queue.ring.unpop(len(reqs))
+                    queue.ring.unpop(len(elems))
                     if queue.need_buffers():
                         return self._put(queue, frame)
                     return False
-                reqs.append(req)
-                if req.readable:
-                    raise PeerError(f"{self.name}: receive head {req.head} has a "
+                elems.append(elem)
+                if elem.readable:
+                    raise PeerError(f"{self.name}: receive head {elem.head} has a "
                                     f"device-readable buffer (VIRTIO 1.2 §5.1.6.3)")
-                length = req.writable_len
+                length = elem.writable_len
                 if length < hdr_len:
                     raise PeerError(f"{self.name}: receive buffer of {length} bytes is shorter "
                                     f"than the {hdr_len}-byte virtio_net_hdr")
                 room += length
-                if not self.mergeable:
+                if room >= need or not self.mergeable:
                     break
+                elem = queue.pop_element()
         except PeerError:
-            if reqs:
-                queue.ring.unpop(len(reqs))
+            queue.ring.unpop(len(elems))
             raise
         stats = self.stats
         if room < need:
             # Without mergeable buffers one buffer must hold it all (§5.1.6.3.1);
             # with them, the whole ring could not.  The buffers stay posted.
             stats.drops["rx_too_big"] += 1
-            queue.ring.unpop(len(reqs))
+            queue.ring.unpop(len(elems))
             return True
         header = bytearray(hdr_len)
         if hdr_len == HDR_MRG.size:
-            header[10:12] = len(reqs).to_bytes(2, "little")
-        data = bytes(header) + frame
+            header[10:12] = len(elems).to_bytes(2, "little")
+        data = memoryview(bytes(header) + frame)
         pos = 0
-        for req in reqs:
-            n = req.write(memoryview(data)[pos:])
+        for elem in elems:
+            n = scatter(elem.writable, data[pos:])
             pos += n
-            req.complete(n)
+            queue.complete(elem, n)
         stats.rx_frames += 1
         stats.rx_bytes += len(frame)
-        stats.rx_buffers += len(reqs)
+        stats.rx_buffers += len(elems)
         return True
