@@ -9,6 +9,7 @@ import argparse
 import functools
 
 from pyvirtio.devices import rng
+from pyvirtio.transports.commandline import ExamplesHelpFormatter
 
 DESCRIPTION = "virtio entropy device (VIRTIO 1.2 §5.4) as a vhost-user back end"
 EPILOG = """example:
@@ -22,5 +23,5 @@ EPILOG = """example:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("rng", help="serve a virtio entropy device (vhost-user-rng)",
                               description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=ExamplesHelpFormatter)
     p.set_defaults(func=functools.partial(rng.run, rng.program("pyvirtio rng", p)))

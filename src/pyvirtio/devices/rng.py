@@ -55,9 +55,9 @@ def program(prog: str = "pyvirtio-rng", parser: ArgumentParser | None = None) ->
     cli = vu.BackendProgram(prog, "virtio entropy device (VIRTIO 1.2 §5.4)", "rng",
                             binary="pyvirtio-rng", parser=parser)
     add = cli.parser.add_argument
-    add("--source", default="/dev/urandom", help="read in order (default: /dev/urandom)")
+    add("--source", default="/dev/urandom", help="the file to read, in order")
     add("--max-bytes", type=int, help="at most this many bytes per period (default: no limit)")
-    add("--period-ms", type=int, default=1000, help="the limit's period, 1..65536 (default: 1000)")
+    add("--period-ms", type=int, default=1000, help="the limit's period, 1..65536")
     return cli
 
 
