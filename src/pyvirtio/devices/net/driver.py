@@ -594,11 +594,14 @@ class NetDriver:
         """Sleep until the transmit interrupt; the caller retries (and re-arms if it was stale)."""
         port = self._port(TX_QUEUE)
         self.kick_tx()
-        left = deadline - time.monotonic()
-        signals = port.wait(left) if left > 0 else 0
-        if not signals:
-            raise TimeoutError("transmitq1: the device returned no buffer in time")
-        self.tx_interrupt(signals)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("transmitq1: the device returned no buffer in time")
+            signals = port.wait(left)
+            if signals:
+                self.tx_interrupt(signals)
+                return
 
     def drain_tx(self, timeout: float | None = None) -> bool:
         """Wait until the device has used every transmit buffer; False on timeout."""
