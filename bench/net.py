@@ -1,0 +1,176 @@
+"""pyvirtio-net against DPDK's net_vhost, side by side, driven by DPDK testpmd virtio_user.
+
+Back ends (each started fresh, one after the other, alternating over rounds):
+
+* ``pyvirtio-net --switch`` with one port: a sink (a frame to nobody is
+  dropped by the switch after learning its source, the work a switch port does);
+* ``pyvirtio-net --loopback``: transmitted frames come back on receive;
+* DPDK 22.11 testpmd ``net_vhost`` in ``rxonly`` (sink) or ``io`` (loop)
+  forwarding: the C reference.
+
+The traffic source is DPDK testpmd with a ``virtio_user`` port (a C front
+end, VIRTIO 1.2 §5.1 over QEMU docs/interop/vhost-user.rst) in ``txonly``
+(sink rows) or ``io`` with ``--tx-first`` (loop rows), at 64 and 1500 bytes.
+Reported: packets per second the front end got through (testpmd's own
+statistics, median of its periodic samples), Gbit/s, the ratio to net_vhost,
+and pyvirtio-net's CPU time per packet (utime + stime from /proc/PID/stat;
+net_vhost polls, so it always uses a whole core).  pyvirtio-net is pinned to
+the CPU testpmd's forwarding lcore does not use ("one core"); testpmd's
+forwarding lcores spin on the others.
+
+    .venv/bin/python bench/net.py [--seconds 8] [--rounds 1] [--sizes 64,1500] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+TESTPMD = REPO / "scripts" / "peers" / "testpmd-vhost.sh"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+Row = dict[str, Any]
+
+
+@dataclass
+class Backend:
+    name: str
+    mode: str  # "sink" or "loop"
+
+
+BACKENDS = [Backend("pyvirtio-net --switch", "sink"), Backend("DPDK net_vhost rxonly", "sink"),
+            Backend("pyvirtio-net --loopback", "loop"), Backend("DPDK net_vhost io", "loop")]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def result_line(text: str) -> dict[str, int]:
+    m = re.search(r"^RESULT (.*)$", text, re.M)
+    if m is None:
+        raise RuntimeError(f"no RESULT line from testpmd:\n{text[-2000:]}")
+    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split()[1:])}
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"back end did not start: {log.read_text()[-800:]}")
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_one(be: Backend, size: int, seconds: float, work: Path) -> Row:
+    sock = work / "net.sock"
+    log = work / "backend.log"
+    with open(log, "wb") as out:
+        if be.name.startswith("pyvirtio"):
+            kind = "--switch=bench" if be.mode == "sink" else "--loopback"
+            # CPU 1: testpmd's virtio_user forwards on lcore 0 (its main lcore 1 sleeps).
+            argv = ["taskset", "-c", "1", sys.executable, "-m", "pyvirtio.cli.net",
+                    "--socket-path", str(sock), kind]
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        else:
+            env = dict(os.environ, ROLE="vhost", FWD="rxonly" if be.mode == "sink" else "io",
+                       LCORES="0,1", MAIN="0", LOG=str(work / "vhost.log"))
+            proc = subprocess.Popen(["bash", str(TESTPMD), str(sock)], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_socket(sock, proc, log)
+        cpu0 = cpu_seconds(proc.pid)
+        env = dict(os.environ, ROLE="virtio-user", FWD="txonly" if be.mode == "sink" else "io",
+                   TXFIRST="0" if be.mode == "sink" else "1", LCORES="0,1", MAIN="1",
+                   TESTPMD_EXTRA=f"--txpkts={size}", LOG=str(work / "virtio-user.log"),
+                   STATS="1")
+        res = subprocess.run(["bash", str(TESTPMD), str(sock), str(int(seconds))],
+                             capture_output=True, text=True, env=env, timeout=seconds + 60)
+        cpu1 = cpu_seconds(proc.pid)
+    finally:
+        stop(proc)
+    stats = result_line(res.stdout)
+    pps = stats["tx_pps_median"] if be.mode == "sink" else stats["rx_pps_median"]
+    packets = stats["tx_packets"] if be.mode == "sink" else stats["rx_packets"]
+    row: Row = {"backend": be.name, "mode": be.mode, "size": size, "pps": pps,
+                "gbit_s": pps * size * 8 / 1e9, "packets": packets, "testpmd": stats}
+    if be.name.startswith("pyvirtio") and packets:
+        row["backend_cpu_us_per_packet"] = (cpu1 - cpu0) * 1e6 / packets
+    print(f"  {be.name:<26} {be.mode:<5} {size:>5} B {pps:>12,} pps", file=sys.stderr)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0,
+                    help="per run, testpmd's start-up included (default 8)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the back ends this many times; report the median round")
+    ap.add_argument("--sizes", default="64,1500", help="frame sizes (default 64,1500)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    runs: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-net-") as tmp:
+        for rnd in range(args.rounds):
+            for size in sizes:
+                for be in BACKENDS if rnd % 2 == 0 else BACKENDS[::-1]:
+                    row = run_one(be, size, args.seconds, Path(tmp))
+                    row["round"] = rnd
+                    runs.append(row)
+    rows: list[Row] = []
+    for size in sizes:
+        for be in BACKENDS:
+            same = sorted((r for r in runs if r["backend"] == be.name and r["size"] == size),
+                          key=lambda r: int(r["pps"]))
+            mid = dict(same[(len(same) - 1) // 2])
+            mid["rounds_pps"] = [int(r["pps"]) for r in same]
+            rows.append(mid)
+    for r in rows:
+        ref = next(x for x in rows if x["size"] == r["size"] and x["mode"] == r["mode"]
+                   and x["backend"].startswith("DPDK"))
+        if ref["pps"]:
+            r["ratio_vs_dpdk"] = r["pps"] / ref["pps"]
+    if args.json:
+        print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
+                          "cpus": os.cpu_count(), "results": rows}, indent=2))
+        return 0
+    table = Table(title=f"vhost-user-net back ends, DPDK testpmd virtio_user as the source, "
+                        f"{args.seconds:g} s each, median of {args.rounds} round(s)")
+    for col in ("mode", "size B", "back end", "pps", "Gbit/s", "ratio vs DPDK",
+                "back-end CPU us/pkt"):
+        table.add_column(col, justify="left" if col in ("mode", "back end") else "right")
+    for r in rows:
+        cpu = r.get("backend_cpu_us_per_packet")
+        table.add_row(r["mode"], str(r["size"]), r["backend"], f"{r['pps']:,}",
+                      f"{r['gbit_s']:.2f}", f"{r.get('ratio_vs_dpdk', 0):.2f}",
+                      "polls (1 core)" if cpu is None else f"{cpu:.2f}")
+    Console(width=max(Console().width, 140)).print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
