@@ -1,7 +1,7 @@
 """pyvirtio's virtio-net front end against DPDK testpmd's ``net_vhost`` back end (DPDK 22.11).
 
-A C back end we did not write (lib/vhost, drivers/net/vhost), run by
-scripts/peers/testpmd-vhost.sh in three forwarding modes:
+A C back end we did not write (lib/vhost, drivers/net/vhost), in three
+forwarding modes:
 
 * ``io``: testpmd sends every frame it receives back out of the same port,
   so the frames we transmit come back on receiveq1, byte for byte and in
@@ -13,8 +13,9 @@ scripts/peers/testpmd-vhost.sh in three forwarding modes:
   as many as it reports sent.
 
 And ``pyvirtio bench net`` in each mode, its JSON checked against testpmd's
-own counters.  testpmd's statistics come from its RESULT line, printed when
-the script stops it (SIGTERM, which it forwards as SIGINT).
+own counters.  testpmd's counters are its accumulated forward statistics,
+printed when it stops (SIGINT; tests/dpdk_peers.py runs it as
+scripts/peers/testpmd-vhost.sh does, without hugepages).
 """
 
 from __future__ import annotations
@@ -26,65 +27,45 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from dpdk_peers import PortStats, Testpmd
 from pyvirtio.devices.net.driver import NetDriver
 from pyvirtio.devices.net.spec import F_MRG_RXBUF
 from pyvirtio.devices.net.workload import make_frames
 
-REPO = Path(__file__).resolve().parent.parent
-TESTPMD = REPO / "scripts" / "peers" / "testpmd-vhost.sh"
 
-
+@dataclass
 class VhostPeer:
-    """One ``testpmd-vhost.sh`` run: started in a forwarding mode, stopped for its counters."""
+    """testpmd with one ``net_vhost`` port (the vhost-user server on ``sock``)."""
 
-    def __init__(self, fwd: str, tmp: Path) -> None:
-        self.sock = tmp / f"vhost-{fwd}.sock"
-        self.out = tmp / f"testpmd-{fwd}.out"
-        env = dict(os.environ, FWD=fwd, LOG=str(tmp / f"testpmd-{fwd}.log"))
-        with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen([str(TESTPMD), str(self.sock)], stdout=out,
-                                         stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"testpmd did not start: {self.out.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.result: dict[str, int] = {}
+    testpmd: Testpmd
+    sock: Path
 
-    def stop(self) -> dict[str, int]:
-        """Stop testpmd; its RESULT counters (rx_packets, tx_packets, *_dropped, ...)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        text = self.out.read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
-        assert lines, f"no RESULT line from testpmd: {text[-2000:]}"
-        self.result = {k: int(v) for k, v in
-                       (kv.split("=", 1) for kv in lines[-1].split()[1:]) if v.isdigit()}
-        return self.result
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.testpmd.proc
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self) -> PortStats:
+        """Stop testpmd; port 0's accumulated forward statistics."""
+        return self.testpmd.stop()[0]
 
 
 @pytest.fixture
 def testpmd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VhostPeer]:
-    tp = VhostPeer(request.param, tmp_path)
-    try:
-        yield tp
-    finally:
-        if tp.proc.poll() is None:
-            tp.stop()
+    sock = tmp_path / "vhost.sock"
+    tp = Testpmd([f"net_vhost0,iface={sock},queues=1,client=0"], forward_mode=request.param,
+                 log=tmp_path / "testpmd.log")
+    with tp:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert tp.proc.poll() is None and time.monotonic() < deadline, \
+                f"testpmd did not create {sock}:\n{tp.log}"
+            time.sleep(0.05)
+        yield VhostPeer(tp, sock)
 
 
 def frames_of_sizes(src: bytes, sizes: list[int]) -> list[bytes]:
@@ -135,8 +116,8 @@ def test_io_frames_come_back_intact_and_in_order(testpmd: VhostPeer) -> None:
     assert stats["rx_dropped"] == 0 and stats["tx_reclaimed"] == len(frames)
     # The first receive waits for an interrupt: the driver never polls blindly.
     assert stats["interrupts_rx"] >= 1 and stats["kicks_rx"] >= 1
-    assert result["rx_packets"] == result["tx_packets"] == len(frames)
-    assert result["tx_dropped"] == 0
+    assert result.rx_packets == result.tx_packets == len(frames)
+    assert result.tx_dropped == 0
 
 
 @pytest.mark.timeout(120)
@@ -153,7 +134,7 @@ def test_io_frames_spanning_mergeable_buffers(testpmd: VhostPeer) -> None:
         assert drv.rx_buffers == sum(-(-(size + 12) // 256) for size in sizes) == 3400
         assert drv.rx_dropped == 0
     result = testpmd.stop()
-    assert result["rx_packets"] == result["tx_packets"] == len(frames)
+    assert result.rx_packets == result.tx_packets == len(frames)
 
 
 @pytest.mark.timeout(120)
@@ -171,8 +152,8 @@ def test_rxonly_testpmd_counts_what_we_send(testpmd: VhostPeer) -> None:
         # Late reclaim: transmit interrupts only when the ring filled up.
         assert drv.interrupts[1] < count // 100
     result = testpmd.stop()
-    assert result["rx_packets"] == count
-    assert result["rx_dropped"] == 0
+    assert result.rx_packets == count
+    assert result.rx_dropped == 0
 
 
 @pytest.mark.timeout(120)
@@ -189,7 +170,7 @@ def test_txonly_we_count_what_testpmd_sends(testpmd: VhostPeer) -> None:
                 ethertypes.add(frame[12:14])
                 received += 1
         assert received > 0
-        testpmd.proc.send_signal(signal.SIGTERM)
+        os.kill(testpmd.proc.pid, signal.SIGINT)
         # testpmd stops forwarding, then prints its counters: take everything it sent.
         while testpmd.proc.poll() is None:
             received += len(drv.receive_many(256, timeout=0.1))
@@ -200,7 +181,7 @@ def test_txonly_we_count_what_testpmd_sends(testpmd: VhostPeer) -> None:
     result = testpmd.stop()
     assert sizes == {64}                     # testpmd txonly: 64-byte IPv4/UDP frames
     assert ethertypes == {b"\x08\x00"}
-    assert result["tx_packets"] == received
+    assert result.tx_packets == received
 
 
 @pytest.mark.timeout(120)
@@ -221,12 +202,12 @@ def test_bench_net_cli(testpmd: VhostPeer, mode: str) -> None:
     if mode == "io":
         assert out["frames_received"] == out["frames_sent"] > 0 and out["drops"] == 0
         assert out["bytes_received"] == out["bytes_sent"] == 128 * out["frames_sent"]
-        assert result["rx_packets"] == result["tx_packets"] == out["frames_sent"]
+        assert result.rx_packets == result.tx_packets == out["frames_sent"]
     elif mode == "txonly":
         assert out["frames_received"] == 0 and out["bytes_sent"] == 128 * out["frames_sent"]
-        assert result["rx_packets"] == out["frames_sent"] > 0
+        assert result.rx_packets == out["frames_sent"] > 0
     else:
         # testpmd kept sending after we left: it sent at least what we counted.
         assert out["frames_sent"] == 0 and out["frames_received"] > 0
         assert out["bytes_received"] == 64 * out["frames_received"]
-        assert result["tx_packets"] >= out["frames_received"]
+        assert result.tx_packets >= out["frames_received"]

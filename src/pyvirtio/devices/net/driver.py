@@ -570,6 +570,7 @@ class NetDriver:
         within ``timeout`` seconds (default: the driver's).  Returns the
         number of frames sent.
         """
+        self._port(TX_QUEUE)
         batch = frames if isinstance(frames, Sequence) else list(frames)
         deadline = self._deadline(timeout)
         xmit_many = self.xmit_many
