@@ -6,6 +6,8 @@ The ring's hot paths are compiled with mypyc at install time; see
 :mod:`pyvirtio._build` for running them interpreted.
 """
 
+from typing import TYPE_CHECKING
+
 from pyvirtio._build import install_docstring_loader, install_source_finder, pure_python_requested
 
 if pure_python_requested():
@@ -28,7 +30,57 @@ _LAZY = {
         "pyvirtio.vhost_user"),
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "DEFERRED",
+    "BackendProgram",
+    "BumpAllocator",
+    "CallerError",
+    "Device",
+    "DeviceId",
+    "DeviceProtocol",
+    "Element",
+    "EventLoop",
+    "GuestMemory",
+    "PeerError",
+    "QueueFull",
+    "Request",
+    "RingViews",
+    "SplitDeviceQueue",
+    "SplitDriverQueue",
+    "SplitLayout",
+    "VhostUserFrontend",
+    "VhostUserServer",
+    "VirtQueue",
+    "__version__",
+    "serve",
+]
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers
+    from pyvirtio.core import (
+        BumpAllocator,
+        CallerError,
+        Element,
+        GuestMemory,
+        PeerError,
+        QueueFull,
+        RingViews,
+        SplitDeviceQueue,
+        SplitDriverQueue,
+        SplitLayout,
+    )
+    from pyvirtio.vhost_user import (
+        DEFERRED,
+        BackendProgram,
+        Device,
+        DeviceId,
+        DeviceProtocol,
+        EventLoop,
+        Request,
+        VhostUserFrontend,
+        VhostUserServer,
+        VirtQueue,
+        serve,
+    )
 
 
 def __getattr__(name: str) -> object:
