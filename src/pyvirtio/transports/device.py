@@ -95,7 +95,7 @@ class Deferred:
 DEFERRED: Final = Deferred()
 
 
-class Request:
+class Request(Element):
     """One popped request: its buffers as views into guest memory, and its queue.
 
     ``readable`` views were filled by the driver; ``writable`` views are the
@@ -103,25 +103,15 @@ class Request:
     bounds-checked by the core).
     """
 
-    __slots__ = ("head", "queue", "readable", "writable")
+    __slots__ = ("queue",)
 
     def __init__(self, queue: VirtQueue, elem: Element) -> None:
+        super().__init__(elem.head, elem.readable, elem.writable)
         self.queue = queue
-        self.head = elem.head
-        self.readable = elem.readable
-        self.writable = elem.writable
 
     def __repr__(self) -> str:
         return (f"Request(queue={self.queue.index}, head={self.head}, "
                 f"readable={self.readable_len} B, writable={self.writable_len} B)")
-
-    @property
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
 
     def read(self) -> bytes:
         """Every readable byte, in order."""
