@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,17 @@ def test_bench_net_cli(testpmd: VhostPeer, mode: str) -> None:
         assert out["frames_sent"] == 0 and out["frames_received"] > 0
         assert out["bytes_received"] == 64 * out["frames_received"]
         assert result.tx_packets >= out["frames_received"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("testpmd", ["io"], indirect=True)
+def test_readme_example_runs(testpmd: VhostPeer, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Drive any vhost-user-net back end from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None and "/tmp/vhost-net.sock" in code.group(1)
+    exec(compile(code.group(1).replace("/tmp/vhost-net.sock", str(testpmd.sock)), "README.md",
+                 "exec"), {})
+    assert "'frames_received': 1" in capsys.readouterr().out
+    result = testpmd.stop()
+    assert result.rx_packets == result.tx_packets == 1
