@@ -33,7 +33,7 @@ from pyvirtio.devices.net.spec import (
     NetHdr,
     net_config,
 )
-from pyvirtio.devices.net.workload import make_frames
+from pyvirtio.devices.net.workload import make_frames, run_net_bench
 from pyvirtio.transports.device import Device, VirtQueue
 from pyvirtio.transports.inprocess import InProcessTransport
 from pyvirtio.transports.vhost_user.server import VhostUserServer
@@ -161,6 +161,33 @@ def test_blocking_api_needs_a_transport(loopback: str) -> None:
 def test_connect_refuses_bad_sizes(loopback: str, size: int, buf: int) -> None:
     with pytest.raises(CallerError):
         NetDriver.connect(loopback, queue_size=size, rx_buf_size=buf)
+
+
+class Hoarder(Loopback):
+    """Takes transmit buffers and never gives them back."""
+
+    def process(self, queue: VirtQueue) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_bench_io_then_txonly_through_the_loopback(loopback: str) -> None:
+    with NetDriver.connect(loopback, queue_size=64, timeout=10) as drv:
+        io = run_net_bench(drv, "io", 100, 0.3, batch=16)
+        assert io.frames_sent == io.frames_received > 0 and io.drops == 0
+        assert io.bytes_received == 100 * io.frames_received and not io.stalled
+        assert io.pps > 0 and io.kicks == io.kicks_tx + io.kicks_rx
+        tx = run_net_bench(drv, "txonly", 60, 0.2)
+        assert tx.frames_sent > 0 and tx.frames_received == 0 and not tx.stalled
+        assert drv.frames_sent == io.frames_sent + tx.frames_sent
+
+
+@pytest.mark.timeout(60)
+def test_bench_txonly_reports_a_stalled_back_end(tmp_path: Path) -> None:
+    for path in serve(Hoarder(), tmp_path / "hoard.sock"):
+        with NetDriver.connect(path, queue_size=16, timeout=10) as drv:
+            res = run_net_bench(drv, "txonly", 64, 0.2)
+            assert res.stalled and res.frames_sent == 16  # one ring's worth, then nothing
 
 
 # ------------------------------------------------- device side driven by hand
