@@ -78,6 +78,11 @@ class EventLoop:
         self._wake = EventFd(nonblocking=True)
         self._sel.register(self._wake.fd, selectors.EVENT_READ, self._wake.drain)
 
+    @staticmethod
+    def time() -> float:
+        """The loop's clock (monotonic seconds): what :meth:`call_later` counts in."""
+        return time.monotonic()
+
     # ------------------------------------------------------------- sources
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback()`` whenever ``fd`` is readable (replaces an earlier one)."""

@@ -14,11 +14,11 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import CallerError
 from pyvirtio.io.loop import EventLoop
+from pyvirtio.transports.vhost_user.server import listen_unix
 
 if TYPE_CHECKING:
     from pyvirtio.devices.input.device import InputDevice
@@ -47,17 +47,12 @@ class ControlSocket:
 
     def __init__(self, device: InputDevice, path: str, loop: EventLoop) -> None:
         self.device, self.path, self.loop = device, path, loop
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode) and _is_stale_socket(path):
-                os.unlink(path)  # left by a back end that was killed
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The vhost-user socket's rules: 0600, a stale socket replaced, a live
+        # one or any other file refused.
         try:
-            self.listener.bind(path)
-        except OSError as exc:
-            self.listener.close()
-            raise CallerError(f"control socket {path}: {exc.strerror}") from None
-        os.chmod(path, 0o600)
-        self.listener.listen(4)
+            self.listener = listen_unix(path)
+        except CallerError as exc:
+            raise CallerError(f"control socket: {exc}") from None
         self.listener.setblocking(False)
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
         loop.add_reader(self.listener.fileno(), self._accept)
@@ -104,20 +99,6 @@ class ControlSocket:
         self.listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-
-
-def _is_stale_socket(path: str) -> bool:
-    """A socket file nobody listens on (left by a process that was killed)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return False
 
 
 class StdinTyper:

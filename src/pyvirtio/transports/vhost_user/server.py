@@ -221,6 +221,10 @@ class VhostUserServer:
         self.loop.remove_reader(self._listener.fileno())
         self.loop.remove_poller(self._poll_rings)
         self._listener.close()
+        try:
+            self.device.close()
+        except Exception:
+            self.log.exception("vhost-user: closing the device failed")
         if self.socket_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
