@@ -8,7 +8,7 @@ the same ring bytes, on the same queue state (same indices, same ``broken``
 marking, same hostile-input checks).  They reach that state only through the
 queues' documented batch interfaces (``SplitDeviceQueue.pop_window`` /
 ``commit_pops`` / ``pop_failed``; ``SplitDriverQueue.take_free`` /
-``record_heads`` / ``publish_avail`` / ``get_bufs``), so every rule about
+``record_heads`` / ``publish_avail`` / ``take_used``), so every rule about
 indices, in-flight heads and broken queues stays in the queue classes.
 
 This module lives outside :mod:`pyvirtio.core` because it needs numpy, which
@@ -21,7 +21,7 @@ the core does not: install it with ``pip install 'pyvirtio[batch]'``.
 * :class:`DriverBatch` — ``add`` N chains of k descriptors from the free list
   and publish ``avail.idx`` once (§2.7.13), ``get`` up to N used buffers and
   publish ``used_event`` once (§2.7.7.2) — the latter is
-  ``SplitDriverQueue.get_bufs``, with arrays for results.
+  ``SplitDriverQueue.take_used`` (``get_bufs``), with arrays for results.
 
 Each operation picks its path by size: below a measured threshold a Python
 loop (the scalar algorithm), above it numpy.  Both give byte-identical rings
@@ -632,17 +632,16 @@ class DriverBatch:
     def get(self, max_n: int) -> UsedBatch:
         """Up to ``max_n`` used buffers, publishing ``used_event`` once (§2.7.7.2).
 
-        This is ``SplitDriverQueue.get_bufs(max_n)`` with arrays for results:
-        it stops before the first bad used element (id out of range or not an
-        outstanding head), and raises :class:`PeerError` (queue broken) if that
-        is the first one.  Tokens come back as an int64 array when they are
-        all integers.
+        This is ``SplitDriverQueue.take_used(max_n)`` (``get_bufs``) with
+        arrays for results: it stops before the first bad used element (id
+        out of range or not an outstanding head), and raises
+        :class:`PeerError` (queue broken) if that is the first one.  Tokens
+        come back as an int64 array when they are all integers.
         """
-        bufs = self.q.get_bufs(max_n)
-        if not bufs:
+        toks, lens = self.q.take_used(max_n)
+        if not toks:
             return UsedBatch(np.zeros(0, np.int64), _EMPTY_U32)
-        toks = [t for t, _ in bufs]
-        return UsedBatch(_token_array(toks), np.array([n for _, n in bufs], np.uint32))
+        return UsedBatch(_token_array(toks), np.array(lens, np.uint32))
 
 
 def _fits_u32(a: npt.NDArray[Any]) -> bool:

@@ -299,55 +299,82 @@ class SplitDriverQueue(Breakable):
         then the device sees an older value, which can only cause an extra
         interrupt, never a lost one.  A bad used element ends the batch before
         it; the next call (or get_buf) meets it again and raises, exactly as
-        get_buf does when it is the first.  The batched ``DriverBatch.get``
-        (pyvirtio.batch) is this method too.
+        get_buf does when it is the first.
+        """
+        tokens, lengths = self.take_used(max_n)
+        return list(zip(tokens, lengths, strict=True))
+
+    def take_used(self, max_n: int = 0x10000) -> tuple[list[object], list[int]]:
+        """:meth:`get_bufs` as two lists, tokens and written lengths (the one implementation).
+
+        The batched ``DriverBatch.get`` (pyvirtio.batch) is this method too.
         """
         if self.broken is not None:
             raise QueueBrokenError(f"queue is broken: {self.broken}")
         last = self.last_used_idx
         used_idx = self._used16[1]
-        if last == used_idx:
-            return []
-        if ((used_idx - last) & 0xFFFF) > self.num:
+        pending = (used_idx - last) & 0xFFFF
+        if pending == 0:
+            return [], []
+        num = self.num
+        if pending > num:
             raise self.mark_broken(f"device moved used.idx from {last} to {used_idx}: "
                                    f"more than the queue size ahead")
-        num = self.num
-        mask = self._mask
+        n = pending if pending <= max_n else max_n
+        if n <= 0:
+            return [], []
+        # Every used element (id, len) read once, as one copy of the ring span
+        # (two when it wraps): the checks below and the results use that copy.
         used32 = self._used32
+        start = last & self._mask
+        if start + n <= num:
+            flat = used32[1 + 2 * start:1 + 2 * (start + n)].tolist()
+        else:
+            flat = (used32[1 + 2 * start:1 + 2 * num].tolist()
+                    + used32[1:1 + 2 * (start + n - num)].tolist())
+        heads: list[int] = flat[0::2]
+        lengths: list[int] = flat[1::2]
         tokens = self._tokens
-        chains = self._chains
-        extend = self._free.extend
-        out: list[tuple[object, int]] = []
+        out: list[object] = []
         append = out.append
-        if ((used_idx - last) & 0xFFFF) > max_n:
-            if max_n <= 0:
-                return out
-            used_idx = (last + max_n) & 0xFFFF
-        while last != used_idx:
-            slot = 1 + 2 * (last & mask)
-            head = used32[slot]
-            if head >= num or tokens[head] is None:
-                if out:
-                    break
-                # The first one is bad: get_buf's errors, nothing consumed.
-                if head >= num:
-                    raise self.mark_broken(f"used id {head} out of range (queue size {num})")
-                raise self.mark_broken(f"used id {head} is not an outstanding head")
+        for head in heads:
+            if head >= num:
+                break
             token = tokens[head]
+            if token is None:  # not outstanding, or twice in this batch
+                break
             tokens[head] = None
-            chain = chains[head]
-            extend(chain)
-            if len(chain) > 1:
-                chains[head] = self._singles[head]
-                self._multi -= 1
-            append((token, used32[slot + 1]))
-            last = (last + 1) & 0xFFFF
-        self._outstanding -= len(out)
+            append(token)
+        got = len(out)
+        if got == 0:
+            # The first one is bad: get_buf's errors, nothing consumed.
+            head = heads[0]
+            if head >= num:
+                raise self.mark_broken(f"used id {head} out of range (queue size {num})")
+            raise self.mark_broken(f"used id {head} is not an outstanding head")
+        if got < n:
+            del heads[got:]
+            del lengths[got:]
+        if self._multi:
+            chains = self._chains
+            singles = self._singles
+            extend = self._free.extend
+            for head in heads:
+                chain = chains[head]
+                extend(chain)
+                if len(chain) > 1:
+                    chains[head] = singles[head]
+                    self._multi -= 1
+        else:
+            # Every outstanding chain is its head alone.
+            self._free.extend(heads)
+        self._outstanding -= got
+        last = (last + got) & 0xFFFF
         self.last_used_idx = last
         if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             self._avail[self._used_event_i] = last
             full_fence()
-        return out
+        return out, lengths
 
     # ------------------------------------------------------ batch interface
     # What a batched add built on this queue (pyvirtio.batch.DriverBatch) needs
