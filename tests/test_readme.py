@@ -46,3 +46,10 @@ def test_readme_device_tutorial_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     while (tmp_path / "upper.sock").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not (tmp_path / "upper.sock").exists()
+
+
+def test_readme_shows_the_rng_device_as_it_is() -> None:
+    text = README.read_text()
+    source = (README.parent / "src" / "pyvirtio" / "devices" / "rng.py").read_text()
+    assert f"```python\n{source}```" in text, "README's rng listing differs from the file"
+    assert len(source.splitlines()) <= 80

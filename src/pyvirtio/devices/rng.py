@@ -42,7 +42,7 @@ class RngDevice(vu.Device):
     def _grant(self, wanted: int) -> int:
         if (now := time.monotonic()) >= self.period_end:
             self.period_end, self.budget = now + self.period_ms / 1000, self.max_bytes
-        # Whole requests only: Linux's virtio_rng copy_data (2026 clamp) stalls on partial answers.
+        # Whole requests only: Debian 12's virtio_rng (copy_data) can stall on a short answer.
         granted = want if (want := min(wanted, self.max_bytes)) <= self.budget else 0
         self.budget -= granted
         return granted

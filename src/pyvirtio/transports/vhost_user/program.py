@@ -173,8 +173,8 @@ class BackendProgram:
                           help="print the vhost-user.json descriptor of this installation "
                                "(for /etc/qemu/vhost-user/) and exit")
         conv.add_argument("--socket-mode", type=_mode, default="0600", metavar="MODE",
-                          help="permissions of the socket file, octal (0600: only this user "
-                               "may connect)")
+                          help="permissions of the socket file, octal; 0600 lets only this "
+                               "user connect")
         conv.add_argument("--poll", action="store_true",
                           help="busy-poll the rings (spin, then sleep) instead of waiting for "
                                "kicks")
