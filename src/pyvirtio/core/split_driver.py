@@ -24,6 +24,7 @@ memory), like Linux's ``desc_extra``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -42,6 +43,9 @@ from pyvirtio.core.spec import (
 
 Segment = tuple[int, int]
 """A buffer segment: (guest address, length)."""
+
+# take_used reads up to this many used elements one by one, more as a slice.
+_READ_BY_ELEMENT: Final = 8
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -302,7 +306,7 @@ class SplitDriverQueue(Breakable):
         get_buf does when it is the first.
         """
         tokens, lengths = self.take_used(max_n)
-        return list(zip(tokens, lengths, strict=True))
+        return [(token, lengths[i]) for i, token in enumerate(tokens)]
 
     def take_used(self, max_n: int = 0x10000) -> tuple[list[object], list[int]]:
         """:meth:`get_bufs` as two lists, tokens and written lengths (the one implementation).
@@ -323,38 +327,45 @@ class SplitDriverQueue(Breakable):
         n = pending if pending <= max_n else max_n
         if n <= 0:
             return [], []
-        # Every used element (id, len) read once, as one copy of the ring span
-        # (two when it wraps): the checks below and the results use that copy.
+        # Every used element (id, len) read once into ``flat``: one copy of the
+        # ring span (two when it wraps), or element by element for a few,
+        # where slicing costs more than it saves.  Checks and results use it.
         used32 = self._used32
         start = last & self._mask
-        if start + n <= num:
+        if n <= _READ_BY_ELEMENT:
+            mask = self._mask
+            flat: list[int] = []
+            for i in range(n):
+                slot = 1 + 2 * ((start + i) & mask)
+                flat.append(used32[slot])
+                flat.append(used32[slot + 1])
+        elif start + n <= num:
             flat = used32[1 + 2 * start:1 + 2 * (start + n)].tolist()
         else:
             flat = (used32[1 + 2 * start:1 + 2 * num].tolist()
                     + used32[1:1 + 2 * (start + n - num)].tolist())
-        heads: list[int] = flat[0::2]
-        lengths: list[int] = flat[1::2]
         tokens = self._tokens
         out: list[object] = []
-        append = out.append
-        for head in heads:
+        heads: list[int] = []
+        lengths: list[int] = []
+        for i in range(n):
+            head = flat[2 * i]
             if head >= num:
                 break
             token = tokens[head]
             if token is None:  # not outstanding, or twice in this batch
                 break
             tokens[head] = None
-            append(token)
+            out.append(token)
+            heads.append(head)
+            lengths.append(flat[2 * i + 1])
         got = len(out)
         if got == 0:
             # The first one is bad: get_buf's errors, nothing consumed.
-            head = heads[0]
+            head = flat[0]
             if head >= num:
                 raise self.mark_broken(f"used id {head} out of range (queue size {num})")
             raise self.mark_broken(f"used id {head} is not an outstanding head")
-        if got < n:
-            del heads[got:]
-            del lengths[got:]
         if self._multi:
             chains = self._chains
             singles = self._singles
