@@ -13,10 +13,11 @@ into receiveq buffers) → testpmd RX, every counter is at least the next one,
 and the gaps — packets in flight when testpmd stopped — add up to exactly
 the packets in circulation.  A packet in flight at the stop is one of: still
 in transmitq when the back end stopped the ring; in the back end's backlog
-(a frame waiting for a receive buffer; the session's end discards it); or
-used in receiveq but not yet polled by testpmd.  testpmd's counters are its
-accumulated forward statistics; the back end's are what it logs at exit,
-after testpmd disconnected, so they are final.
+(a frame waiting for a receive buffer; the session's end discards it); used
+in receiveq but not yet polled by testpmd; or (switch) dropped and counted
+because it reached a port whose rings testpmd had already stopped.
+testpmd's counters are its accumulated forward statistics; the back end's
+are what it logs at exit, after testpmd disconnected, so they are final.
 
 * ``--loopback``: one ``virtio_user`` port, frames come back on its receive
   queue;
@@ -57,8 +58,8 @@ def backends() -> Iterator[list[NetBackend]]:
         be.kill()
 
 
-def check_backend(port: PortCounters) -> None:
-    assert port.drops == {}, port
+def check_backend(port: PortCounters, may_drop: frozenset[str] = frozenset()) -> None:
+    assert set(port.drops) <= may_drop, port
     assert port.tx_bytes == FRAME * port.tx_frames, port
     assert port.rx_bytes == FRAME * port.rx_frames, port
 
@@ -110,12 +111,18 @@ def test_testpmd_two_ports_through_switch(sockets: list[Path], backends: list[Ne
         assert port.rx_dropped == port.tx_dropped == 0, stats
     assert p1.tx_packets == BURST + p0.rx_packets, stats
     assert p0.tx_packets == BURST + p1.rx_packets, stats
-    check_backend(pa)
-    check_backend(pb)
+    # testpmd stops port 0's rings before port 1's: a frame port 1 sent just before the
+    # stop that the back end takes after that finds no front end on A (and the reverse
+    # for a frame of port 0 taken after both stopped).  It is counted, and it is one of
+    # the packets in flight below.
+    check_backend(pa, frozenset({"rx_no_frontend"}))
+    check_backend(pb, frozenset({"rx_no_frontend"}))
     # Both ways: testpmd port 0 -> switch port A -> switch port B -> testpmd port 1, and back.
     assert pa.tx_frames > 0 and pb.tx_frames > 0
-    forward = in_flight(p0.tx_packets, pa.tx_frames, pb.rx_frames, p1.rx_packets)
-    backward = in_flight(p1.tx_packets, pb.tx_frames, pa.rx_frames, p0.rx_packets)
+    forward = in_flight(p0.tx_packets, pa.tx_frames, pb.rx_frames + sum(pb.drops.values()),
+                        p1.rx_packets)
+    backward = in_flight(p1.tx_packets, pb.tx_frames, pa.rx_frames + sum(pa.drops.values()),
+                         p0.rx_packets)
     assert forward + backward == 2 * BURST, (stats, ours)
     assert be.count("front end connected") == be.count("front end disconnected") == 2
 
