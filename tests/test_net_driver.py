@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
 from pyvirtio.core.spec import F_NOTIFY_ON_EMPTY, F_RING_EVENT_IDX, F_VERSION_1, DeviceId, bit
 from pyvirtio.devices.net.driver import NetDriver
@@ -157,7 +157,7 @@ def test_blocking_api_needs_a_transport(loopback: str) -> None:
         drv.receive(0)
 
 
-@pytest.mark.parametrize(("size", "buf"), [(3, 2048), (256, 16), (256, 70000)])
+@pytest.mark.parametrize(("size", "buf"), [(3, 2048), (256, 11), (256, 70000)])
 def test_connect_refuses_bad_sizes(loopback: str, size: int, buf: int) -> None:
     with pytest.raises(CallerError):
         NetDriver.connect(loopback, queue_size=size, rx_buf_size=buf)
@@ -247,6 +247,16 @@ def test_frame_over_several_buffers_is_joined(rings: Rings) -> None:
     assert rings.drv.bytes_received == 512
 
 
+def test_first_buffer_may_hold_only_the_header(rings: Rings) -> None:
+    """§5.1.6.3.1 lets a mergeable buffer be as small as the header; the frame follows."""
+    rings.used(hdr(2))
+    rings.used(b"F" * 60)
+    rings.used(hdr(2) + b"G" * 5)
+    rings.used(b"G" * 5)                # 10 bytes in all: a runt, dropped
+    assert rings.drv.poll_receive(8) == 2
+    assert rings.frames == [b"F" * 60] and rings.drv.rx_dropped == 1
+
+
 @pytest.mark.parametrize(("buffers", "match"), [
     ([hdr(0) + bytes(50)], "num_buffers is 0"),
     ([hdr(3) + bytes(244), bytes(20)], "fewer buffers"),
@@ -257,6 +267,8 @@ def test_malformed_used_buffers_are_peer_errors(rings: Rings, buffers: list[byte
     for data in buffers:
         rings.used(data)
     with pytest.raises(PeerError, match=match):
+        rings.drv.poll_receive(8)
+    with pytest.raises(QueueBrokenError):  # receiveq1 stays broken, as Linux's BAD_RING
         rings.drv.poll_receive(8)
 
 

@@ -43,12 +43,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
 from pyvirtio.core.errors import CallerError, PeerError, VirtioError
-from pyvirtio.core.layout import is_valid_queue_size
+from pyvirtio.core.layout import DESC_SIZE, is_valid_queue_size, pack_desc
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.spec import (
     F_ANY_LAYOUT,
     F_RING_EVENT_IDX,
     F_VERSION_1,
+    VRING_DESC_F_WRITE,
     Status,
     bit,
 )
@@ -139,19 +140,37 @@ class NetDriver:
         self.rx_descs = 1 if self.mergeable or self.any_layout else 2
         # Mergeable buffers are what the caller chose; otherwise header + full frame.
         self.rx_slot = rx_buf_size if self.mergeable else self.hdr_len + ETH_FRAME_MAX
-        if self.rx_slot <= self.hdr_len:
-            raise CallerError("receive buffers must be larger than the header")
+        if self.rx_slot < self.hdr_len:
+            raise CallerError("receive buffers must hold at least the header (§5.1.6.3.1)")
         n_rx = rx.num // self.rx_descs
         self.rx_base = allocator.alloc(self.rx_slot * n_rx, 64)
         self.rx_view = memory.translate(self.rx_base, self.rx_slot * n_rx)
-        self._rx_free = list(range(n_rx - 1, -1, -1))
+        # As on transmit (below): one descriptor per buffer, written once, so a
+        # refill only makes heads available again (DPDK's virtio PMD does so too).
+        self._rx_direct = self.rx_descs == 1
+        self._rx_free = [] if self._rx_direct else list(range(n_rx - 1, -1, -1))
+        if self._rx_direct:
+            for i in range(n_rx):
+                pack_desc(rx.rings.desc, i * DESC_SIZE, self.rx_base + i * self.rx_slot,
+                          self.rx_slot, VRING_DESC_F_WRITE, 0)
         self.tx_descs = 1 if self.any_layout else 2
         self.tx_slot = self.hdr_len + ETH_FRAME_MAX
         n_tx = tx.num // self.tx_descs
         self.tx_base = allocator.alloc(self.tx_slot * n_tx, 64)
         self.tx_view = memory.translate(self.tx_base, self.tx_slot * n_tx)
         self.tx_view[:] = bytes(len(self.tx_view))  # headers stay all zero: no offloads
-        self._tx_free = list(range(n_tx - 1, -1, -1))
+        # One descriptor per frame: slot i is descriptor i, whose address never
+        # changes, so it is written once here and a transmit stores only the
+        # length (DPDK's virtio PMD pre-fills its descriptors the same way).
+        # Buffers go through the queue's batch interface (take_free,
+        # record_heads, publish_avail), which keeps it as add() would.
+        self._direct = self.tx_descs == 1
+        self._tx_free = [] if self._direct else list(range(n_tx - 1, -1, -1))
+        if self._direct:
+            desc = tx.rings.desc
+            for i in range(n_tx):
+                pack_desc(desc, i * DESC_SIZE, self.tx_base + i * self.tx_slot, 0, 0, 0)
+            self._desc_u32 = desc.cast("I")
         self.tx_stopped = False
         self.napi_scheduled = False
         self.kicks = [0, 0]
@@ -194,9 +213,10 @@ class NetDriver:
 
         if not is_valid_queue_size(queue_size):
             raise CallerError(f"queue_size {queue_size} is not a power of two in 1..32768")
-        if mergeable and not 2 * 12 <= rx_buf_size <= 65536:
-            raise CallerError(f"rx_buf_size {rx_buf_size} must be in 24..65536")
         hdr_max = 12
+        # Each mergeable buffer holds at least the header (§5.1.6.3.1).
+        if mergeable and not hdr_max <= rx_buf_size <= 65536:
+            raise CallerError(f"rx_buf_size {rx_buf_size} must be in {hdr_max}..65536")
         buffers = queue_size * (max(rx_buf_size, hdr_max + ETH_FRAME_MAX)
                                 + hdr_max + ETH_FRAME_MAX)
         memory_size = (buffers + (4 << 20) + (2 << 20) - 1) & ~((2 << 20) - 1)
@@ -298,34 +318,49 @@ class NetDriver:
     def try_fill_recv(self) -> int:
         """Add empty receive buffers until the ring is full; kick if the device wants it."""
         rx = self.rx
-        free = self._rx_free
-        slot_size = self.rx_slot
-        base = self.rx_base
-        hdr_len = self.hdr_len
-        one = self.rx_descs == 1
         added = 0
-        while free and rx.num_free >= self.rx_descs:
-            slot = free.pop()
-            addr = base + slot * slot_size
-            if one:
-                rx.add((), ((addr, slot_size),), slot)
-            else:
+        if self._rx_direct:
+            added = rx.num_free
+            if added:
+                heads = rx.take_free(added)
+                avail = rx.rings.avail16
+                mask = rx.num - 1
+                shadow = rx.avail_idx_shadow
+                for k, head in enumerate(heads):
+                    avail[2 + ((shadow + k) & mask)] = head
+                rx.record_heads(heads, heads)
+                rx.publish_avail(added)
+        else:
+            free = self._rx_free
+            slot_size = self.rx_slot
+            base = self.rx_base
+            hdr_len = self.hdr_len
+            while free and rx.num_free >= 2:
+                slot = free.pop()
+                addr = base + slot * slot_size
                 rx.add((), ((addr, hdr_len), (addr + hdr_len, slot_size - hdr_len)), slot)
-            added += 1
+                added += 1
         if added and rx.kick_prepare():
             self._kick(RX_QUEUE)
         return added
 
     def _check_rx(self, token: object, length: int) -> int:
         slot = cast(int, token)
+        if not self._rx_direct:
+            self._rx_free.append(slot)  # its bytes are read before the next refill
         if length > self.rx_slot:
-            self._rx_free.append(slot)
-            raise PeerError(f"device used {length} bytes of a {self.rx_slot}-byte receive buffer")
+            raise self.rx.mark_broken(f"device used {length} bytes of a {self.rx_slot}-byte "
+                                      f"receive buffer")
         return slot
 
     def poll_receive(self, budget: int) -> int:
         """Hand up to ``budget`` received frames to ``on_frame``; returns how many buffers
-        were taken as frames (drops included, as Linux's ``virtnet_receive`` counts)."""
+        were taken as frames (drops included, as Linux's ``virtnet_receive`` counts).
+
+        A malformed used buffer marks receiveq1 broken (the device broke the
+        spec; Linux's ``BAD_RING``) and raises PeerError, here and at every
+        later use.
+        """
         rx = self.rx
         # One used_event publication for the batch; a merged frame's tail may lie beyond.
         bufs = rx.get_bufs(budget)
@@ -336,7 +371,6 @@ class NetDriver:
         runt = hdr_len + ETH_HLEN
         view = self.rx_view
         size = self.rx_slot
-        free = self._rx_free
         on_frame = self.on_frame
         mergeable = self.mergeable
         check = self._check_rx
@@ -351,27 +385,26 @@ class NetDriver:
                 slot = check(token, length)
                 off = slot * size
                 done += 1
-                if length < runt:
-                    free.append(slot)
-                    if length < hdr_len:
-                        raise PeerError(f"receive buffer of {length} bytes has no "
-                                        f"virtio_net_hdr")
-                    self.rx_dropped += 1
-                    continue
+                if length < hdr_len:
+                    raise rx.mark_broken(f"receive buffer of {length} bytes has no "
+                                         f"virtio_net_hdr")
                 if not mergeable:
+                    if length < runt:
+                        self.rx_dropped += 1  # shorter than an Ethernet header
+                        continue
                     on_frame(view[off + hdr_len:off + length])
-                    free.append(slot)
                     nbytes += length - hdr_len
                     frames += 1
                     continue
                 count = _NUM_BUFFERS.unpack_from(view, off + _NUM_BUFFERS_OFF)[0]
                 if count == 1:
+                    if length < runt:
+                        self.rx_dropped += 1
+                        continue
                     frame = bytes(view[off + hdr_len:off + length])
-                    free.append(slot)
                 else:
-                    free.append(slot)
                     if count < 1:
-                        raise PeerError("num_buffers is 0")
+                        raise rx.mark_broken("num_buffers is 0")
                     parts = [bytes(view[off + hdr_len:off + length])]
                     for _ in range(count - 1):
                         if i < len(bufs):
@@ -380,14 +413,16 @@ class NetDriver:
                         else:
                             got = rx.get_buf()
                             if got is None:
-                                raise PeerError(f"num_buffers {count} but fewer buffers "
-                                                f"were used")
+                                raise rx.mark_broken(f"num_buffers {count} but fewer "
+                                                     f"buffers were used")
                             token, length = got
                             self.rx_buffers += 1
                         s2 = check(token, length)
                         parts.append(bytes(view[s2 * size:s2 * size + length]))
-                        free.append(s2)
                     frame = b"".join(parts)
+                    if len(frame) < ETH_HLEN:
+                        self.rx_dropped += 1
+                        continue
                 on_frame(frame)
                 nbytes += len(frame)
                 frames += 1
@@ -460,13 +495,16 @@ class NetDriver:
         """Reclaim every transmit buffer the device has used."""
         bufs = self.tx.get_bufs()
         if bufs:
-            free = self._tx_free
-            for token, _len in bufs:
-                free.append(cast(int, token))
+            if not self._direct:
+                free = self._tx_free
+                for token, _len in bufs:
+                    free.append(cast(int, token))
             self.tx_reclaimed += len(bufs)
         return len(bufs)
 
     def _has_room(self) -> bool:
+        if self._direct:
+            return self.tx.num_free > 0
         return bool(self._tx_free) and self.tx.num_free >= self.tx_descs
 
     def xmit(self, frame: Frame, more: bool = False) -> bool:
@@ -489,39 +527,53 @@ class NetDriver:
         self.free_old_xmit()
         free = self._tx_free
         tx = self.tx
-        descs = self.tx_descs
-        room = min(len(free), tx.num_free // descs)
+        direct = self._direct
+        room = tx.num_free if direct else min(len(free), tx.num_free // 2)
         if room == 0:
             self._stop_queue()
             return 0
         if self.tx_stopped:
             self._wake_queue()
         end = min(len(frames), start + room)
+        too_big = -1
+        for i in range(start, end):
+            if len(frames[i]) > ETH_FRAME_MAX:
+                too_big = len(frames[i])
+                end = i
+                break
         view = self.tx_view
         slot_size = self.tx_slot
-        base = self.tx_base
         hdr_len = self.hdr_len
-        add = tx.add
         nbytes = 0
-        i = start
-        too_big = -1
-        while i < end:
-            frame = frames[i]
-            n = len(frame)
-            if n > ETH_FRAME_MAX:
-                too_big = n
-                break
-            slot = free.pop()
-            off = slot * slot_size
-            view[off + hdr_len:off + hdr_len + n] = frame
-            addr = base + off
-            if descs == 1:
-                add(((addr, hdr_len + n),), (), slot)
-            else:
+        sent = end - start
+        if direct and sent:
+            heads = tx.take_free(sent)
+            lens = self._desc_u32
+            avail = tx.rings.avail16
+            mask = tx.num - 1
+            shadow = tx.avail_idx_shadow
+            for k, head in enumerate(heads):
+                frame = frames[start + k]
+                n = len(frame)
+                off = head * slot_size + hdr_len
+                view[off:off + n] = frame
+                lens[head * 4 + 2] = hdr_len + n   # le32 len of descriptor ``head``
+                avail[2 + ((shadow + k) & mask)] = head
+                nbytes += n
+            tx.record_heads(heads, heads)
+            tx.publish_avail(sent)   # avail.idx last: the entries above are visible first
+        else:
+            base = self.tx_base
+            add = tx.add
+            for i in range(start, end):
+                frame = frames[i]
+                n = len(frame)
+                slot = free.pop()
+                off = slot * slot_size
+                view[off + hdr_len:off + hdr_len + n] = frame
+                addr = base + off
                 add(((addr, hdr_len), (addr + hdr_len, n)), (), slot)
-            nbytes += n
-            i += 1
-        sent = i - start
+                nbytes += n
         self.frames_sent += sent
         self.bytes_sent += nbytes
         if sent == room:
