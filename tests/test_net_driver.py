@@ -190,6 +190,36 @@ def test_bench_txonly_reports_a_stalled_back_end(tmp_path: Path) -> None:
             assert res.stalled and res.frames_sent == 16  # one ring's worth, then nothing
 
 
+class Slow(Loopback):
+    """Returns transmit buffers 20 ms after it took them (a device that lags behind)."""
+
+    def process(self, queue: VirtQueue) -> None:
+        if queue.index != TX_QUEUE:
+            return
+        taken = []
+        while (req := queue.pop()) is not None:
+            taken.append(req)
+        def complete() -> None:
+            for req in taken:
+                req.complete(0)
+
+        if taken:
+            self.loop.call_later(0.02, complete)
+
+
+@pytest.mark.timeout(60)
+def test_full_transmit_ring_waits_for_the_delayed_interrupt(tmp_path: Path) -> None:
+    for path in serve(Slow(), tmp_path / "slow.sock"):
+        with NetDriver.connect(path, queue_size=16, timeout=10) as drv:
+            frames = make_frames(drv.mac, 64, 200)
+            assert drv.send_many(frames) == 200
+            # The ring (16) filled up: the queue stopped, asked for an interrupt
+            # after 3/4 of the buffers (enable_cb_delayed), and woke on it.
+            assert drv.interrupts[TX_QUEUE] >= 1 and not drv.tx_stopped
+            assert drv.drain_tx(10) and drv.tx_reclaimed == 200
+            assert drv.tx.outstanding == 0
+
+
 # ------------------------------------------------- device side driven by hand
 class Rings:
     """The driver's receive path with the device side of receiveq1 in the test's hands."""
