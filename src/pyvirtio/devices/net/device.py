@@ -281,8 +281,16 @@ class NetDevice(Device):
         if queue is None:
             drops["rx_no_frontend"] += 1
             return False
-        if not self._backlog and self._put(queue, frame):
-            return True
+        if not self._backlog:
+            try:
+                if self._put(queue, frame):
+                    return True
+            except PeerError as exc:
+                # This port's driver broke its receive ring: that ring breaks
+                # (NEEDS_RESET, one log line), not the sender's transmit ring.
+                queue.fail(str(exc))
+                drops["rx_queue_broken"] += 1
+                return False
         if len(self._backlog) >= self.backlog_limit:
             drops["rx_no_buffer"] += 1
             return False
