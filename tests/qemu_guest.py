@@ -129,10 +129,12 @@ def qemu_device_args(devices: Sequence[VhostUserDevice]) -> list[str]:
 
 def boot(initramfs: Path, script: str, devices: Sequence[VhostUserDevice] = (), *,
          timeout: float = 150, mem_mb: int = 512, kappend: str = "",
-         qemu_args: Sequence[str] = ()) -> Guest:
+         qemu_args: Sequence[str] = (), qemu_dir: Path | None = None) -> Guest:
     """Start a guest running ``script`` (busybox ``sh -e``) with ``devices`` attached.
 
     ``qemu_args``: more QEMU arguments (no spaces inside one), e.g. QEMU's own devices.
+    ``qemu_dir``: a directory whose ``qemu-system-x86_64`` runs instead of the one on
+    PATH (boot-guest.sh finds it there), e.g. the newer QEMU install-peers.sh unpacks.
     """
     encoded = base64.b64encode(gzip.compress(script.encode(), mtime=0)).decode()
     assert len(encoded) <= MAX_ENCODED_SCRIPT, f"script too long ({len(encoded)} encoded)"
@@ -142,6 +144,8 @@ def boot(initramfs: Path, script: str, devices: Sequence[VhostUserDevice] = (), 
         wait_for_socket(dev.socket)
     env = dict(os.environ, QEMU_EXTRA=" ".join(extra),
                KAPPEND=f"{kappend} pvcmd={encoded}".strip())
+    if qemu_dir is not None:
+        env["PATH"] = f"{qemu_dir}{os.pathsep}{env.get('PATH', os.defpath)}"
     proc = subprocess.Popen(
         [str(PEERS / "boot-guest.sh"), "-i", str(initramfs), "-t", str(int(timeout)),
          "-m", str(mem_mb), "true"],
