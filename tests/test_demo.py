@@ -1,4 +1,7 @@
-"""The two-process demo (VIRTIO 1.2 §2.7, §4.1.4.8 legacy virtio-pci): real guest and host processes, each suppression mode."""
+"""The two-process demo (VIRTIO 1.2 §2.7; §4.1.4.8 legacy virtio-pci).
+
+Real guest and host processes, each suppression mode.
+"""
 
 from __future__ import annotations
 

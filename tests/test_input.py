@@ -1,9 +1,8 @@
 """pyvirtio-input (VIRTIO 1.2 §5.8) through the device kit, with pyvirtio's own front end.
 
-QEMU 7.2 will not start ``vhost-user-input-pci`` without KVM
-(backends/vhost-user.c ``vhost_user_backend_dev_init``), so these tests play
-the front end's part over a real vhost-user socket exactly as QEMU's
-vhost-user-input forwards Linux's virtio_input (``virtinput_probe``):
+These tests play the front end's part over a real vhost-user socket exactly
+as QEMU's vhost-user-input forwards Linux's virtio_input (``virtinput_probe``);
+a real guest reads the keyboard in test_input_guest.py:
 
 * configuration: every driver write of ``select``/``subsel`` arrives as a
   SET_CONFIG of the whole 136-byte space at offset 0, every read as a

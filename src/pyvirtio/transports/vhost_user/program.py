@@ -34,8 +34,8 @@ from types import FrameType
 from typing import NoReturn
 
 from pyvirtio.core.errors import CallerError
-from pyvirtio.transports.commandline import ExamplesHelpFormatter, Parser, failure, usage_error
 from pyvirtio.io.loop import EventLoop
+from pyvirtio.transports.commandline import ExamplesHelpFormatter, Parser, failure, usage_error
 from pyvirtio.transports.device import DeviceProtocol
 from pyvirtio.transports.vhost_user.server import VhostUserServer
 
