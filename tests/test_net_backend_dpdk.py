@@ -30,6 +30,7 @@ are what it logs at exit, after testpmd disconnected, so they are final.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import pytest
 
 from dpdk_peers import BURST, PortStats, Testpmd, parse_forward_stats
 from net_backend import NetBackend, PortCounters
+from pyvirtio.devices.net.spec import F_MQ
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,6 +91,28 @@ def test_testpmd_io_through_loopback(sockets: list[Path], backends: list[NetBack
     check_backend(ours)
     assert in_flight(port.tx_packets, ours.tx_frames, ours.rx_frames, port.rx_packets) == BURST
     assert be.count("front end connected") == be.count("front end disconnected") == 1
+
+
+def test_testpmd_two_queue_pairs_through_loopback(sockets: list[Path],
+                                                   backends: list[NetBackend],
+                                                   tmp_path: Path) -> None:
+    """VIRTIO_NET_F_MQ: testpmd runs one io stream per queue pair, each with its burst."""
+    sock = sockets[0]
+    be = NetBackend([sock], ["--loopback", "--num-queues", "2"])
+    backends.append(be)
+    with Testpmd([f"virtio_user0,path={sock},queues=2"], tx_first=True, queues=2,
+                 log=tmp_path / "testpmd.log") as tp:
+        tp.wait_rx(0, LOOPS)
+        stats = tp.stop()
+    ours = be.stop()[str(sock)]
+    port = stats[0]
+    assert port.rx_dropped == port.tx_dropped == 0, port
+    assert port.tx_packets == 2 * BURST + port.rx_packets, port
+    check_backend(ours)
+    assert in_flight(port.tx_packets, ours.tx_frames, ours.rx_frames,
+                     port.rx_packets) == 2 * BURST
+    features = re.findall(r"negotiated features (0x[0-9a-f]+)", be.log)
+    assert features and all(int(f, 16) >> F_MQ & 1 for f in features), features
 
 
 def test_testpmd_two_ports_through_switch(sockets: list[Path], backends: list[NetBackend],
