@@ -18,7 +18,11 @@ net_vhost polls, so it always uses a whole core).  pyvirtio-net is pinned to
 the CPU testpmd's forwarding lcore does not use ("one core"); testpmd's
 forwarding lcores spin on the others.
 
-    .venv/bin/python bench/net.py [--seconds 8] [--rounds 1] [--sizes 64,1500] [--json]
+With ``--guest``, also a Linux guest in QEMU (TCG) transmitting with the
+kernel's pktgen (64-byte frames, scripts/peers/workloads/net-pktgen.sh) into
+each sink: the guest is the bottleneck, so the rates should be equal.
+
+    .venv/bin/python bench/net.py [--seconds 8] [--rounds 1] [--sizes 64,1500] [--guest] [--json]
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
-TESTPMD = REPO / "scripts" / "peers" / "testpmd-vhost.sh"
+PEERS = REPO / "scripts" / "peers"
+TESTPMD = PEERS / "testpmd-vhost.sh"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Row = dict[str, Any]
 
@@ -87,21 +92,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run_one(be: Backend, size: int, seconds: float, work: Path) -> Row:
     sock = work / "net.sock"
-    log = work / "backend.log"
-    with open(log, "wb") as out:
-        if be.name.startswith("pyvirtio"):
-            kind = "--switch=bench" if be.mode == "sink" else "--loopback"
-            # CPU 1: testpmd's virtio_user forwards on lcore 0 (its main lcore 1 sleeps).
-            argv = ["taskset", "-c", "1", sys.executable, "-m", "pyvirtio.cli.net",
-                    "--socket-path", str(sock), kind]
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        else:
-            env = dict(os.environ, ROLE="vhost", FWD="rxonly" if be.mode == "sink" else "io",
-                       LCORES="0,1", MAIN="0", LOG=str(work / "vhost.log"))
-            proc = subprocess.Popen(["bash", str(TESTPMD), str(sock)], stdout=out,
-                                    stderr=subprocess.STDOUT, env=env)
+    proc = start_backend(be, sock, work)
     try:
-        wait_socket(sock, proc, log)
         cpu0 = cpu_seconds(proc.pid)
         env = dict(os.environ, ROLE="virtio-user", FWD="txonly" if be.mode == "sink" else "io",
                    TXFIRST="0" if be.mode == "sink" else "1", LCORES="0,1", MAIN="1",
@@ -123,6 +115,51 @@ def run_one(be: Backend, size: int, seconds: float, work: Path) -> Row:
     return row
 
 
+def start_backend(be: Backend, sock: Path, work: Path) -> subprocess.Popen[bytes]:
+    log = work / "backend.log"
+    with open(log, "wb") as out:
+        if be.name.startswith("pyvirtio"):
+            kind = "--switch=bench" if be.mode == "sink" else "--loopback"
+            # CPU 1: testpmd's virtio_user forwards on lcore 0 (its main lcore 1 sleeps).
+            proc = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-m",
+                                     "pyvirtio.cli.net", "--socket-path", str(sock), kind],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        else:
+            env = dict(os.environ, ROLE="vhost", FWD="rxonly" if be.mode == "sink" else "io",
+                       LCORES="0,1", MAIN="0", LOG=str(work / "vhost.log"))
+            proc = subprocess.Popen(["bash", str(TESTPMD), str(sock)], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+    wait_socket(sock, proc, log)
+    return proc
+
+
+def guest_rows(work: Path) -> list[Row]:
+    """A TCG guest's pktgen transmit rate into each sink back end."""
+    workload = (PEERS / "workloads" / "net-pktgen.sh").read_text()
+    rows: list[Row] = []
+    for be in (b for b in BACKENDS if b.mode == "sink"):
+        sock = work / "guest-net.sock"
+        proc = start_backend(be, sock, work)
+        try:
+            env = dict(os.environ, MODULES="virtio_pci virtio_net pktgen")
+            res = subprocess.run([str(PEERS / "boot-guest.sh"), "-n", str(sock), "-t", "240",
+                                  workload], capture_output=True, text=True, env=env,
+                                 timeout=300)
+        finally:
+            stop(proc)
+        m = re.search(r"RESULT pktgen (\d+)pps", res.stdout)
+        if m is None:
+            raise RuntimeError(f"no pktgen result from the guest:\n{res.stdout[-2000:]}")
+        pps = int(m.group(1))
+        rows.append({"backend": be.name, "mode": "guest pktgen", "size": 64, "pps": pps,
+                     "gbit_s": pps * 64 * 8 / 1e9})
+        print(f"  {be.name:<26} guest pktgen 64 B {pps:>12,} pps", file=sys.stderr)
+    ref = rows[-1]["pps"]
+    for r in rows:
+        r["ratio_vs_dpdk"] = r["pps"] / ref if ref else 0.0
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0,
@@ -130,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the back ends this many times; report the median round")
     ap.add_argument("--sizes", default="64,1500", help="frame sizes (default 64,1500)")
+    ap.add_argument("--guest", action="store_true",
+                    help="also a TCG guest's pktgen transmit rate into each sink")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    guest: list[Row] = []
     runs: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-net-") as tmp:
         for rnd in range(args.rounds):
@@ -141,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_one(be, size, args.seconds, Path(tmp))
                     row["round"] = rnd
                     runs.append(row)
+        if args.guest:
+            guest = guest_rows(Path(tmp))
     rows: list[Row] = []
     for size in sizes:
         for be in BACKENDS:
@@ -154,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                    and x["backend"].startswith("DPDK"))
         if ref["pps"]:
             r["ratio_vs_dpdk"] = r["pps"] / ref["pps"]
+    rows += guest
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
                           "cpus": os.cpu_count(), "results": rows}, indent=2))
