@@ -140,7 +140,8 @@ def run_one(frontend: str, size: int, seconds: float, work: Path) -> Row:
 
 def compare_frontends(sizes: tuple[int, ...] = (64, 1500), seconds: float = 6.0,
                       rounds: int = 1) -> list[Row]:
-    """Median-of-rounds rows per (front end, size), with ``ratio`` = pyvirtio / virtio_user."""
+    """Median-of-rounds rows per (front end, size); ``ratio`` is pyvirtio / virtio_user,
+    the median of the per-round ratios."""
     runs: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-net-fe-") as tmp:
         for rnd in range(rounds):
@@ -159,9 +160,20 @@ def compare_frontends(sizes: tuple[int, ...] = (64, 1500), seconds: float = 6.0,
             mid = dict(same[(len(same) - 1) // 2])
             mid["rounds_pps"] = [int(r["pps"]) for r in same]
             rows.append(mid)
-    for r in rows:
-        ref = next(x for x in rows if x["size"] == r["size"] and x["frontend"] == FRONTENDS[0])
-        r["ratio"] = r["pps"] / ref["pps"] if ref["pps"] else 0.0
+    # The ratio is taken within each round (the two runs next to each other), then
+    # the median over rounds: the machine's load drifts more between rounds.
+    for size in sizes:
+        ratios = []
+        for rnd in range(rounds):
+            py, ref = (next(r for r in runs if r["frontend"] == fe and r["size"] == size
+                            and r["round"] == rnd) for fe in FRONTENDS[::-1])
+            ratios.append(py["pps"] / ref["pps"] if ref["pps"] else 0.0)
+        ratios.sort()
+        for r in rows:
+            if r["size"] == size:
+                r["rounds_ratio"] = [round(x, 3) for x in ratios]
+                r["ratio"] = (1.0 if r["frontend"] == FRONTENDS[0]
+                              else ratios[(len(ratios) - 1) // 2])
     return rows
 
 
