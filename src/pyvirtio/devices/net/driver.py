@@ -344,14 +344,12 @@ class NetDriver:
             self._kick(RX_QUEUE)
         return added
 
-    def _check_rx(self, token: object, length: int) -> int:
-        slot = cast(int, token)
+    def _check_rx(self, slot: int, length: int) -> None:
         if not self._rx_direct:
             self._rx_free.append(slot)  # its bytes are read before the next refill
         if length > self.rx_slot:
             raise self.rx.mark_broken(f"device used {length} bytes of a {self.rx_slot}-byte "
                                       f"receive buffer")
-        return slot
 
     def poll_receive(self, budget: int) -> int:
         """Hand up to ``budget`` received frames to ``on_frame``; returns how many buffers
@@ -363,7 +361,8 @@ class NetDriver:
         """
         rx = self.rx
         # One used_event publication for the batch; a merged frame's tail may lie beyond.
-        bufs = rx.get_bufs(budget)
+        # Every token is a buffer's slot number (an int).
+        bufs = cast("list[tuple[int, int]]", rx.get_bufs(budget))
         if not bufs:
             return 0
         self.rx_buffers += len(bufs)
@@ -372,7 +371,10 @@ class NetDriver:
         view = self.rx_view
         size = self.rx_slot
         on_frame = self.on_frame
+        # Frames for receive_many go straight to its list: no call per frame.
+        collect = self._pending.append if on_frame == self._collect else None
         mergeable = self.mergeable
+        direct = self._rx_direct
         check = self._check_rx
         frames = 0
         nbytes = 0
@@ -380,14 +382,15 @@ class NetDriver:
         i = 0
         try:
             while i < len(bufs):
-                token, length = bufs[i]
+                slot, length = bufs[i]
                 i += 1
-                slot = check(token, length)
-                off = slot * size
                 done += 1
-                if length < hdr_len:
-                    raise rx.mark_broken(f"receive buffer of {length} bytes has no "
-                                         f"virtio_net_hdr")
+                if length > size or length < hdr_len or not direct:
+                    check(slot, length)
+                    if length < hdr_len:
+                        raise rx.mark_broken(f"receive buffer of {length} bytes has no "
+                                             f"virtio_net_hdr")
+                off = slot * size
                 if not mergeable:
                     if length < runt:
                         self.rx_dropped += 1  # shorter than an Ethernet header
@@ -408,22 +411,26 @@ class NetDriver:
                     parts = [bytes(view[off + hdr_len:off + length])]
                     for _ in range(count - 1):
                         if i < len(bufs):
-                            token, length = bufs[i]
+                            s2, length = bufs[i]
                             i += 1
                         else:
                             got = rx.get_buf()
                             if got is None:
                                 raise rx.mark_broken(f"num_buffers {count} but fewer "
                                                      f"buffers were used")
-                            token, length = got
+                            s2 = cast(int, got[0])
+                            length = got[1]
                             self.rx_buffers += 1
-                        s2 = check(token, length)
+                        check(s2, length)
                         parts.append(bytes(view[s2 * size:s2 * size + length]))
                     frame = b"".join(parts)
                     if len(frame) < ETH_HLEN:
                         self.rx_dropped += 1
                         continue
-                on_frame(frame)
+                if collect is not None:
+                    collect(frame)
+                else:
+                    on_frame(frame)
                 nbytes += len(frame)
                 frames += 1
         finally:
