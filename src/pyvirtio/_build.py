@@ -54,7 +54,11 @@ class _DocumentedExtensionLoader(importlib.machinery.ExtensionFileLoader):
 
     def exec_module(self, module: ModuleType) -> None:
         super().exec_module(module)
-        from pyvirtio._docstrings import attach_loaded
+        from pyvirtio._docstrings import attach, attach_loaded
+
+        # This module is complete only now: a module of its group that it
+        # imported may have run attach_loaded while it was still half made.
+        attach(module)
 
         # Modules of the same mypyc group that this one imported were initialised
         # natively, without passing through this loader: document them too.
