@@ -18,11 +18,14 @@ net_vhost polls, so it always uses a whole core).  pyvirtio-net is pinned to
 the CPU testpmd's forwarding lcore does not use ("one core"); testpmd's
 forwarding lcores spin on the others.
 
-With ``--guest``, also a Linux guest in QEMU (TCG) transmitting with the
+With ``--frontends``, also pyvirtio's own front end against DPDK's
+``virtio_user``, both into net_vhost (bench/net_frontend.py).  With
+``--guest``, also a Linux guest in QEMU (TCG) transmitting with the
 kernel's pktgen (64-byte frames, scripts/peers/workloads/net-pktgen.sh) into
 each sink: the guest is the bottleneck, so the rates should be equal.
 
-    .venv/bin/python bench/net.py [--seconds 8] [--rounds 1] [--sizes 64,1500] [--guest] [--json]
+    .venv/bin/python bench/net.py [--seconds 8] [--rounds 1] [--sizes 64,1500] [--guest]
+                                  [--frontends] [--json]
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from net_frontend import compare_frontends, result_line
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / "scripts" / "peers"
@@ -63,13 +68,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def result_line(text: str) -> dict[str, int]:
-    m = re.search(r"^RESULT (.*)$", text, re.M)
-    if m is None:
-        raise RuntimeError(f"no RESULT line from testpmd:\n{text[-2000:]}")
-    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split()[1:])}
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -169,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="64,1500", help="frame sizes (default 64,1500)")
     ap.add_argument("--guest", action="store_true",
                     help="also a TCG guest's pktgen transmit rate into each sink")
+    ap.add_argument("--frontends", action="store_true",
+                    help="also pyvirtio's front end vs DPDK virtio_user into net_vhost")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -197,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         if ref["pps"]:
             r["ratio_vs_dpdk"] = r["pps"] / ref["pps"]
     rows += guest
+    frontends = (compare_frontends(tuple(sizes), args.seconds, args.rounds)
+                 if args.frontends else [])
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
-                          "cpus": os.cpu_count(), "results": rows}, indent=2))
+                          "cpus": os.cpu_count(), "results": rows,
+                          "frontends": frontends}, indent=2))
         return 0
     table = Table(title=f"vhost-user-net back ends, DPDK testpmd virtio_user as the source, "
                         f"{args.seconds:g} s each, median of {args.rounds} round(s)")
@@ -211,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["mode"], str(r["size"]), r["backend"], f"{r['pps']:,}",
                       f"{r['gbit_s']:.2f}", f"{r.get('ratio_vs_dpdk', 0):.2f}",
                       "polls (1 core)" if cpu is None else f"{cpu:.2f}")
-    Console(width=max(Console().width, 140)).print(table)
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    if frontends:
+        fe_table = Table(title="vhost-user-net front ends into DPDK net_vhost rxonly")
+        for col in ("size B", "front end", "pps (sink counted)", "ratio vs virtio_user"):
+            fe_table.add_column(col, justify="left" if col == "front end" else "right")
+        for r in frontends:
+            fe_table.add_row(str(r["size"]), str(r["frontend"]), f"{int(r['pps']):,}",
+                             f"{float(r['ratio']):.2f}")
+        console.print(fe_table)
     return 0
 
 
