@@ -53,3 +53,14 @@ def test_numpy_and_matplotlib_are_extras_that_dev_includes() -> None:
     assert any(d.startswith("numpy") for d in extras["batch"])
     assert any(d.startswith("matplotlib") for d in extras["plot"])
     assert "pyvirtio[batch,plot]" in extras["dev"]
+
+
+def test_every_command_starts_without_numpy_or_matplotlib() -> None:
+    """The command line (every sub-command's module) imports without the extras."""
+    code = ("import sys\nsys.modules['numpy'] = None\nsys.modules['matplotlib'] = None\n"
+            "from pyvirtio.cli.main import build_parser\n"
+            "p = build_parser()\nprint(p.prog)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "pyvirtio"

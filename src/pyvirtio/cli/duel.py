@@ -7,6 +7,7 @@ Wiring only; the measurement lives in :mod:`pyvirtio.demo.duel`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from dataclasses import asdict
@@ -95,6 +96,8 @@ def _out_dir_problem(out: Path) -> str | None:
         return f"--out {out}: cannot create the directory ({exc.strerror}): give another one"
     if not os.access(out, os.W_OK | os.X_OK):
         return f"--out {out}: the directory is not writable: give another one"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--out writes a plot, which needs matplotlib: pip install 'pyvirtio[plot]'"
     return None
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pyvirtio.core.errors import CallerError
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX, LEGACY_VRING_ALIGN, bit
@@ -187,7 +188,10 @@ def write_csv(points: Sequence[DuelPoint], path: Path) -> None:
 
 def write_plot(points: Sequence[DuelPoint], path: Path) -> None:
     """Kicks and interrupts per 1,000 buffers against the ratio, one line per mode."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise CallerError("the plot needs matplotlib: pip install 'pyvirtio[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

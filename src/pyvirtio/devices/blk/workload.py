@@ -9,10 +9,11 @@ requests next to IOPS and latency percentiles.
 
 from __future__ import annotations
 
+import math
+import random as _random
+import statistics
 import time
 from dataclasses import asdict, dataclass
-
-import numpy as np
 
 from pyvirtio.core.errors import CallerError
 from pyvirtio.devices.blk.driver import BlkDriver
@@ -20,6 +21,16 @@ from pyvirtio.devices.blk.spec import SECTOR_SIZE, ReqType, Status
 
 RW_MODES = ("randread", "randwrite", "read", "write")
 PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    """The ``p``-th percentile of sorted values, linearly interpolated (as fio reports)."""
+    if not ordered:
+        return 0.0
+    pos = p / 100.0 * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def parse_size(text: str) -> int:
@@ -83,13 +94,12 @@ def run_workload(drv: BlkDriver, rw: str, bs: int, iodepth: int, seconds: float,
     write = rw.endswith("write")
     rtype = ReqType.OUT if write else ReqType.IN
     per_block = bs // SECTOR_SIZE
-    rng = np.random.default_rng(seed)
+    rng = _random.Random(seed)
     random = rw.startswith("rand")
     # Precomputed offsets: no per-request random-number call on the hot path.
-    pool = rng.integers(0, blocks, size=1 << 16, dtype=np.int64) * per_block
-    offsets = pool.tolist()
+    offsets = [rng.randrange(blocks) * per_block for _ in range(1 << 16)]
     mask = len(offsets) - 1
-    pattern = rng.integers(0, 256, size=bs, dtype=np.uint8).tobytes()
+    pattern = rng.randbytes(bs)
 
     slots = []
     for _ in range(iodepth):
@@ -157,18 +167,18 @@ def run_workload(drv: BlkDriver, rw: str, bs: int, iodepth: int, seconds: float,
     for s in slots:
         drv.release(s)
 
-    arr = np.asarray(lat, dtype=np.float64) / 1000.0
+    arr = sorted(x / 1000.0 for x in lat)
     count = len(arr)
-    pct = np.percentile(arr, PERCENTILES) if count else np.zeros(len(PERCENTILES))
+    pct = [percentile(arr, p) for p in PERCENTILES]
     per_k = 1000.0 / count if count else 0.0
     return WorkloadResult(
         rw=rw, bs=bs, iodepth=iodepth, seconds=round(elapsed, 3), requests=count,
         errors=errors, iops=count / elapsed if elapsed else 0.0,
         mib_s=count * bs / elapsed / (1 << 20) if elapsed else 0.0,
-        lat_us_min=float(arr.min()) if count else 0.0,
-        lat_us_avg=float(arr.mean()) if count else 0.0,
-        lat_us_max=float(arr.max()) if count else 0.0,
-        lat_us_stdev=float(arr.std()) if count else 0.0,
+        lat_us_min=arr[0] if count else 0.0,
+        lat_us_avg=statistics.fmean(arr) if count else 0.0,
+        lat_us_max=arr[-1] if count else 0.0,
+        lat_us_stdev=statistics.pstdev(arr) if count else 0.0,
         percentiles_us={f"{p:.2f}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
         kicks_per_1000=kicks * per_k, interrupts_per_1000=interrupts * per_k,
     )
