@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import signal
 
 import pytest
 
@@ -103,11 +104,16 @@ def _sb_run(rounds: int, fenced: bool, first: int, words: memoryview, cpus: list
         finally:
             os._exit(0)
     old = os.sched_getaffinity(0)
+    finished = False
     try:
         os.sched_setaffinity(0, {cpus[0]})
         seen = _sb_side(words, 0, first, rounds, fenced)
+        finished = True
     finally:
         os.sched_setaffinity(0, old)
+        if not finished:
+            # Interrupted (the test's timeout): the twin would wait for us forever.
+            os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     assert status == 0
     return seen
