@@ -23,6 +23,7 @@ import pytest
 
 from blk_peers import start_pyvirtio_blk, start_qsd, stop, wait_for_socket
 from pyvirtio.torture.cases import CASES, select
+from pyvirtio.torture.harness import MEMORY_SIZE
 from pyvirtio.torture.judge import Verdict, listener_pid
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,7 +165,7 @@ def test_planted_faults_are_judged(tmp_path: Path, mode: str, verdict: Verdict) 
     assert rc == sum(v != "REJECTED" for v in got.values())
     detail = {r["case"]: r["detail"] for r in res}["blk_unknown_type"]
     if mode == "corrupt":
-        assert f"{(8 << 20) - 1:#x}+1" in detail  # the last byte of guest memory
+        assert f"{MEMORY_SIZE - 1:#x}+1" in detail  # the last byte of guest memory
 
 
 def test_a_crash_is_judged_and_the_back_end_restarted(tmp_path: Path) -> None:
@@ -220,3 +221,13 @@ def test_qemu_storage_daemon_runs_to_the_end(tmp_path: Path) -> None:
     assert all(r["verdict"] in {v.value for v in Verdict} for r in res)
     assert rc == sum(r["verdict"] != "REJECTED" for r in res)
     assert set(names) <= set(CASES)
+
+
+def test_readme_security_table_names_every_case() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Security"):]
+    rows = [line.split("`")[1] for line in section.splitlines()
+            if line.startswith("| `")]
+    assert rows == list(CASES)
+    assert f"{len(select('blk'))} cases for a blk back end and {len(select('net'))} " \
+           f"for a net one" in " ".join(section.split())

@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         styles = {Verdict.REJECTED: "green", Verdict.LEAKED: "yellow"}
         table = Table(title=f"pyvirtio torture: {args.device} back end at {args.socket_path}")
-        table.add_column("case")
-        table.add_column("side")
-        table.add_column("verdict")
+        table.add_column("case", no_wrap=True)
+        table.add_column("side", no_wrap=True)
+        table.add_column("verdict", no_wrap=True)
         table.add_column("detail", overflow="fold")
         side = {c.name: c.side for c in cases}
         for r in results:

@@ -111,7 +111,7 @@ def chain_loop(c: Conn) -> None:
     _go(c, a)
 
 
-@case("chain_longer_than_queue", "an indirect chain of 2050 descriptors, more than any "
+@case("chain_longer_than_queue", "an indirect chain of 2,049 descriptors or more, beyond any "
       "queue size (§2.7.5.3.1, QEMU/vhost stop at max(queue size, 1024))")
 def chain_longer_than_queue(c: Conn) -> None:
     n = 2048
@@ -305,7 +305,7 @@ def spurious_kicks(c: Conn) -> None:
 @case("kick_after_stop", "a request made available and kicked after GET_VRING_BASE stopped "
       "the ring (vhost-user.rst 'Ring states')")
 def kick_after_stop(c: Conn) -> None:
-    c.fe.message(Request.GET_VRING_BASE, VringState(c.q, 0))
+    c.send(Request.GET_VRING_BASE, VringState(c.q, 0))
     _go(c, c.chain(_valid(c)))
 
 
@@ -425,17 +425,17 @@ def _restart_ring(c: Conn, size: int | None = None, desc: int | None = None) -> 
     """Stop the attack ring, give it a new size or address, start it, and use it."""
     r = c.ring()
     fq = c.fe.queues[c.q]
-    base = c.fe.message(Request.GET_VRING_BASE, VringState(c.q, 0))
+    base = c.send(Request.GET_VRING_BASE, VringState(c.q, 0))
     if size is not None:
-        c.accept_size(c.q, size, c.fe.message(Request.SET_VRING_NUM, VringState(c.q, size)))
-    c.fe.message(Request.SET_VRING_BASE, VringState(c.q, r.avail_idx if base is None
+        c.accept_size(c.q, size, c.send(Request.SET_VRING_NUM, VringState(c.q, size)))
+    c.send(Request.SET_VRING_BASE, VringState(c.q, r.avail_idx if base is None
                                                     else base & 0xFFFF))
-    c.fe.message(Request.SET_VRING_ADDR, VringAddr(
+    c.send(Request.SET_VRING_ADDR, VringAddr(
         c.q, 0, c.fe.uaddr(r.desc) if desc is None else desc, c.fe.uaddr(r.used),
         c.fe.uaddr(r.avail), 0))
-    c.fe.message(Request.SET_VRING_CALL, c.q, (fq.call.fd,))
-    c.fe.message(Request.SET_VRING_KICK, c.q, (fq.kick.fd,))
-    c.fe.message(Request.SET_VRING_ENABLE, VringState(c.q, 1))
+    c.send(Request.SET_VRING_CALL, c.q, (fq.call.fd,))
+    c.send(Request.SET_VRING_KICK, c.q, (fq.kick.fd,))
+    c.send(Request.SET_VRING_ENABLE, VringState(c.q, 1))
     if r.size:
         _go(c, c.chain(_valid(c)))
     else:
@@ -493,7 +493,7 @@ def _mem_table(c: Conn, extra: list[tuple[MemRegion, int]], keep: bool = True) -
     regions = [(MemRegion(r.gpa, r.size, r.uaddr, r.mmap_offset), r.fd)
                for r in c.fe.memory.regions] if keep else []
     table = regions + extra
-    c.fe.message(Request.SET_MEM_TABLE, MemoryTable(tuple(m for m, _ in table)),
+    c.send(Request.SET_MEM_TABLE, MemoryTable(tuple(m for m, _ in table)),
                  tuple(fd for _, fd in table))
     _go(c, c.chain(_valid(c)))
 
@@ -569,7 +569,7 @@ def _index_255(req: Request) -> Callable[[Conn], None]:
             payload = VringState(255, {Request.SET_VRING_NUM: QUEUE_SIZE,
                                        Request.SET_VRING_ENABLE: 1}.get(req, 0))
         try:
-            c.fe.message(req, payload, fds)
+            c.send(req, payload, fds)
         except PeerError as exc:
             c.notes.append(str(exc))
         os.eventfd_write(fd, 1)  # as a kick (or a call) of ring 255 would

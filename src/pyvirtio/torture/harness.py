@@ -57,7 +57,7 @@ __all__ = ["CANARY", "MEMORY_SIZE", "QUEUE_SIZE", "BlkProfile", "Conn", "Hostile
            "NetProfile", "Profile", "profile_for"]
 
 #: Guest memory of one hostile connection (region A, at guest address 0).
-MEMORY_SIZE = 8 << 20
+MEMORY_SIZE = 4 << 20
 #: Guest memory of a connection that only proves the back end still serves.
 SMALL_MEMORY_SIZE = 1 << 20
 #: The second region of the cases that share memory as two regions: right after
@@ -283,6 +283,13 @@ class Conn:
                 return True
             time.sleep(0.001)
         return False
+
+    def send(self, req: Request, payload: Payload = None, fds: Sequence[int] = ()) -> int | None:
+        """One request; a refusal (non-zero ack) is noted for the report, not raised."""
+        value = self.fe.message(req, payload, fds)
+        if value and req.name.startswith("SET_"):
+            self.notes.append(f"{req.name} refused")
+        return value
 
     def status(self) -> int | None:
         """GET_STATUS when the back end has it (NEEDS_RESET shows a broken queue)."""

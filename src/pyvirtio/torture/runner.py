@@ -137,7 +137,8 @@ class Torture:
                 time.sleep(0.05)  # let it finish what it is writing
                 return
             if c.fe.hung_up():
-                c.notes.append("the back end closed the connection")
+                if not any("closed the connection" in n for n in c.notes):
+                    c.notes.append("the back end closed the connection")
                 return
             if status_ok:
                 try:
