@@ -9,7 +9,7 @@ fails with a non-zero status when it cannot start, and ends cleanly on
 SIGTERM.  :class:`BackendProgram` adds those options to an argparse parser
 (the device adds its own), plus ``--print-descriptor`` (the
 ``VhostUserBackend`` descriptor libvirt looks for in
-/usr/share/qemu/vhost-user/), ``--socket-mode``, ``--poll`` and
+/usr/share/qemu/vhost-user/), ``--socket-mode``, ``--allow-uid``, ``--poll`` and
 ``--verbose``.  Errors are one line on stderr naming what is wrong and what
 to do; usage errors exit with status 2, start-up failures with 1.
 
@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import sys
@@ -54,29 +55,41 @@ def _mode(text: str) -> int:
     return value
 
 
+def _uid(text: str) -> int:
+    """A uid for --allow-uid: a number or a user name."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a uid nor a user name") from None
+
+
 #: What one listening socket serves: (device, socket path, inherited fd) — one of the two.
 Endpoint = tuple[DeviceProtocol, str | None, int | None]
 
 
 def serve(device: DeviceProtocol, socket_path: str | None = None, fd: int | None = None, *,
           poll: bool = False, socket_mode: int = 0o600,
-          stop_event: threading.Event | None = None) -> int:
+          stop_event: threading.Event | None = None, allow_uids: Sequence[int] = ()) -> int:
     """Serve ``device`` until SIGTERM/SIGINT (main thread) or ``stop_event``; returns 0.
 
     Raises :class:`~pyvirtio.core.errors.CallerError` when it cannot listen.
     """
     return serve_all([(device, socket_path, fd)], poll=poll, socket_mode=socket_mode,
-                     stop_event=stop_event)
+                     stop_event=stop_event, allow_uids=allow_uids)
 
 
 def serve_all(endpoints: Sequence[Endpoint], *, poll: bool = False, socket_mode: int = 0o600,
               stop_event: threading.Event | None = None,
               on_signal: dict[signal.Signals, Callable[[], None]] | None = None,
-              loop: EventLoop | None = None) -> int:
+              loop: EventLoop | None = None, allow_uids: Sequence[int] = ()) -> int:
     """Serve every endpoint from one event loop until SIGTERM/SIGINT or ``stop_event``.
 
     ``on_signal`` adds handlers run on the loop (SIGUSR1: print statistics,
-    say).  Raises :class:`~pyvirtio.core.errors.CallerError` when a socket
+    say).  ``allow_uids``: front ends of these uids are served too (besides
+    our own and root's, see :class:`VhostUserServer`).  Raises
+    :class:`~pyvirtio.core.errors.CallerError` when a socket
     cannot be created (the ones already made are closed again).
     """
     own_loop = loop is None
@@ -85,7 +98,8 @@ def serve_all(endpoints: Sequence[Endpoint], *, poll: bool = False, socket_mode:
     try:
         for device, path, fd in endpoints:
             servers.append(VhostUserServer(device, socket_path=path, listen_fd=fd, poll=poll,
-                                           socket_mode=socket_mode, loop=loop))
+                                           socket_mode=socket_mode, loop=loop,
+                                           allow_uids=allow_uids))
             where = path if path is not None else f"inherited fd {fd}"
             log.info("serving %s on %s%s", device, where, " (polling)" if poll else "")
     except BaseException:
@@ -175,6 +189,10 @@ class BackendProgram:
         conv.add_argument("--socket-mode", type=_mode, default="0600", metavar="MODE",
                           help="permissions of the socket file, octal; 0600 lets only this "
                                "user connect")
+        conv.add_argument("--allow-uid", type=_uid, action="append", default=[], metavar="UID",
+                          help="also serve front ends running as this uid or user name (checked "
+                               "with SO_PEERCRED; default: only this back end's own user and "
+                               "root); may repeat")
         conv.add_argument("--poll", action="store_true",
                           help="busy-poll the rings (spin, then sleep) instead of waiting for "
                                "kicks")
@@ -241,7 +259,8 @@ class BackendProgram:
         """Serve every endpoint from one loop as the arguments say; returns the exit status."""
         try:
             return serve_all(endpoints, poll=args.poll, socket_mode=args.socket_mode,
-                             on_signal=on_signal)
+                             on_signal=on_signal,
+                             allow_uids=getattr(args, "allow_uid", ()))
         except CallerError as exc:
             return self.fail(str(exc))
         except KeyboardInterrupt:

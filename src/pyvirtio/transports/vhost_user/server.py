@@ -29,7 +29,11 @@ handled first (the second may be the first one's successor, QEMU restarted).
 The socket: created with mode ``socket_mode`` (0600 by default), never
 through a symlink, never over a file that is not a socket, never over a
 socket another process still listens on (a stale one, left by a back end
-that was killed, is replaced).
+that was killed, is replaced).  A front end whose uid (``SO_PEERCRED``, read
+at accept) is neither the back end's own, nor root's, nor in ``allow_uids``
+is refused at once with one log line: the socket's mode is the first fence,
+the uid check holds even when a socket mode or an inherited ``--fd`` lets
+others connect.
 
 Logging: one line per connect, disconnect or dropped connection (with the
 reason), refused front end, negotiated feature set, broken queue, and lost
@@ -52,6 +56,8 @@ import os
 import select
 import socket
 import stat
+import struct
+from collections.abc import Iterable
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.io.loop import EventLoop, Timer
@@ -65,7 +71,7 @@ from pyvirtio.transports.vhost_user.messages import (
     close_all,
     encode,
 )
-from pyvirtio.transports.vhost_user.session import VhostUserSession
+from pyvirtio.transports.vhost_user.session import MAX_MEM_SLOTS, VhostUserSession
 
 __all__ = ["PARTIAL_TIMEOUT", "SEND_TIMEOUT", "VhostUserServer", "listen_unix"]
 
@@ -78,6 +84,8 @@ SEND_TIMEOUT = 5.0
 PARTIAL_TIMEOUT = 5.0
 _ONE = (1).to_bytes(8, "little")
 _NO_WAIT = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+#: struct ucred (Linux socket(7), SO_PEERCRED): pid, uid, gid.
+_UCRED = struct.Struct("=iII")
 
 
 def _signal_fd(fd: int) -> None:
@@ -147,19 +155,22 @@ class VhostUserServer:
     :meth:`stop` (from any thread or a signal handler) ends
     :meth:`serve_forever`; :meth:`close` takes the server off a shared loop.
     ``backend_req=False`` stops offering protocol feature BACKEND_REQ (no
-    back-end channel, no CONFIG_CHANGE_MSG).
+    back-end channel, no CONFIG_CHANGE_MSG).  Front ends of the back end's own
+    uid and root's are served; ``allow_uids`` adds more (``--allow-uid``).
     """
 
     def __init__(self, device: DeviceProtocol, socket_path: str | None = None,
                  listen_fd: int | None = None, poll: bool = False, *,
                  loop: EventLoop | None = None, socket_mode: int = 0o600,
-                 max_mem_slots: int = 32, logger: logging.Logger | None = None,
-                 backend_req: bool = True) -> None:
+                 max_mem_slots: int = MAX_MEM_SLOTS, logger: logging.Logger | None = None,
+                 backend_req: bool = True, allow_uids: Iterable[int] = ()) -> None:
         if (socket_path is None) == (listen_fd is None):
             raise CallerError("give exactly one of socket_path and listen_fd")
         self.device = device
         self.poll = poll
         self.max_mem_slots = max_mem_slots
+        #: Peer uids served: our own, root (who can reach any socket anyway), and the allowed.
+        self.allowed_uids = frozenset({os.getuid(), 0, *allow_uids})
         self.backend_req = backend_req
         self.log = logger or log
         self.socket_path = socket_path
@@ -193,6 +204,8 @@ class VhostUserServer:
         self.connections = 0
         #: Front ends refused because another one was being served.
         self.refused = 0
+        #: Front ends refused because their uid is not allowed.
+        self.denied = 0
         device.attach(self.loop)
         self.loop.add_reader(self._listener.fileno(), self._accept)
         self._polling = poll
@@ -253,6 +266,19 @@ class VhostUserServer:
             return
         except OSError as exc:
             self.log.error("vhost-user: accept failed: %s", exc)
+            return
+        try:
+            pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           _UCRED.size))
+        except OSError as exc:
+            self.log.error("vhost-user: refusing a front end: SO_PEERCRED failed: %s", exc)
+            conn.close()
+            return
+        if uid not in self.allowed_uids:
+            self.denied += 1
+            self.log.warning("vhost-user: refusing a front end of uid %d (pid %d): not this "
+                             "back end's user, not root, not given with --allow-uid", uid, pid)
+            conn.close()
             return
         if self._conn is not None:
             self.refused += 1

@@ -80,7 +80,8 @@ from pyvirtio.transports.vhost_user.messages import (
     reply,
 )
 
-__all__ = ["SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult", "VhostUserSession"]
+__all__ = ["MAX_MEM_SLOTS", "SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult",
+           "VhostUserSession"]
 
 #: Protocol features the back end implements (and offers).  INFLIGHT_SHMFD is
 #: deliberately absent: QEMU then never sends GET_INFLIGHT_FD.  BACKEND_REQ
@@ -95,6 +96,14 @@ SUPPORTED_PROTOCOL_FEATURES: Final = (
     | 1 << ProtocolFeature.RESET_DEVICE
     | 1 << ProtocolFeature.STATUS
 )
+
+#: Memory regions a front end may add with ADD_MEM_REG (GET_MAX_MEM_SLOTS), by default.
+#: vhost-user.rst leaves the number to the back end ("the maximum number of memory
+#: slots for QEMU to expose to the guest"; QEMU caps it at its own platform limit,
+#: 256 or 512).  509 is what rust-vmm's vhost-user-backend and libvhost-user (QEMU 9.0
+#: on) answer: KVM's old slot count.  A region costs us one mapping and a bisect entry
+#: (no fd: it is closed once mapped), so 509 is cheap.
+MAX_MEM_SLOTS: Final = 509
 
 #: Requests whose reply has its own body: REPLY_ACK cannot report an error for them.
 _HAS_REPLY = frozenset({
@@ -202,7 +211,7 @@ class VhostUserSession:
     (completions the device makes outside a kick are published from there).
     """
 
-    def __init__(self, device: DeviceProtocol, *, max_mem_slots: int = 32,
+    def __init__(self, device: DeviceProtocol, *, max_mem_slots: int = MAX_MEM_SLOTS,
                  backend_req: bool = True, signal: Callable[[int], None] = _no_signal,
                  on_broken: Callable[[int, str], None] = _no_broken,
                  schedule: Callable[[Callable[[], None]], None] | None = None) -> None:
