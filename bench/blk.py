@@ -1,15 +1,26 @@
 """pyvirtio-blk against qemu-storage-daemon, side by side, driven by pyvirtio's front end.
 
-Both back ends serve the same page-cached raw image (one after
-the other: qemu-storage-daemon locks the image) over vhost-user (QEMU
-docs/interop/vhost-user.rst); pyvirtio's virtio-blk driver (VIRTIO 1.2
-§5.2) is the front end for both.  Workloads: 4K random read at iodepth 1
-and 32, 64K sequential read (iodepth 8), 4K random write (iodepth 32).
+Two suites, each over vhost-user (QEMU docs/interop/vhost-user.rst) with
+pyvirtio's virtio-blk driver (VIRTIO 1.2 §5.2) as the front end:
+
+* ``pagecache``: pyvirtio-blk on both engines (``--aio threads``, the
+  default, and ``--aio sync``) and qemu-storage-daemon serve the same
+  page-cached raw image (one after the other: qemu-storage-daemon locks
+  it).  Workloads: 4K random read at iodepth 1 and 32, 64K sequential read
+  (iodepth 8), 4K random write (iodepth 32).
+* ``null``: a simulated device with 100 µs per request — pyvirtio-blk
+  ``--null --latency-us 100`` (both engines) against qemu-storage-daemon's
+  ``null-co`` driver with ``latency-ns=100000`` — at 4K random read,
+  iodepth 1, 8 and 32: a latency-bound device, where only requests in
+  flight side by side raise the IOPS.
+
 Reported: IOPS, MiB/s, mean latency, kicks and interrupts per 1,000
 requests, and the back end's CPU time per request (utime + stime from
-/proc/PID/stat around the measured interval), with the pyvirtio / qsd ratio.
+/proc/PID/stat around the measured interval), with the ratio to
+qemu-storage-daemon on the same suite.
 
-    .venv/bin/python bench/blk.py [--seconds 5] [--rounds 3] [--size 256M] [--poll] [--json]
+    .venv/bin/python bench/blk.py [--suite pagecache,null] [--seconds 5] [--rounds 3]
+                                  [--size 256M] [--latency-us 100] [--poll] [--json]
 """
 
 from __future__ import annotations
@@ -41,6 +52,12 @@ WORKLOADS = [
     ("64K read QD8", "read", 65536, 8),
     ("4K randwrite QD32", "randwrite", 4096, 32),
 ]
+NULL_WORKLOADS = [
+    ("null 4K randread QD1", "randread", 4096, 1),
+    ("null 4K randread QD8", "randread", 4096, 8),
+    ("null 4K randread QD32", "randread", 4096, 32),
+]
+QSD = "qemu-storage-daemon"
 
 
 Row = dict[str, Any]
@@ -52,6 +69,9 @@ class Backend:
     argv: list[str]
     sock: Path
     env: dict[str, str]
+    workloads: list[tuple[str, str, int, int]]
+    #: The back end this one's ratios are taken against.
+    ref: str = QSD
 
 
 def cpu_seconds(pid: int) -> float:
@@ -89,7 +109,7 @@ def measure(backend: Backend, log: Path, seconds: float, warmup: float,
     sock = backend.sock
     rows: list[Row] = []
     try:
-        for label, rw, bs, depth in WORKLOADS:
+        for label, rw, bs, depth in backend.workloads:
             with BlkDriver.connect(str(sock), queue_size=256, max_io=65536,
                                    spin=spin) as drv:
                 # The image is this benchmark's own scratch file: writing over it is fine.
@@ -114,7 +134,7 @@ def median_rows(runs: list[Row], names: list[str]) -> list[Row]:
     """Per (back end, workload): the round with the median IOPS (all rounds kept in it)."""
     out: list[Row] = []
     for name in names:
-        for label, *_ in WORKLOADS:
+        for label, *_ in WORKLOADS + NULL_WORKLOADS:
             same = sorted((r for r in runs if r["backend"] == name and r["workload"] == label),
                           key=lambda r: float(r["iops"]))
             if same:
@@ -144,24 +164,56 @@ def main(argv: list[str] | None = None) -> int:
                     help="alternate the back ends this many times; report the median round")
     ap.add_argument("--spin-us", type=float, default=0.0, metavar="US",
                     help="front end busy-polls completions this long before sleeping")
+    ap.add_argument("--suite", default="pagecache,null",
+                    help="comma-separated: pagecache (image in the page cache), null "
+                         "(null store with --latency-us); default both")
+    ap.add_argument("--latency-us", type=float, default=100.0,
+                    help="per-request latency of the null suite (default 100)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
+    suites = set(args.suite.split(","))
+    if not suites <= {"pagecache", "null"}:
+        ap.error(f"--suite {args.suite}: pagecache and/or null")
 
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
         work = Path(tmp)
         img = work / "disk.img"
-        make_image(img, size)
-        py = [sys.executable, "-m", "pyvirtio.cli.blk", "--blk-file", str(img)]
-        s1, s2, s3 = work / "pyvirtio.sock", work / "pyvirtio-poll.sock", work / "qsd.sock"
-        backends = [
-            Backend("pyvirtio-blk", [*py, "--socket-path", str(s1)], s1, {}),
-            Backend("qemu-storage-daemon", [str(REF_BACKEND), str(img), str(s3)], s3,
-                    {"CACHE_DIRECT": "off"}),
-        ]
-        if args.poll:
-            backends.insert(1, Backend("pyvirtio-blk --poll",
-                                       [*py, "--socket-path", str(s2), "--poll"], s2, {}))
+        blk = [sys.executable, "-m", "pyvirtio.cli.blk"]
+        py = [*blk, "--blk-file", str(img)]
+        backends: list[Backend] = []
+        if "pagecache" in suites:
+            make_image(img, size)
+            s1, s2, s3 = work / "pyvirtio.sock", work / "pyvirtio-poll.sock", work / "qsd.sock"
+            s4 = work / "pyvirtio-sync.sock"
+            backends += [
+                Backend("pyvirtio-blk", [*py, "--socket-path", str(s1)], s1, {}, WORKLOADS),
+                Backend("pyvirtio-blk --aio sync", [*py, "--socket-path", str(s4), "--aio",
+                                                    "sync"], s4, {}, WORKLOADS),
+                Backend(QSD, [str(REF_BACKEND), str(img), str(s3)], s3,
+                        {"CACHE_DIRECT": "off"}, WORKLOADS),
+            ]
+            if args.poll:
+                backends.insert(1, Backend("pyvirtio-blk --poll",
+                                           [*py, "--socket-path", str(s2), "--poll"], s2, {},
+                                           WORKLOADS))
+        if "null" in suites:
+            lat = args.latency_us
+            null = [*blk, "--null", str(size), "--latency-us", f"{lat:g}"]
+            n1, n2, n3 = work / "null.sock", work / "null-sync.sock", work / "qsd-null.sock"
+            qsd_null = [QSD, "--blockdev",
+                        f"driver=null-co,node-name=disk0,size={size},read-zeroes=on,"
+                        f"latency-ns={round(lat * 1000)}",
+                        "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
+                        f"addr.type=unix,addr.path={n3},writable=on"]
+            backends += [
+                Backend("pyvirtio-blk --null (threads)", [*null, "--socket-path", str(n1)],
+                        n1, {}, NULL_WORKLOADS, "qsd null-co"),
+                Backend("pyvirtio-blk --null --aio sync",
+                        [*null, "--socket-path", str(n2), "--aio", "sync"], n2, {},
+                        NULL_WORKLOADS, "qsd null-co"),
+                Backend("qsd null-co", qsd_null, n3, {}, NULL_WORKLOADS, "qsd null-co"),
+            ]
         runs: list[Row] = []
         # Rounds alternate the back ends so load drift on a shared machine hits all of them.
         for rnd in range(args.rounds):
@@ -172,26 +224,28 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(row)
     rows = median_rows(runs, [b.name for b in backends])
 
-    ref = {r["workload"]: r for r in rows if r["backend"] == "qemu-storage-daemon"}
+    ref_of = {b.name: b.ref for b in backends}
+    ref = {(r["backend"], r["workload"]): r for r in rows}
     for r in rows:
-        q = ref.get(r["workload"])
+        q = ref.get((ref_of[r["backend"]], r["workload"]))
         if q and float(q["iops"]) and float(q["backend_cpu_us_per_req"]):
             r["iops_ratio_vs_qsd"] = float(r["iops"]) / float(q["iops"])
             r["cpu_ratio_vs_qsd"] = (float(r["backend_cpu_us_per_req"])
                                      / float(q["backend_cpu_us_per_req"]))
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "image_bytes": size,
-                          "spin_us": args.spin_us,
+                          "spin_us": args.spin_us, "null_latency_us": args.latency_us,
                           "cpus": os.cpu_count(), "results": rows}, indent=2))
         return 0
     table = Table(title=f"vhost-user-blk back ends, pyvirtio front end, {args.seconds:g} s each, "
-                        f"median of {args.rounds} round(s), {size >> 20} MiB page-cached image, "
+                        f"median of {args.rounds} round(s), {size >> 20} MiB page-cached image "
+                        f"and null disk with {args.latency_us:g} us latency, "
                         f"{os.cpu_count()} CPUs"
                         + (f", front end spins {args.spin_us:g} us" if args.spin_us else ""))
     for col in ("workload", "back end", "IOPS", "MiB/s", "lat avg us", "p99 us",
                 "kicks/1k", "irqs/1k", "back-end CPU us/req", "IOPS ratio", "CPU ratio"):
         table.add_column(col, justify="left" if col in ("workload", "back end") else "right")
-    for label, *_ in WORKLOADS:
+    for label, *_ in WORKLOADS + NULL_WORKLOADS:
         for r in rows:
             if r["workload"] != label:
                 continue

@@ -15,6 +15,9 @@ import errno
 import functools
 import sys
 
+from pyvirtio.core.errors import CallerError
+from pyvirtio.devices.blk.engine import DEFAULT_WORKERS
+from pyvirtio.devices.blk.workload import parse_size
 from pyvirtio.transports.commandline import ExamplesHelpFormatter
 from pyvirtio.transports.vhost_user.program import BackendProgram
 
@@ -29,12 +32,33 @@ CAPABILITIES = ("read-only", "blk-file")
 SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except CallerError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 4G") from None
+
+
 def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> BackendProgram:
     program = BackendProgram(prog, DESCRIPTION, "block", CAPABILITIES, epilog=EPILOG,
                              binary="pyvirtio-blk", parser=parser)
     p = program.parser
     blk = p.add_argument_group("vhost-user-blk")
     blk.add_argument("--blk-file", metavar="PATH", help="disk image or block device to serve")
+    blk.add_argument("--null", metavar="SIZE", type=_size,
+                     help="serve a null disk of SIZE (512M, 4G...) instead of a file: reads "
+                          "return zeros, writes are dropped (qemu-storage-daemon's null-co)")
+    blk.add_argument("--latency-us", type=float, default=0.0, metavar="US",
+                     help="with --null: every request takes this long (null-co latency-ns)")
+    blk.add_argument("--aio", choices=("threads", "sync"), default="threads",
+                     help="threads: many requests in flight, a pool of workers (QEMU "
+                          "aio=threads), page-cache hits answered at once; sync: each "
+                          "request in the event loop, one at a time (default: threads)")
+    blk.add_argument("--aio-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                     help=f"worker threads of --aio threads (default {DEFAULT_WORKERS})")
+    blk.add_argument("--cache", choices=("writeback", "none"), default="writeback",
+                     help="none: O_DIRECT, bypass the host page cache; writeback: through "
+                          "it (QEMU's terms; FLUSH is fdatasync either way)")
     blk.add_argument("--read-only", action="store_true",
                      help="offer VIRTIO_BLK_F_RO and never open the image for writing")
     blk.add_argument("--num-queues", type=int, default=1, metavar="N",
@@ -52,8 +76,16 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
 
 def run(args: argparse.Namespace, program: BackendProgram) -> int:
     program.check_args(args)
-    if not args.blk_file:
-        program.error("--blk-file is required: the disk image to serve")
+    if not args.blk_file and args.null is None:
+        program.error("--blk-file is required: the disk image to serve (or --null SIZE)")
+    if args.blk_file and args.null is not None:
+        program.error("--blk-file and --null exclude each other")
+    if args.latency_us < 0 or (args.latency_us and args.null is None):
+        program.error("--latency-us takes a latency of 0 or more, with --null")
+    if args.null is not None and args.null < 512:
+        program.error(f"--null {args.null}: a disk has at least one 512-byte sector")
+    if args.aio_workers < 1:
+        program.error(f"--aio-workers {args.aio_workers}: use 1 or more")
     if not 1 <= args.num_queues <= 256:
         program.error(f"--num-queues {args.num_queues}: use 1..256")
     if args.queue_size < 1 or args.queue_size > 32768 or args.queue_size & (args.queue_size - 1):
@@ -64,10 +96,20 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         program.error(f"--batch {args.batch}: use 0 (everything at once) or more")
 
     from pyvirtio.devices.blk.device import BlkDevice
-    from pyvirtio.devices.blk.file_store import FileStore
+    from pyvirtio.devices.blk.engine import ThreadEngine
+    from pyvirtio.devices.blk.file_store import DirectIOUnsupported, FileStore
+    from pyvirtio.devices.blk.null_store import NullStore
+    from pyvirtio.devices.blk.store import Store
 
+    store: Store
     try:
-        store = FileStore(args.blk_file, read_only=args.read_only)
+        if args.null is not None:
+            store = NullStore(args.null, args.latency_us / 1e6)
+        else:
+            store = FileStore(args.blk_file, read_only=args.read_only,
+                              direct=args.cache == "none")
+    except DirectIOUnsupported as exc:
+        return program.fail(str(exc.strerror))
     except OSError as exc:
         hint = ""
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and not args.read_only:
@@ -77,8 +119,9 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         store.close()
         return program.fail(f"{args.blk_file} is smaller than one 512-byte sector: "
                              f"give it a size first (truncate -s 64M {args.blk_file})")
+    engine = ThreadEngine(args.aio_workers) if args.aio == "threads" else None
     device = BlkDevice(store, num_queues=args.num_queues, queue_size=args.queue_size,
-                       serial=args.serial, batch=args.batch)
+                       serial=args.serial, batch=args.batch, engine=engine)
     try:
         return program.serve(device, args)
     finally:

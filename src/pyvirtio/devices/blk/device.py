@@ -13,6 +13,17 @@ A :class:`~pyvirtio.transports.device.Device`:
   buffers (data + the status byte, §2.7.8), publishing each batch with one
   used-index move; the kit then decides on the interrupt.
 
+With an ``engine`` (:class:`~pyvirtio.devices.blk.engine.ThreadEngine`)
+:meth:`BlkDevice.process` takes the asynchronous path instead: every popped
+request is first tried without blocking (``RWF_NOWAIT``: what the page cache
+holds is answered at once, on the loop, at the speed of the synchronous
+path) and otherwise handed to a worker, which runs :meth:`BlkDevice.execute`
+— the same code — while the loop pops the next one.  Many requests are then
+in flight and complete out of order; the kit publishes them in batches.
+A FLUSH needs no barrier for that: a write is completed for the driver only
+after its ``pwritev`` returned, so the ``fdatasync`` the FLUSH's worker
+starts afterwards covers every write completed before it (§5.2.6.2).
+
 QEMU's vhost-user-blk reads the config space from the back end (vhost-user
 protocol feature ``CONFIG``, which the kit offers for every device).
 """
@@ -20,11 +31,14 @@ protocol feature ``CONFIG``, which the kit offers for every device).
 from __future__ import annotations
 
 import logging
+from functools import partial
+from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import DeviceId
 from pyvirtio.core.split_device import Element, SplitDeviceQueue
-from pyvirtio.devices.blk.file_store import FileStore
+from pyvirtio.devices.blk.delay import DelayLine
+from pyvirtio.devices.blk.engine import ThreadEngine
 from pyvirtio.devices.blk.request import id_bytes, parse_request, parse_segments
 from pyvirtio.devices.blk.spec import (
     CONFIG_SIZE,
@@ -36,7 +50,11 @@ from pyvirtio.devices.blk.spec import (
     ReqType,
     Status,
 )
+from pyvirtio.devices.blk.store import Store
 from pyvirtio.transports.device import Device, VirtQueue
+
+if TYPE_CHECKING:
+    from pyvirtio.io.loop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +73,25 @@ _unpack_header = REQ_HEADER.unpack_from
 
 
 class BlkDevice(Device):
-    """A virtio-blk device on a :class:`FileStore`."""
+    """A virtio-blk device on a :class:`Store` (a file, or the null store).
+
+    ``engine``: None runs every request in the loop (the synchronous engine),
+    a :class:`ThreadEngine` keeps many in flight.
+    """
 
     device_id = int(DeviceId.BLOCK)
 
-    def __init__(self, store: FileStore, num_queues: int = 1,
+    def __init__(self, store: Store, num_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, serial: str = "pyvirtio-blk",
-                 batch: int = 0) -> None:
+                 batch: int = 0, engine: ThreadEngine | None = None) -> None:
         if not 1 <= num_queues <= 256:
             raise CallerError(f"num_queues {num_queues} must be in 1..256")
         if batch < 0:
             raise CallerError(f"batch {batch} must be 0 or more")
         self.store = store
+        self.engine = engine
+        #: The null store's latency on the asynchronous engine: a timer, not a worker.
+        self._delay = DelayLine(store.latency) if engine is not None and store.latency else None
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.serial = serial
@@ -113,8 +138,72 @@ class BlkDevice(Device):
         # we do not offer: ignore the write (the spec leaves it without effect).
         log.debug("ignoring config write of %d bytes at offset %d", len(data), offset)
 
+    def attach(self, loop: EventLoop) -> None:
+        super().attach(loop)
+        if self.engine is not None:
+            self.engine.attach(loop)
+        if self._delay is not None:
+            self._delay.attach(loop)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        if self._delay is not None:
+            self._delay.close()
+
     def process(self, queue: VirtQueue) -> None:
-        self.process_queue(queue.index, queue.ring)
+        if self.engine is None:
+            self.process_queue(queue.index, queue.ring)
+        else:
+            self.process_async(queue, self.engine)
+
+    def process_async(self, queue: VirtQueue, engine: ThreadEngine) -> None:
+        """Answer what the page cache holds now, hand the rest to ``engine``'s workers.
+
+        Everything available is popped: the workers, not the ring, bound what
+        is in flight.  Completions made here are published by the kit when
+        this returns; the workers' come back through the engine in batches.
+        """
+        ring = queue.ring
+        complete = queue.complete if self._delay is None else partial(self._delay.add, queue)
+        submit = engine.submit
+        execute = self.execute
+        store = self.store
+        while batch := ring.pop_batch(ring.num):
+            left = len(batch)
+            try:
+                for elem in batch:
+                    left -= 1
+                    readable = elem.readable
+                    writable = elem.writable
+                    if (len(readable) == 1 and len(writable) == 1
+                            and len(readable[0]) >= REQ_HEADER_SIZE):
+                        first = readable[0]
+                        rtype, _reserved, sector = _unpack_header(first)
+                        if rtype <= _OUT:
+                            last = writable[0]
+                            nbytes = (len(last) - 1 if rtype == _IN
+                                      else len(first) - REQ_HEADER_SIZE)
+                            if (nbytes and not nbytes & 511 and sector <= store.capacity
+                                    and nbytes >> 9 <= store.capacity - sector):
+                                if rtype == _IN:
+                                    n = store.try_read(sector, [last[:nbytes]], nbytes)
+                                    if n >= 0:
+                                        last[nbytes] = _OK
+                                        complete(elem, n + 1)
+                                        continue
+                                elif not self.read_only:
+                                    n = store.try_write(sector, [first[REQ_HEADER_SIZE:]],
+                                                        nbytes)
+                                    if n >= 0:
+                                        last[-1] = _OK
+                                        complete(elem, 1)
+                                        continue
+                    submit(partial(execute, elem), queue, elem)
+            except BaseException:
+                if left:
+                    ring.unpop(left)
+                raise
 
     def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
         """Execute waiting requests of the core ``queue``; returns how many were published.

@@ -1,0 +1,114 @@
+"""Completions held back for a fixed time on the event loop: the null store's latency.
+
+qemu-storage-daemon's ``null-co`` with ``latency-ns`` (QEMU block/null.c)
+finishes each request on a timer of its event loop, without a thread; this
+is the same for pyvirtio-blk ``--null --latency-us N`` on the asynchronous
+engine.  The loop's own timers wait in ``epoll_wait``, which counts in
+milliseconds; a ``timerfd`` (timerfd_create(2)) armed with an absolute
+CLOCK_MONOTONIC deadline in nanoseconds keeps 100 µs a 100 µs.  With one
+latency for all, deadlines come in the order requests arrive, so a FIFO is
+the whole schedule: the timer is armed for the oldest, and when it fires
+every request that is due is completed in one batch (one notification
+decision, by the kit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from pyvirtio.core.split_device import Element
+from pyvirtio.devices.blk.engine import rerun
+from pyvirtio.transports.device import VirtQueue
+
+if TYPE_CHECKING:
+    from pyvirtio.io.loop import EventLoop
+
+__all__ = ["DelayLine"]
+
+_CLOCK_MONOTONIC = 1
+_TFD_CLOEXEC = 0o2000000
+_TFD_NONBLOCK = 0o4000
+_TFD_TIMER_ABSTIME = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_timerfd_create = _libc.timerfd_create
+_timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
+_timerfd_create.restype = ctypes.c_int
+_timerfd_settime = _libc.timerfd_settime
+_timerfd_settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec),
+                             ctypes.c_void_p]
+_timerfd_settime.restype = ctypes.c_int
+
+
+class DelayLine:
+    """Complete requests ``latency`` seconds after :meth:`add`, on the loop's thread."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        fd = _timerfd_create(_CLOCK_MONOTONIC, _TFD_CLOEXEC | _TFD_NONBLOCK)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_create: {os.strerror(err)}")
+        self.fd = fd
+        self._pending: deque[tuple[float, VirtQueue, Element, int]] = deque()
+        self._spec = _Itimerspec()
+        self._loop: EventLoop | None = None
+
+    def attach(self, loop: EventLoop) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
+        self._loop = loop
+        loop.add_reader(self.fd, self._fire)
+
+    def add(self, vq: VirtQueue, elem: Element, length: int) -> None:
+        """Return ``elem`` (already answered in guest memory) ``latency`` seconds from now."""
+        when = time.monotonic() + self.latency
+        pending = self._pending
+        pending.append((when, vq, elem, length))
+        if len(pending) == 1:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        sec = int(when)
+        value = self._spec.it_value
+        value.tv_sec = sec
+        value.tv_nsec = max(1, int((when - sec) * 1e9))  # 0 would disarm the timer
+        _timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None)
+
+    def _fire(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a re-arm may have cleared it
+            os.read(self.fd, 8)
+        pending = self._pending
+        now = time.monotonic()
+        touched: set[VirtQueue] = set()
+        while pending and pending[0][0] <= now:
+            _when, vq, elem, length = pending.popleft()
+            touched.add(vq)
+            vq.complete(elem, length)
+        if pending:
+            self._arm(pending[0][0])
+        rerun(touched)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
+            self._loop = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._pending.clear()

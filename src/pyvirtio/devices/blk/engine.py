@@ -1,0 +1,161 @@
+"""The thread engine: many virtio-blk requests in flight on blocking storage calls.
+
+The event loop pops requests and hands each one that cannot be answered at
+once (see :meth:`FileStore.try_read`) to a pool of worker threads, as QEMU's
+``aio=threads`` does (util/thread-pool.c).  ``os.preadv``/``os.pwritev``/
+``os.fdatasync`` release the GIL, so workers wait on the disk side by side
+while the loop keeps popping.  A worker runs the request to the end (data
+and status byte in guest memory) and appends its used length to a list; the
+first completion of a batch writes one eventfd, the loop then takes every
+completion that has gathered and returns them with
+:meth:`~pyvirtio.transports.device.VirtQueue.complete`: the device kit
+publishes them together and decides on the interrupt once per batch
+(VIRTIO 1.2 §2.7.7, QEMU ``virtio_should_notify``).  Completions are
+published in the order they finish, not the order they were made available
+(§2.7.8 allows that: the used ring names each head).
+
+A completion for a ring that stopped meanwhile (the front end went away) is
+dropped by the kit: the driver no longer waits for it on that ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pyvirtio.core.errors import PeerError
+from pyvirtio.core.split_device import Element
+from pyvirtio.io.eventfd import EventFd
+from pyvirtio.transports.device import VirtQueue
+
+if TYPE_CHECKING:
+    from pyvirtio.io.loop import EventLoop
+
+__all__ = ["DEFAULT_WORKERS", "ThreadEngine"]
+
+log = logging.getLogger(__name__)
+
+#: QEMU's thread pool allows 64 workers (util/thread-pool.c ``max_threads``).
+DEFAULT_WORKERS = 64
+
+Job = tuple[Callable[[], int], VirtQueue, Element]
+#: A finished job: its queue, its element, and its used length or what it raised.
+Done = tuple[VirtQueue, Element, "int | BaseException"]
+
+
+def rerun(queues: set[VirtQueue]) -> None:
+    """Process again the rings that have requests waiting after completions freed heads.
+
+    A pass stops popping when every head is in flight (the ring is full); the
+    driver's kick for what it added meanwhile was consumed by that pass, so
+    nothing else would pick those requests up.
+    """
+    for vq in queues:
+        if vq.ready and vq.ring.available():
+            vq.kick()
+
+
+class ThreadEngine:
+    """``workers`` threads run submitted jobs; completions come back on the loop's thread."""
+
+    def __init__(self, workers: int = DEFAULT_WORKERS) -> None:
+        if workers < 1:
+            raise ValueError(f"a thread engine needs at least one worker, not {workers}")
+        self.workers = workers
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._done: deque[Done] = deque()
+        self._wake = EventFd(nonblocking=True)
+        # True from a worker's eventfd write until the loop takes the batch.
+        self._signalled = False
+        self._threads: list[threading.Thread] = []
+        self._loop: EventLoop | None = None
+        #: Jobs submitted and not yet returned to the loop (for statistics and tests).
+        self.in_flight = 0
+        self.submitted = 0
+
+    def __repr__(self) -> str:
+        return f"threads({self.workers})"
+
+    def attach(self, loop: EventLoop) -> None:
+        """Take completions on ``loop``."""
+        if self._loop is loop:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._wake.fd)
+        self._loop = loop
+        loop.add_reader(self._wake.fd, self._collect)
+
+    def submit(self, job: Callable[[], int], vq: VirtQueue, elem: Element) -> None:
+        """Run ``job`` (it answers ``elem`` in guest memory, returns the used length)."""
+        self.in_flight += 1
+        self.submitted += 1
+        threads = self._threads
+        if self.in_flight > len(threads) and len(threads) < self.workers:
+            # Workers are started as the depth asks for them (QEMU's thread pool
+            # spawns on demand too): a page-cached or idle disk keeps none.
+            t = threading.Thread(target=self._work, name=f"blk-io-{len(threads)}", daemon=True)
+            t.start()
+            threads.append(t)
+        self._jobs.put((job, vq, elem))
+
+    # --------------------------------------------------------------- workers
+    def _work(self) -> None:
+        get = self._jobs.get
+        done = self._done
+        while (item := get()) is not None:
+            job, vq, elem = item
+            result: int | BaseException
+            try:
+                result = job()
+            except BaseException as exc:  # reported on the loop, which breaks the ring
+                result = exc
+            done.append((vq, elem, result))
+            # One eventfd write per batch: the loop clears the flag (after
+            # draining the eventfd) before it takes the batch, so a completion
+            # appended after that writes again.
+            if not self._signalled:
+                self._signalled = True
+                self._wake.signal()
+
+    # ------------------------------------------------------------------ loop
+    def _collect(self) -> None:
+        # Drain first, then clear: a worker that set the flag in between has its
+        # write drained but its completion is taken below; cleared the other way
+        # round, its flag would stay set with no write pending and the next
+        # completions would wait for ever.
+        self._wake.drain()
+        self._signalled = False
+        done = self._done
+        touched: set[VirtQueue] = set()
+        while done:
+            vq, elem, result = done.popleft()
+            self.in_flight -= 1
+            touched.add(vq)
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                vq.complete(elem, result)
+            except PeerError as exc:
+                if vq.ready:
+                    vq.fail(str(exc))
+            except Exception as exc:  # a bug must not strand the rest of the batch
+                if vq.ready:
+                    log.error("queue %d: request failed: %r", vq.index, exc)
+                    vq.fail(f"device failed: {exc!r}")
+        rerun(touched)
+
+    def close(self) -> None:
+        """Stop the workers (after the jobs queued before) and release the eventfd."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(5)
+        self._threads.clear()
+        if self._loop is not None:
+            self._loop.remove_reader(self._wake.fd)
+            self._loop = None
+        self._wake.close()

@@ -1,0 +1,246 @@
+"""pyvirtio-blk's asynchronous engine, O_DIRECT (``--cache none``) and the null store.
+
+* the thread engine really keeps requests in flight side by side: a store
+  that lets no read finish before eight are inside it at once serves eight
+  reads submitted together (the synchronous engine would wait for ever), and
+  every byte read is the image's;
+* out-of-order completions, flushes and writes through the real program
+  (``--aio threads``) leave exactly the data written in the image;
+* ``--cache none``: O_DIRECT on a file system that supports it, guest
+  buffers at any address (bounced when unaligned, open(2) "O_DIRECT"), and a
+  one-line start-up error where the file system refuses O_DIRECT (ramfs);
+* ``--null SIZE --latency-us N`` (QEMU null-co): reads return zeros, writes
+  are accepted and dropped, many requests wait on its latency at once.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blk_peers import start_pyvirtio_blk, stop
+from pyvirtio.devices.blk.device import BlkDevice
+from pyvirtio.devices.blk.driver import BlkDriver
+from pyvirtio.devices.blk.engine import ThreadEngine
+from pyvirtio.devices.blk.file_store import FileStore
+from pyvirtio.devices.blk.spec import ReqType, Status
+from pyvirtio.transports.vhost_user.server import VhostUserServer
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 4 << 20
+DEPTH = 8
+
+
+class GateStore(FileStore):
+    """A file store whose reads wait until ``DEPTH`` of them are inside at once."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        # Guards a deadlock (the test then fails), not a timing: 60 s is never needed.
+        self.barrier = threading.Barrier(DEPTH, timeout=60)
+        self.inside_max = 0
+        self._inside = 0
+        self._lock = threading.Lock()
+
+    def try_read(self, sector: int, views: list[memoryview], total: int) -> int:
+        return -1  # never answered on the loop: every read goes to a worker
+
+    def read(self, sector: int, views: list[memoryview],
+             total: int | None = None) -> tuple[Status, int]:
+        with self._lock:
+            self._inside += 1
+            self.inside_max = max(self.inside_max, self._inside)
+        self.barrier.wait()
+        try:
+            return super().read(sector, views, total)
+        finally:
+            with self._lock:
+                self._inside -= 1
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    p.write_bytes(os.urandom(SIZE))
+    return p
+
+
+@pytest.mark.timeout(90)
+def test_thread_engine_keeps_requests_in_flight(tmp_path: Path, img: Path) -> None:
+    store = GateStore(str(img))
+    device = BlkDevice(store, queue_size=256, engine=ThreadEngine(DEPTH))
+    path = str(tmp_path / "gate.sock")
+    server = VhostUserServer(device, socket_path=path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with BlkDriver.connect(path, timeout=60) as drv:
+            sectors = [i * 64 + 8 for i in range(DEPTH)]
+            slots = [drv.submit(ReqType.IN, s, 4096, kick=False) for s in sectors]
+            drv.kick()
+            for slot in slots:
+                drv.wait(slot)
+            image = img.read_bytes()
+            for s, slot in zip(sectors, slots, strict=True):
+                assert slot.status == Status.OK
+                assert bytes(slot.payload()) == image[s * 512:s * 512 + 4096]
+                drv.release(slot)
+    finally:
+        server.stop()
+        thread.join(10)
+        server.close()
+        store.close()
+    assert store.inside_max == DEPTH
+
+
+@pytest.mark.timeout(90)
+def test_writes_flush_and_reads_through_workers(tmp_path: Path, img: Path) -> None:
+    """--aio threads: 32 distinct writes in flight, a FLUSH, then reads of all of them."""
+    sock = tmp_path / "blk.sock"
+    proc = start_pyvirtio_blk(img, sock, "--aio", "threads", "--aio-workers", "16")
+    blocks = {i * 16: os.urandom(8192) for i in range(32)}  # sector -> 8 KiB
+    try:
+        with BlkDriver.connect(str(sock), timeout=30) as drv:
+            slots = [drv.submit(ReqType.OUT, s, data=d, kick=False) for s, d in blocks.items()]
+            drv.kick()
+            for slot in slots:
+                assert drv.wait(slot).status == Status.OK
+                drv.release(slot)
+            drv.flush()
+            slots = [drv.submit(ReqType.IN, s, 8192, kick=False) for s in blocks]
+            drv.kick()
+            for (s, data), slot in zip(blocks.items(), slots, strict=True):
+                assert drv.wait(slot).status == Status.OK
+                assert bytes(slot.payload()) == data, f"sector {s}"
+                drv.release(slot)
+    finally:
+        assert stop(proc) == 0
+    image = img.read_bytes()
+    for s, data in blocks.items():
+        assert image[s * 512:s * 512 + len(data)] == data
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory whose file system takes O_DIRECT: tmp_path, else one in the work tree."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        yield tmp_path
+        return
+    except OSError:
+        pass
+    with tempfile.TemporaryDirectory(dir=REPO, prefix=".direct-test-") as d:
+        yield Path(d)
+
+
+@pytest.mark.timeout(90)
+def test_cache_none_program(direct_dir: Path) -> None:
+    img = direct_dir / "direct.img"
+    img.write_bytes(os.urandom(SIZE))
+    sock = direct_dir / "direct.sock"
+    proc = start_pyvirtio_blk(img, sock, "--cache", "none")
+    data = os.urandom(64 << 10)
+    try:
+        with BlkDriver.connect(str(sock), timeout=30) as drv:
+            drv.write(1 << 20, data)
+            drv.write(512, data[:512])  # one sector: aligned to 512 only
+            drv.flush()
+            assert drv.read(1 << 20, len(data)) == data
+            assert drv.read(512, 512) == data[:512]
+    finally:
+        assert stop(proc) == 0
+    image = img.read_bytes()
+    assert image[1 << 20:(1 << 20) + len(data)] == data and image[512:1024] == data[:512]
+
+
+def test_cache_none_unaligned_buffers_bounce(direct_dir: Path) -> None:
+    img = direct_dir / "bounce.img"
+    content = os.urandom(1 << 20)
+    img.write_bytes(content)
+    with FileStore(str(img), direct=True) as store:
+        assert store.align in (512, 4096)
+        mem = mmap.mmap(-1, 4 * 4096)
+        view = memoryview(mem)
+        odd = [view[3:3 + 4096], view[8192 + 1:8192 + 1 + 4096]]  # two unaligned buffers
+        fd, bounce = store._direct_path(8 * 512, odd, 8192)
+        assert fd == store.fd and bounce is not None
+        bounce.close()
+        status, n = store.read(8, odd)
+        assert status == Status.OK and n == 8192
+        assert bytes(odd[0]) + bytes(odd[1]) == content[4096:4096 + 8192]
+        new = os.urandom(8192)
+        odd[0][:] = new[:4096]
+        odd[1][:] = new[4096:]
+        assert store.write(64, odd) == Status.OK
+        assert store.flush() == Status.OK
+        odd.clear()
+        view.release()
+        mem.close()
+    assert img.read_bytes()[64 * 512:64 * 512 + 8192] == new
+
+
+def test_cache_none_refused_by_ramfs(tmp_path: Path) -> None:
+    """ramfs has no direct I/O (tmpfs has had it since Linux 6.6): a clear start-up error."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True, timeout=30)
+    try:
+        img = mnt / "disk.img"
+        img.write_bytes(bytes(1 << 20))
+        res = subprocess.run([sys.executable, "-m", "pyvirtio.cli.blk", "--socket-path",
+                              str(tmp_path / "x.sock"), "--blk-file", str(img), "--cache",
+                              "none"], capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "O_DIRECT" in res.stderr and "--cache writeback" in res.stderr
+    assert not (tmp_path / "x.sock").exists()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("aio", ["threads", "sync"])
+def test_null_store(tmp_path: Path, aio: str) -> None:
+    sock = tmp_path / "null.sock"
+    out = open(tmp_path / "null.log", "wb")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen([sys.executable, "-m", "pyvirtio.cli.blk", "--socket-path",
+                             str(sock), "--null", "16M", "--latency-us", "100", "--aio", aio],
+                            stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        with BlkDriver.connect(str(sock), timeout=30) as drv:
+            assert drv.capacity == (16 << 20) // 512
+            pattern = b"\x5a" * 4096
+            slots = [drv.submit(ReqType.OUT, i * 8, data=pattern, kick=False)
+                     for i in range(32)]
+            drv.kick()
+            for slot in slots:
+                assert drv.wait(slot).status == Status.OK
+            for slot in slots:
+                drv.release(slot)
+            # The same slots (their buffers still hold the pattern) read zeros back.
+            slots = [drv.submit(ReqType.IN, i * 8, 4096, kick=False) for i in range(32)]
+            drv.kick()
+            for slot in slots:
+                assert drv.wait(slot).status == Status.OK
+                assert bytes(slot.payload()) == bytes(4096)
+                drv.release(slot)
+            drv.flush()
+            assert drv.read((16 << 20) - 512, 512) == bytes(512)
+    finally:
+        assert stop(proc) == 0
