@@ -18,7 +18,8 @@ from pyvirtio._build import build_kind
 from pyvirtio.cli.common import Parser
 
 # Sub-command modules under pyvirtio.cli, in the order --help lists them.
-_COMMANDS = ["demo", "duel", "blk", "net", "rng", "input", "probe", "bench", "torture"]
+_COMMANDS = ["demo", "duel", "blk", "net", "rng", "input", "probe", "bench", "torture", "top",
+             "trace"]
 
 
 def build_parser() -> argparse.ArgumentParser:

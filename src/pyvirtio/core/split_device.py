@@ -20,10 +20,17 @@ Everything the driver wrote is hostile: each descriptor is read once, chains
 are walked with a hop limit, and any violation raises :class:`PeerError` and
 marks the queue broken (docs/architecture.md).  No I/O happens here: a notification is a
 decision returned to the caller.
+
+Statistics (docs/stats.md) are plain integers the hot paths bump as they
+work — buffers popped and pushed, their bytes, kick-suppression transitions,
+interrupts suppressed — and nothing else: no lock, no call, no allocation per
+request.  While :attr:`SplitDeviceQueue.trace` is a list, each interrupt
+decision and kick-suppression change is appended to it with its inputs.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
 from mypy_extensions import mypyc_attr
@@ -45,6 +52,24 @@ from pyvirtio.core.spec import (
 )
 
 _NEXT_OR_INDIRECT: Final = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
+
+# Trace record kinds: (monotonic ns, kind, old, new, event index, flags).  Interrupt
+# decisions carry QEMU virtio_should_notify's inputs (old = signalled_used, new =
+# used.idx, event = used_event; flags = avail.flags); kicks and kick-suppression
+# changes the avail side's (old = the avail.idx the device had seen, new = avail.idx,
+# event = avail_event; flags = used.flags).  event is -1 without EVENT_IDX.
+TRACE_IRQ: Final = 1
+TRACE_IRQ_SUPPRESSED: Final = 2
+TRACE_KICK: Final = 3
+TRACE_KICKS_ON: Final = 4
+TRACE_KICKS_OFF: Final = 5
+#: Records a queue keeps at most while tracing; later ones are counted in trace_dropped.
+TRACE_LIMIT: Final = 65536
+TraceRecord = tuple[int, int, int, int, int, int]
+
+#: The queue's counters, in the order docs/stats.md lists them.
+COUNTERS: Final = ("buffers_popped", "buffers_pushed", "readable_bytes", "used_bytes",
+                   "notifications_enabled", "notifications_disabled", "interrupts_suppressed")
 
 def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
     """Whether moving used.idx from ``old`` to ``new`` passed the last signalled index.
@@ -119,6 +144,23 @@ class SplitDeviceQueue(Breakable):
         self.broken: str | None = None
         self._ro_region: Region | None = None
         self._ro_view = memoryview(b"")
+        # Statistics: bumped where the work happens, read by the stats layer on the
+        # same thread; they only ever grow (a remapped ring carries them over).
+        self.buffers_popped = 0
+        self.buffers_pushed = 0
+        #: Bytes of device-readable buffers popped (chains walked by pyvirtio.batch
+        #: count as buffers only).
+        self.readable_bytes = 0
+        #: Used lengths filled (§2.7.8: bytes the device wrote).
+        self.used_bytes = 0
+        #: Kicks asked for again / turned off (transitions of ``notification``).
+        self.notifications_enabled = 0
+        self.notifications_disabled = 0
+        #: should_notify said no.
+        self.interrupts_suppressed = 0
+        #: A list while a trace runs (see TRACE_*); None otherwise (one check per decision).
+        self.trace: list[TraceRecord] | None = None
+        self.trace_dropped = 0
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> tuple[int, int]:
@@ -134,6 +176,57 @@ class SplitDeviceQueue(Breakable):
         self.signalled_used_valid = False
         self.inuse = 0
         self.broken = None
+
+    def carry_counters(self, old: SplitDeviceQueue) -> None:
+        """Continue ``old``'s statistics and trace (the same ring, mapped anew)."""
+        self.buffers_popped = old.buffers_popped
+        self.buffers_pushed = old.buffers_pushed
+        self.readable_bytes = old.readable_bytes
+        self.used_bytes = old.used_bytes
+        self.notifications_enabled = old.notifications_enabled
+        self.notifications_disabled = old.notifications_disabled
+        self.interrupts_suppressed = old.interrupts_suppressed
+        self.trace = old.trace
+        self.trace_dropped = old.trace_dropped
+
+    def counters(self) -> dict[str, int]:
+        """The statistics counters by name (COUNTERS)."""
+        return {"buffers_popped": self.buffers_popped, "buffers_pushed": self.buffers_pushed,
+                "readable_bytes": self.readable_bytes, "used_bytes": self.used_bytes,
+                "notifications_enabled": self.notifications_enabled,
+                "notifications_disabled": self.notifications_disabled,
+                "interrupts_suppressed": self.interrupts_suppressed}
+
+    def ring_state(self) -> dict[str, int]:
+        """The ring's indices and flags now, read live from the rings (QEMU's
+        ``x-query-virtio-queue-status`` shows the same); event indices are -1
+        without EVENT_IDX."""
+        avail = self._avail
+        used = self._used16
+        return {"avail_idx": avail[1], "last_avail_idx": self.last_avail_idx,
+                "shadow_avail_idx": self.shadow_avail_idx, "used_idx": self.used_idx,
+                "avail_event": used[self._avail_event_i] if self.event_idx else -1,
+                "used_event": avail[self._used_event_i] if self.event_idx else -1,
+                "avail_flags": avail[0], "used_flags": used[0],
+                "signalled_used": self.signalled_used,
+                "signalled_used_valid": int(self.signalled_used_valid),
+                "in_flight": self.inuse, "kicks_wanted": int(self.notification)}
+
+    def _record(self, kind: int, old: int, new: int, event: int, flags: int) -> None:
+        trace = self.trace
+        if trace is None:
+            return
+        if len(trace) < TRACE_LIMIT:
+            trace.append((time.monotonic_ns(), kind, old, new, event, flags))
+        else:
+            self.trace_dropped += 1
+
+    def trace_kick(self) -> None:
+        """Record a kick the transport received (while tracing) with the avail side's state."""
+        if self.trace is not None:
+            self._record(TRACE_KICK, self.shadow_avail_idx, self._avail[1],
+                         self._used16[self._avail_event_i] if self.event_idx else -1,
+                         self._used16[0])
 
 
     # ----------------------------------------------------------------- avail
@@ -194,6 +287,7 @@ class SplitDeviceQueue(Breakable):
             # Ask for a kick once the driver goes beyond what we have taken (QEMU pop).
             self._used16[self._avail_event_i] = last
         self.inuse += 1
+        self.buffers_popped += 1
         return head
 
     def pop(self) -> Element | None:
@@ -223,6 +317,7 @@ class SplitDeviceQueue(Breakable):
         if self.event_idx and self.notification:
             self._used16[self._avail_event_i] = last
         self.inuse += 1
+        self.buffers_popped += 1
         first = unpack_desc(self._desc, head * DESC_SIZE)
         flags = first[2]
         if not flags & _NEXT_OR_INDIRECT:
@@ -237,6 +332,7 @@ class SplitDeviceQueue(Breakable):
                     if flags & VRING_DESC_F_WRITE:
                         return Element(head, [], [r.view[off:off + length]])
                     ro = self._ro_view if r is self._ro_region else self._readonly_of(r)
+                    self.readable_bytes += length
                     return Element(head, [ro[off:off + length]], [])
         elif not flags & VRING_DESC_F_INDIRECT and self.num > 1 and first[3] < self.num:
             # Two direct descriptors (a request header + its reply, say): the
@@ -256,11 +352,13 @@ class SplitDeviceQueue(Breakable):
                     if not f1 & VRING_DESC_F_WRITE:
                         if not flags & VRING_DESC_F_WRITE:
                             ro = self._ro_view if r is self._ro_region else self._readonly_of(r)
+                            self.readable_bytes += l0 + l1
                             return Element(head, [ro[off0:off0 + l0], ro[off1:off1 + l1]], [])
                     elif flags & VRING_DESC_F_WRITE:
                         return Element(head, [], [view[off0:off0 + l0], view[off1:off1 + l1]])
                     else:
                         ro = self._ro_view if r is self._ro_region else self._readonly_of(r)
+                        self.readable_bytes += l0
                         return Element(head, [ro[off0:off0 + l0]], [view[off1:off1 + l1]])
         readable: list[memoryview] = []
         writable: list[memoryview] = []
@@ -268,7 +366,10 @@ class SplitDeviceQueue(Breakable):
             self._walk(head, first, readable, writable)
         except PeerError:
             self.inuse -= 1
+            self.buffers_popped -= 1
             raise
+        for v in readable:
+            self.readable_bytes += len(v)
         return Element(head, readable, writable)
 
     def pop_batch(self, max_n: int = 0x10000) -> list[Element]:
@@ -301,6 +402,7 @@ class SplitDeviceQueue(Breakable):
         num = self.num
         mask = self._mask
         append = out.append
+        rbytes = 0
         for _ in range(todo):
             head = avail[2 + (last & mask)]
             if head >= num:
@@ -322,16 +424,21 @@ class SplitDeviceQueue(Breakable):
                         append(Element(head, [], [view[o0:o0 + l0], view[o1:o1 + l1]]))
                     else:
                         append(Element(head, [ro[o0:o0 + l0]], [view[o1:o1 + l1]]))
+                        rbytes += l0
                 elif f0 & VRING_DESC_F_WRITE:
                     break
                 else:
                     append(Element(head, [ro[o0:o0 + l0], ro[o1:o1 + l1]], []))
+                    rbytes += l0 + l1
             elif f0 & VRING_DESC_F_WRITE:
                 append(Element(head, [], [view[o0:o0 + l0]]))
             else:
                 append(Element(head, [ro[o0:o0 + l0]], []))
+                rbytes += l0
             last = (last + 1) & 0xFFFF
         self.inuse += len(out) - 1
+        self.buffers_popped += len(out) - 1
+        self.readable_bytes += rbytes
         self.last_avail_idx = last
         if self.event_idx and self.notification:
             self._used16[self._avail_event_i] = last
@@ -377,6 +484,7 @@ class SplitDeviceQueue(Breakable):
         if self.event_idx and self.notification:
             self._used16[self._avail_event_i] = last
         self.inuse += count
+        self.buffers_popped += count
 
     def pop_failed(self, head: int, error: PeerError | None) -> PeerError:
         """Break the queue as a pop of the next entry, naming ``head``, does; returns the error.
@@ -389,6 +497,7 @@ class SplitDeviceQueue(Breakable):
             return self._bad_head(head)
         self.commit_pops(1)
         self.inuse -= 1
+        self.buffers_popped -= 1
         return self.mark_broken(f"head {head}: {error}")
 
     def _readonly_of(self, region: Region) -> memoryview:
@@ -422,6 +531,7 @@ class SplitDeviceQueue(Breakable):
             raise CallerError("unpop of more heads than are in use")
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
         self.inuse -= count
+        self.buffers_popped -= count
 
     # ------------------------------------------------------------------ used
     def fill(self, head: int, length: int, offset: int = 0) -> None:
@@ -430,6 +540,7 @@ class SplitDeviceQueue(Breakable):
         used32 = self._used32
         used32[1 + 2 * slot] = head
         used32[2 + 2 * slot] = length
+        self.used_bytes += length
 
     def flush(self, count: int) -> None:
         """Publish ``count`` filled entries by moving used.idx (§2.7.8)."""
@@ -442,6 +553,7 @@ class SplitDeviceQueue(Breakable):
         self._used16[1] = new
         self.used_idx = new
         self.inuse -= count
+        self.buffers_pushed += count
         if _jumped_over_signalled(new, old, self.signalled_used):
             self.signalled_used_valid = False
 
@@ -461,6 +573,8 @@ class SplitDeviceQueue(Breakable):
         self._used16[1] = new
         self.used_idx = new
         self.inuse -= 1
+        self.buffers_pushed += 1
+        self.used_bytes += length
         if _jumped_over_signalled(new, old, self.signalled_used):
             self.signalled_used_valid = False
 
@@ -470,20 +584,43 @@ class SplitDeviceQueue(Breakable):
         # Expose the used entries before reading used_event / avail.flags.
         full_fence()
         if self.notify_on_empty and self.inuse == 0 and self.is_empty():
+            if self.trace is not None:
+                self._record(TRACE_IRQ, self.signalled_used, self.used_idx, -1, self._avail[0])
             return True
         if not self.event_idx:
-            return not self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT
+            flags = self._avail[0]
+            if flags & VRING_AVAIL_F_NO_INTERRUPT:
+                self.interrupts_suppressed += 1
+                if self.trace is not None:
+                    self._record(TRACE_IRQ_SUPPRESSED, self.used_idx, self.used_idx, -1, flags)
+                return False
+            if self.trace is not None:
+                self._record(TRACE_IRQ, self.used_idx, self.used_idx, -1, flags)
+            return True
         valid = self.signalled_used_valid
         self.signalled_used_valid = True
         old = self.signalled_used
         new = self.signalled_used = self.used_idx
         # vring_need_event(used_event, new, old), inlined on the hot path.
-        return not valid or (((new - self._avail[self._used_event_i] - 1) & 0xFFFF)
-                             < ((new - old) & 0xFFFF))
+        event = self._avail[self._used_event_i]
+        if not valid or ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF):
+            if self.trace is not None:
+                self._record(TRACE_IRQ, old if valid else -1, new, event, self._avail[0])
+            return True
+        self.interrupts_suppressed += 1
+        if self.trace is not None:
+            self._record(TRACE_IRQ_SUPPRESSED, old, new, event, self._avail[0])
+        return False
 
     # ----------------------------------------------------------------- kicks
     def disable_notification(self) -> None:
         """Tell the driver not to kick (it may still; kicks are only hints)."""
+        if self.notification:
+            self.notifications_disabled += 1
+            if self.trace is not None:
+                self._record(TRACE_KICKS_OFF, self.last_avail_idx, self.shadow_avail_idx,
+                             self._used16[self._avail_event_i] if self.event_idx else -1,
+                             self._used16[0])
         self.notification = False
         if not self.event_idx:
             self._used16[0] |= VRING_USED_F_NO_NOTIFY
@@ -498,10 +635,16 @@ class SplitDeviceQueue(Breakable):
         must process the ring instead of sleeping.
         """
         self._check_usable()
+        if not self.notification:
+            self.notifications_enabled += 1
         self.notification = True
         if self.event_idx:
             self._used16[self._avail_event_i] = self._fetch_avail_idx()
         else:
             self._used16[0] &= ~VRING_USED_F_NO_NOTIFY & 0xFFFF
+        if self.trace is not None:
+            self._record(TRACE_KICKS_ON, self.last_avail_idx, self.shadow_avail_idx,
+                         self._used16[self._avail_event_i] if self.event_idx else -1,
+                         self._used16[0])
         full_fence()
         return self.available() != 0

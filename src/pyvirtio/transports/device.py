@@ -68,6 +68,8 @@ log = logging.getLogger("pyvirtio.device")
 #: Ring and transport features the core implements; the kit offers them for every device.
 RING_FEATURES: Final = (1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX | 1 << F_RING_INDIRECT_DESC
                         | 1 << F_NOTIFY_ON_EMPTY)
+#: Buckets of the batch-size histogram (VirtQueue.batches): 1, 2-3, 4-7, ... 32768-65535.
+BATCH_BUCKETS: Final = 16
 #: Bits a device may offer itself: 0–23 and 50–127 are device-specific (VIRTIO 1.2 §6).
 DEVICE_FEATURE_MASK: Final = (1 << 24) - 1 | ((1 << 64) - 1) & ~((1 << 50) - 1)
 
@@ -286,8 +288,23 @@ class VirtQueue:
         #: it wants kicks only when it runs out of buffers (:meth:`need_buffers`),
         #: as QEMU's virtio-net does (``virtio_net_has_buffers``).
         self.kicks_when_idle = True
+        # Statistics (docs/stats.md): plain integers bumped as the kit works,
+        # read by the stats layer on the loop's thread; the ring's own are on
+        # the core queue (ring.buffers_popped, ...).
         #: Interrupts sent (signal calls) for this ring.
         self.interrupts = 0
+        #: Kicks received: the driver's notifications, as the transport counted them.
+        self.kicks = 0
+        #: Interrupt decisions by the number of used entries they covered:
+        #: bucket i counts batches of 2**i to 2**(i+1) - 1 entries.
+        self.batches = [0] * BATCH_BUCKETS
+        #: Used entries covered by those decisions (the histogram's sum).
+        self.batched_entries = 0
+        #: Errors by kind: the driver broke the ring; the device raised; a
+        #: completion came for a ring that had stopped (dropped).
+        self.errors_ring = 0
+        self.errors_device = 0
+        self.completions_dropped = 0
 
     def __repr__(self) -> str:
         return f"VirtQueue({self.index}, size={self.size}, ready={self.ready})"
@@ -336,6 +353,7 @@ class VirtQueue:
         if isinstance(req, Request) and req.queue is not self:
             raise CallerError(f"{req!r} belongs to another queue")
         if not self.ready:
+            self.completions_dropped += 1
             return
         if not 0 <= length <= 0xFFFFFFFF:
             raise CallerError(f"used length {length} is not a 32-bit value")
@@ -353,6 +371,12 @@ class VirtQueue:
         if self.notifications:
             return self.ring.enable_notification()
         return self.ring.available() > 0
+
+    def kicked(self, count: int = 1) -> None:
+        """The transport received ``count`` kicks for this ring (counted; traced when on)."""
+        self.kicks += count
+        if self.ring.trace is not None:
+            self.ring.trace_kick()
 
     def kick(self) -> None:
         """Process this queue again soon, as if the driver had kicked it."""
@@ -389,8 +413,13 @@ class VirtQueue:
         if n:
             self._filled = 0
             ring.flush(n)
-        if ring.used_idx != self._decided:
-            self._decided = ring.used_idx
+        used = ring.used_idx
+        if used != self._decided:
+            # One interrupt decision per batch: the histogram costs a bit_length.
+            batch = (used - self._decided) & 0xFFFF
+            self.batches[batch.bit_length() - 1] += 1
+            self.batched_entries += batch
+            self._decided = used
             if ring.should_notify():
                 self.interrupts += 1
                 self._signal()
@@ -429,18 +458,24 @@ class VirtQueue:
             self.fail(str(exc))
         except Exception as exc:  # a device bug must not take the other rings down
             log.exception("queue %d: device failed", self.index)
-            self.fail(f"device failed: {exc!r}")
+            self.fail(f"device failed: {exc!r}", by_device=True)
         finally:
             self._dispatching = False
         return (ring.used_idx - start) & 0xFFFF
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, *, by_device: bool = False) -> None:
         """Break the ring (the device or the driver broke the rules) and tell the transport.
+
+        ``by_device``: the device failed (counted apart from a driver's broken ring).
 
         Completions already filled are published and signalled unconditionally:
         the driver must learn of finished requests although no more will follow.
         """
         ring = self.ring
+        if by_device:
+            self.errors_device += 1
+        else:
+            self.errors_ring += 1
         if self._filled and ring.broken is None:
             ring.flush(self._filled)
         self._filled = 0

@@ -10,8 +10,11 @@ SIGTERM.  :class:`BackendProgram` adds those options to an argparse parser
 (the device adds its own), plus ``--print-descriptor`` (the
 ``VhostUserBackend`` descriptor libvirt looks for in
 /usr/share/qemu/vhost-user/), ``--socket-mode``, ``--allow-uid``, ``--poll`` and
-``--verbose``.  Errors are one line on stderr naming what is wrong and what
-to do; usage errors exit with status 2, start-up failures with 1.
+``--verbose``, and the statistics every back end offers (docs/stats.md):
+``--stats-socket PATH`` (one JSON document per connection) and
+``--metrics-address HOST:PORT`` (a Prometheus endpoint).  Errors are one
+line on stderr naming what is wrong and what to do; usage errors exit with
+status 2, start-up failures with 1.
 
 :func:`serve` is the library entry point the program uses: one loop, one
 server, signal handling, one log line when serving starts and stops.
@@ -83,18 +86,22 @@ def serve(device: DeviceProtocol, socket_path: str | None = None, fd: int | None
 def serve_all(endpoints: Sequence[Endpoint], *, poll: bool = False, socket_mode: int = 0o600,
               stop_event: threading.Event | None = None,
               on_signal: dict[signal.Signals, Callable[[], None]] | None = None,
-              loop: EventLoop | None = None, allow_uids: Sequence[int] = ()) -> int:
+              loop: EventLoop | None = None, stats_socket: str | None = None,
+              metrics_address: str | None = None, allow_uids: Sequence[int] = ()) -> int:
     """Serve every endpoint from one event loop until SIGTERM/SIGINT or ``stop_event``.
 
     ``on_signal`` adds handlers run on the loop (SIGUSR1: print statistics,
     say).  ``allow_uids``: front ends of these uids are served too (besides
-    our own and root's, see :class:`VhostUserServer`).  Raises
-    :class:`~pyvirtio.core.errors.CallerError` when a socket
-    cannot be created (the ones already made are closed again).
+    our own and root's, see :class:`VhostUserServer`).  ``stats_socket``:
+    answer statistics there (mode ``socket_mode``);
+    ``metrics_address``: serve them to Prometheus (docs/stats.md).  Raises
+    :class:`~pyvirtio.core.errors.CallerError` when a socket cannot be created
+    (the ones already made are closed again).
     """
     own_loop = loop is None
     loop = loop if loop is not None else EventLoop()
     servers: list[VhostUserServer] = []
+    closers: list[Callable[[], None]] = []
     try:
         for device, path, fd in endpoints:
             servers.append(VhostUserServer(device, socket_path=path, listen_fd=fd, poll=poll,
@@ -102,7 +109,19 @@ def serve_all(endpoints: Sequence[Endpoint], *, poll: bool = False, socket_mode:
                                            allow_uids=allow_uids))
             where = path if path is not None else f"inherited fd {fd}"
             log.info("serving %s on %s%s", device, where, " (polling)" if poll else "")
+        stats = [server.stats for server in servers]
+        if stats_socket is not None:
+            from pyvirtio.transports.stats_socket import StatsSocket
+            closers.append(StatsSocket(stats_socket, stats, loop, mode=socket_mode).close)
+            log.info("statistics on %s", stats_socket)
+        if metrics_address is not None:
+            from pyvirtio.transports.metrics import MetricsServer
+            metrics = MetricsServer(metrics_address, stats, loop)
+            closers.append(metrics.close)
+            log.info("Prometheus metrics on http://%s/metrics", metrics.url_host)
     except BaseException:
+        for close in closers:
+            close()
         for server in servers:
             server.close()
         if own_loop:
@@ -133,6 +152,8 @@ def serve_all(endpoints: Sequence[Endpoint], *, poll: bool = False, socket_mode:
     finally:
         for signum, handler in restore:
             signal.signal(signum, handler)  # type: ignore[arg-type]
+        for close in closers:
+            close()
         for server in servers:
             server.close()
         if own_loop:
@@ -196,6 +217,14 @@ class BackendProgram:
         conv.add_argument("--poll", action="store_true",
                           help="busy-poll the rings (spin, then sleep) instead of waiting for "
                                "kicks")
+        stats = p.add_argument_group("statistics (docs/stats.md)")
+        stats.add_argument("--stats-socket", metavar="PATH",
+                           help="answer per-queue statistics as JSON on this Unix socket "
+                                "(created like the vhost-user socket, --socket-mode); read it "
+                                "with pyvirtio top / pyvirtio trace")
+        stats.add_argument("--metrics-address", metavar="HOST:PORT",
+                           help="serve the statistics to Prometheus at http://HOST:PORT/metrics "
+                                "(PORT alone: localhost; needs pip install 'pyvirtio[metrics]')")
         conv.add_argument("-v", "--verbose", action="store_true",
                           help="log every vhost-user message (debug level)")
 
@@ -239,6 +268,15 @@ class BackendProgram:
             raise SystemExit(0)
         if not args.socket_path and args.fd is None:
             self.error("one of --socket-path or --fd is required (see --help)")
+        if getattr(args, "metrics_address", None) is not None:
+            from pyvirtio.transports.metrics import metrics_available, parse_address
+            try:
+                parse_address(args.metrics_address)
+            except CallerError as exc:
+                self.error(f"--metrics-address: {exc}")
+            if not metrics_available():
+                raise SystemExit(self.fail("--metrics-address needs prometheus_client: "
+                                           "pip install 'pyvirtio[metrics]'"))
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -259,8 +297,9 @@ class BackendProgram:
         """Serve every endpoint from one loop as the arguments say; returns the exit status."""
         try:
             return serve_all(endpoints, poll=args.poll, socket_mode=args.socket_mode,
-                             on_signal=on_signal,
-                             allow_uids=getattr(args, "allow_uid", ()))
+                             on_signal=on_signal, allow_uids=getattr(args, "allow_uid", ()),
+                             stats_socket=getattr(args, "stats_socket", None),
+                             metrics_address=getattr(args, "metrics_address", None))
         except CallerError as exc:
             return self.fail(str(exc))
         except KeyboardInterrupt:

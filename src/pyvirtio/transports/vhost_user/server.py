@@ -62,6 +62,7 @@ from collections.abc import Iterable
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.io.loop import EventLoop, Timer
 from pyvirtio.transports.device import DeviceProtocol
+from pyvirtio.transports.stats import DeviceStats
 from pyvirtio.transports.vhost_user.messages import (
     MAX_FDS,
     BackendDecoder,
@@ -206,6 +207,9 @@ class VhostUserServer:
         self.refused = 0
         #: Front ends refused because their uid is not allowed.
         self.denied = 0
+        #: Counters of every connection's rings, for the stats socket and metrics.
+        self.stats = DeviceStats(socket_path if socket_path is not None else f"fd {listen_fd}",
+                                 device)
         device.attach(self.loop)
         self.loop.add_reader(self._listener.fileno(), self._accept)
         self._polling = poll
@@ -292,10 +296,11 @@ class VhostUserServer:
         self.session = VhostUserSession(self.device, max_mem_slots=self.max_mem_slots,
                                         backend_req=self.backend_req, signal=_signal_fd,
                                         on_broken=self._on_broken,
-                                        schedule=self.loop.call_soon)
+                                        schedule=self.loop.call_soon, stats=self.stats)
         self._kicks = {}
         self._negotiated = (-1, -1)
         self.connections += 1
+        self.stats.connection_started()
         self.loop.add_reader(conn.fileno(), self._on_readable)
         self.log.info("vhost-user: front end connected (connection %d)", self.connections)
 
@@ -328,6 +333,7 @@ class VhostUserServer:
             except Exception:
                 self.log.exception("vhost-user: device reset failed")
             self.session = None
+        self.stats.connection_ended()
         if reason is None:
             self.log.info("vhost-user: %s", note)
         else:
@@ -452,8 +458,15 @@ class VhostUserServer:
             self._unwatch_kick(index)
             self.log.warning("vhost-user: kick fd of ring %d is closed; not watching it", index)
             return
-        if not self.poll and self.session is not None:
-            self.session.run_ring(index)
+        session = self.session
+        if session is None:
+            return
+        # The eventfd's value: how many kicks the front end wrote since the last read.
+        vq = session.virtqueue(index)
+        if vq is not None:
+            vq.kicked(int.from_bytes(data, "little") if len(data) == 8 else 1)
+        if not self.poll:
+            session.run_ring(index)
 
     def _on_broken(self, index: int, reason: str) -> None:
         session = self.session

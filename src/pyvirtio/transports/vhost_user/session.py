@@ -60,6 +60,7 @@ from pyvirtio.core.memory import GuestMemory, Region
 from pyvirtio.core.spec import MAX_QUEUE_SIZE, Status
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.transports.device import DeviceProtocol, VirtQueue, offered_features
+from pyvirtio.transports.stats import DeviceStats
 from pyvirtio.transports.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     MAX_CONFIG_SIZE,
@@ -209,13 +210,17 @@ class VhostUserSession:
     write the ring's err fd, send :meth:`config_change_message`);
     ``schedule(callback)`` runs a callback soon on the serving loop
     (completions the device makes outside a kick are published from there).
+    ``stats`` accumulates the counters of the rings this session starts and
+    stops (docs/stats.md).
     """
 
     def __init__(self, device: DeviceProtocol, *, max_mem_slots: int = MAX_MEM_SLOTS,
                  backend_req: bool = True, signal: Callable[[int], None] = _no_signal,
                  on_broken: Callable[[int, str], None] = _no_broken,
-                 schedule: Callable[[Callable[[], None]], None] | None = None) -> None:
+                 schedule: Callable[[Callable[[], None]], None] | None = None,
+                 stats: DeviceStats | None = None) -> None:
         self.device = device
+        self.stats = stats
         self.max_mem_slots = max_mem_slots
         self.signal = signal
         self.on_broken = on_broken
@@ -484,6 +489,7 @@ class VhostUserSession:
         queue = SplitDeviceQueue(views, mem, self.virtio_features)
         queue.set_state(*ring.saved)
         if old is not None:
+            queue.carry_counters(old)  # the same ring: its statistics go on
             # Requests the device still holds stay in flight on the new mapping
             # (same guest pages), so it can complete them.
             queue.inuse = old.inuse
@@ -756,6 +762,8 @@ class VhostUserSession:
         if vq is not None:
             ring.vq = None
             vq.close()
+            if self.stats is not None:
+                self.stats.queue_stopped(vq)
             self.device.queue_stopped(vq)
 
     def virtqueue(self, index: int) -> VirtQueue | None:
@@ -770,6 +778,8 @@ class VhostUserSession:
             vq = ring.vq = VirtQueue(ring.index, queue, self.device,
                                      lambda: self._signal_ring(ring),
                                      on_broken=self._vq_broken, schedule=self.schedule)
+            if self.stats is not None:
+                self.stats.queue_started(vq)
             self.device.queue_ready(vq)
         return vq
 
