@@ -242,3 +242,17 @@ def test_snapshot_schema() -> None:
     assert q["total"]["errors"] == {"ring": 0, "device": 0, "dropped_completions": 0}
     assert q["total"]["batches"] == [1] + [0] * (BATCH_BUCKETS - 1)
     assert q["total"]["buffers_pushed"] == 1 and q["total"]["used_bytes"] == 2
+
+
+def test_a_device_with_counters_of_its_own_shows_them() -> None:
+    from pyvirtio.devices.net.device import NetDevice
+
+    net = NetDevice(pairs=1)
+    net.stats.tx_frames = 3
+    net.stats.drops["no-buffer"] = 2
+    doc = DeviceStats("/tmp/a.sock", net).document()
+    assert doc["type"] == "net"
+    own = doc["device_stats"]
+    assert isinstance(own, dict)
+    assert own["tx_frames"] == 3 and own["drops"] == {"no-buffer": 2}
+    assert "device_stats" not in DeviceStats("x", Echo()).document()

@@ -263,3 +263,27 @@ def test_program_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--metrics-address" in err
+
+
+def test_prometheus_shows_a_devices_own_counters() -> None:
+    from pyvirtio.devices.net.device import NetDevice
+    from pyvirtio.transports.stats import DeviceStats
+
+    net = NetDevice(pairs=1)
+    net.stats.tx_frames = 7
+    net.stats.drops["backlog-full"] = 4
+    loop = EventLoop()
+    metrics = MetricsServer("127.0.0.1:0", [DeviceStats("/tmp/n.sock", net)], loop)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        samples = _scrape(metrics.port)
+    finally:
+        loop.stop()
+        thread.join(10)
+        metrics.close()
+        loop.close()
+    dev = (("device", "/tmp/n.sock"), ("type", "net"))
+    assert samples[("pyvirtio_device_tx_frames_total", dev)] == 7
+    assert samples[("pyvirtio_device_drops_total", (*dev[:1], ("reason", "backlog-full"),
+                                                    *dev[1:]))] == 4

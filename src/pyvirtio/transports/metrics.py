@@ -175,10 +175,22 @@ class _Collector:
         size = GaugeMetricFamily(_PREFIX + "size", "Ring size (0: not started)", labels=q_labels)
         batches = HistogramMetricFamily(_PREFIX + "batch_size", "Used entries per interrupt "
                                         "decision (power-of-two buckets)", labels=q_labels)
+        own: dict[str, Any] = {}  # the devices' own counters (device_stats), by name
         for dev in devices:
             dl = [str(dev["name"]), str(dev["type"])]
             connections.add_metric(dl, dev["connections"])
             connected.add_metric(dl, 1 if dev["connected"] else 0)
+            for key, value in (dev.get("device_stats") or {}).items():
+                if isinstance(value, dict):  # counts by reason (net: drops)
+                    fam = own.setdefault(key, CounterMetricFamily(
+                        f"pyvirtio_device_{key}", f"The device's {key}, by reason",
+                        labels=[*dev_labels, "reason"]))
+                    for reason, n in value.items():
+                        fam.add_metric([*dl, str(reason)], n)
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    fam = own.setdefault(key, CounterMetricFamily(
+                        f"pyvirtio_device_{key}", f"The device's {key}", labels=dev_labels))
+                    fam.add_metric(dl, value)
             for q in dev["queues"]:
                 ql = [*dl, str(q["index"])]
                 total = q["total"]
@@ -199,6 +211,7 @@ class _Collector:
                         gauges[name].add_metric(ql, state[key])
         yield connections
         yield connected
+        yield from own.values()
         yield from counters.values()
         yield errors
         yield batches

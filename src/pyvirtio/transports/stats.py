@@ -167,6 +167,16 @@ def _type_name(device_id: int) -> str:
         return str(device_id)
 
 
+def device_counters(device: object) -> dict[str, object] | None:
+    """The device's own counters, if it keeps them: ``device.stats.as_dict()``
+    (pyvirtio-net: frames, bytes, buffers, drops by reason), cumulative."""
+    as_dict = getattr(getattr(device, "stats", None), "as_dict", None)
+    if not callable(as_dict):
+        return None
+    counters = as_dict()
+    return dict(counters) if isinstance(counters, dict) else None
+
+
 class DeviceStats:
     """The statistics of one served device (one vhost-user socket)."""
 
@@ -200,11 +210,16 @@ class DeviceStats:
     # --------------------------------------------------------------- readers
     def document(self) -> dict[str, object]:
         dev = self.device
-        return {"name": self.name, "type": _type_name(dev.device_id),
-                "device_id": int(dev.device_id), "description": repr(dev),
-                "connections": self.connections, "connected": self.connected,
-                "reconnects": max(0, self.connections - 1),
-                "queues": [q.document() for q in self.queues]}
+        doc: dict[str, object] = {
+            "name": self.name, "type": _type_name(dev.device_id),
+            "device_id": int(dev.device_id), "description": repr(dev),
+            "connections": self.connections, "connected": self.connected,
+            "reconnects": max(0, self.connections - 1),
+            "queues": [q.document() for q in self.queues]}
+        own = device_counters(dev)
+        if own is not None:
+            doc["device_stats"] = own
+        return doc
 
     # ----------------------------------------------------------------- trace
     def start_trace(self) -> None:
