@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -103,3 +104,33 @@ def test_read_only_fails_closed(tmp_path: Path, immutable_img: Path, aio: str) -
     finally:
         assert stop(proc) == 0
     assert immutable_img.read_bytes() == before
+
+
+@pytest.mark.timeout(90)
+def test_restart_after_sigkill_takes_the_stale_socket_over(tmp_path: Path) -> None:
+    """The socket file a killed back end leaves is replaced; a live back end's is not."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(SIZE))
+    sock = tmp_path / "blk.sock"
+    data = os.urandom(65536)
+    proc = start_pyvirtio_blk(img, sock)
+    with BlkDriver.connect(str(sock), timeout=30) as drv:
+        drv.write(4096, data)
+        drv.flush()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert sock.exists()  # nobody removed it
+    log = tmp_path / "again.log"
+    again = start_pyvirtio_blk(img, sock, log=log)  # the socket file is there already:
+    while "serving" not in log.read_text():          # wait for the takeover itself
+        assert again.poll() is None, log.read_text()
+        time.sleep(0.05)
+    try:
+        live = subprocess.run([sys.executable, "-m", "pyvirtio.cli.blk", "--socket-path",
+                               str(sock), "--blk-file", str(img)],
+                              capture_output=True, text=True, timeout=60)
+        assert live.returncode == 1 and "another process listens" in live.stderr
+        with BlkDriver.connect(str(sock), timeout=30) as drv:
+            assert drv.read(4096, len(data)) == data
+    finally:
+        assert stop(again) == 0
