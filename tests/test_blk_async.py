@@ -32,6 +32,7 @@ from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.engine import ThreadEngine
 from pyvirtio.devices.blk.file_store import FileStore
+from pyvirtio.devices.blk.null_store import NullStore
 from pyvirtio.devices.blk.spec import ReqType, Status
 from pyvirtio.transports.vhost_user.server import VhostUserServer
 
@@ -244,3 +245,77 @@ def test_null_store(tmp_path: Path, aio: str) -> None:
             assert drv.read((16 << 20) - 512, 512) == bytes(512)
     finally:
         assert stop(proc) == 0
+
+
+class HoldStore(FileStore):
+    """Reads wait (in their workers) until the test lets them go."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.inside = 0
+        self.go = threading.Event()
+        self._lock = threading.Lock()
+
+    def try_read(self, sector: int, views: list[memoryview], total: int) -> int:
+        return -1
+
+    def read(self, sector: int, views: list[memoryview],
+             total: int | None = None) -> tuple[Status, int]:
+        with self._lock:
+            self.inside += 1
+        self.go.wait(60)
+        return super().read(sector, views, total)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["null", "file"])
+def test_stopping_a_ring_answers_what_is_in_flight(tmp_path: Path, img: Path,
+                                                   kind: str) -> None:
+    """GET_VRING_BASE while requests wait on the engine: all are answered before the reply.
+
+    Its reply's last_avail_idx counts them as taken; a request left in flight
+    would never be answered (vhost-user.rst "Ring states": a stopped ring is
+    not processed).  Null store: 300 ms latency on the loop's timer; file:
+    reads held in their workers until the stop has been sent.
+    """
+    hold: HoldStore | None = None
+    store: FileStore | NullStore
+    if kind == "null":
+        store = NullStore(16 << 20, 0.3)
+        expected = [bytes(4096)] * DEPTH
+    else:
+        store = hold = HoldStore(str(img))
+        image = img.read_bytes()
+        expected = [image[i * 4096:(i + 1) * 4096] for i in range(DEPTH)]
+    device = BlkDevice(store, queue_size=256, engine=ThreadEngine(DEPTH))
+    sock = str(tmp_path / "stop.sock")
+    server = VhostUserServer(device, socket_path=sock)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def in_flight() -> int:
+        return hold.inside if hold is not None else len(device._delay._pending)  # type: ignore[union-attr]
+
+    try:
+        with BlkDriver.connect(sock, timeout=30) as drv:
+            slots = [drv.submit(ReqType.IN, i * 8, 4096, kick=False) for i in range(DEPTH)]
+            drv.kick()
+            while in_flight() < DEPTH:  # every request popped and waiting
+                time.sleep(0.01)
+            assert drv.frontend is not None
+            if hold is not None:
+                # Let the reads go only once the stop is on its way.
+                threading.Timer(0.2, hold.go.set).start()
+            last_avail = drv.frontend.stop_queue(0)
+            assert last_avail == DEPTH
+            done = drv.poll(0)  # no waiting: the used ring holds them already
+            assert sorted(s.index for s in done) == sorted(s.index for s in slots)
+            for slot, data in zip(slots, expected, strict=True):
+                assert slot.status == Status.OK and bytes(slot.payload()) == data
+    finally:
+        if hold is not None:
+            hold.go.set()
+        server.stop()
+        thread.join(10)
+        server.close()
+        store.close()

@@ -104,6 +104,15 @@ class DelayLine:
             self._arm(pending[0][0])
         rerun(touched)
 
+    def drain(self, vq: VirtQueue) -> list[tuple[Element, int]]:
+        """Take every request of ``vq`` out of the line at once (its ring stopped)."""
+        out = [(elem, length) for _w, q, elem, length in self._pending if q is vq]
+        if out:
+            self._pending = deque(p for p in self._pending if p[1] is not vq)
+            if self._pending:
+                self._arm(self._pending[0][0])
+        return out
+
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.fd)

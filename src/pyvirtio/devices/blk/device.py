@@ -151,6 +151,32 @@ class BlkDevice(Device):
         if self._delay is not None:
             self._delay.close()
 
+    def queue_stopped(self, queue: VirtQueue) -> None:
+        """Finish what the asynchronous engine still holds of ``queue`` before it stops.
+
+        A ring stops on GET_VRING_BASE (its reply gives ``last_avail_idx``,
+        which counts the requests in flight as taken), on disable and on
+        disconnect: a request left in flight would then never be answered.
+        So the engine is drained (the loop blocks meanwhile) and the results
+        published on the ring — still mapped, its call fd still open: the
+        session closes them after this hook — before the reply leaves.
+        """
+        results: list[tuple[Element, int]] = []
+        if self.engine is not None:
+            results += self.engine.drain(queue)
+        if self._delay is not None:
+            results += self._delay.drain(queue)
+        if not results or queue.broken is not None:
+            return
+        # complete() drops the requests of a closed ring; this once it must not.
+        queue.closed = False
+        try:
+            for elem, length in results:
+                queue.complete(elem, length)
+            queue.publish()
+        finally:
+            queue.closed = True
+
     def process(self, queue: VirtQueue) -> None:
         if self.engine is None:
             self.process_queue(queue.index, queue.ring)

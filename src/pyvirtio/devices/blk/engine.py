@@ -75,6 +75,7 @@ class ThreadEngine:
         self._loop: EventLoop | None = None
         #: Jobs submitted and not yet returned to the loop (for statistics and tests).
         self.in_flight = 0
+        self._per_queue: dict[VirtQueue, int] = {}
         self.submitted = 0
 
     def __repr__(self) -> str:
@@ -93,6 +94,7 @@ class ThreadEngine:
         """Run ``job`` (it answers ``elem`` in guest memory, returns the used length)."""
         self.in_flight += 1
         self.submitted += 1
+        self._per_queue[vq] = self._per_queue.get(vq, 0) + 1
         threads = self._threads
         if self.in_flight > len(threads) and len(threads) < self.workers:
             # Workers are started as the depth asks for them (QEMU's thread pool
@@ -133,7 +135,7 @@ class ThreadEngine:
         touched: set[VirtQueue] = set()
         while done:
             vq, elem, result = done.popleft()
-            self.in_flight -= 1
+            self._returned(vq)
             touched.add(vq)
             try:
                 if isinstance(result, BaseException):
@@ -147,6 +149,42 @@ class ThreadEngine:
                     log.error("queue %d: request failed: %r", vq.index, exc)
                     vq.fail(f"device failed: {exc!r}")
         rerun(touched)
+
+    def _returned(self, vq: VirtQueue) -> None:
+        self.in_flight -= 1
+        left = self._per_queue[vq] - 1
+        if left:
+            self._per_queue[vq] = left
+        else:
+            del self._per_queue[vq]
+
+    def drain(self, vq: VirtQueue) -> list[tuple[Element, int]]:
+        """Wait for every job of ``vq`` in flight; returns (element, used length) of each.
+
+        Blocks the loop, as QEMU drains a block device before it stops a
+        ring (``bdrv_drain``): the ring stopped, and the front end was told a
+        ``last_avail_idx`` that counts these requests as taken.  Completions of
+        other rings that arrive meanwhile are left for :meth:`_collect`.
+        """
+        out: list[tuple[Element, int]] = []
+        done = self._done
+        while self._per_queue.get(vq, 0):
+            self._wake.wait(1.0)
+            self._signalled = False
+            keep: list[Done] = []
+            while done:
+                item = done.popleft()
+                if item[0] is not vq:
+                    keep.append(item)
+                    continue
+                self._returned(vq)
+                if isinstance(item[2], int):
+                    out.append((item[1], item[2]))
+            if keep:
+                done.extend(keep)
+                self._signalled = True
+                self._wake.signal()
+        return out
 
     def close(self) -> None:
         """Stop the workers (after the jobs queued before) and release the eventfd."""
