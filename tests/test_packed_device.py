@@ -178,30 +178,6 @@ def test_fill_flush_writes_used_at_the_positions_the_driver_reads(
     assert drv.get_bufs() == [("c", 0), ("a", 0), ("b", 8)]
 
 
-def test_flush_publishes_the_first_used_descriptor_last(pairs: list[PackedPair]) -> None:
-    p = new(pairs, num=4)
-    for i in range(2):
-        p.driver.add([(DATA, 4)], [], i)
-    e0, e1 = p.device.pop(), p.device.pop()
-    assert e0 is not None and e1 is not None
-    stores: list[int] = []
-    inner = p.device._desc16
-
-    class Spy:
-        def __setitem__(self, i: int, v: int) -> None:
-            stores.append(i)
-            inner[i] = v
-
-        def __getitem__(self, i: int) -> int:
-            return int(inner[i])
-
-    p.device._desc16 = Spy()  # type: ignore[assignment]
-    p.device.fill(e0.head, 0, 0)
-    p.device.fill(e1.head, 0, 1)
-    p.device.flush(2)
-    assert stores[-1] == 7 and stores.count(7) == 1  # position 0's flags, last
-
-
 def test_flush_refuses_what_is_not_in_flight(pairs: list[PackedPair]) -> None:
     p = new(pairs, num=4)
     p.driver.add([(DATA, 4)], [], "t")

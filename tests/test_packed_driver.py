@@ -85,28 +85,6 @@ def test_a_chain_across_the_end_of_the_ring_flips_the_bits_midway(
     assert p.driver.next_avail_idx == 1 and p.driver.avail_wrap_counter == 0
 
 
-def test_head_flags_are_stored_last(pairs: list[PackedPair]) -> None:
-    """The device must never see the head available before the rest (§2.8.6)."""
-    p = new(pairs, num=4)
-    seen: list[int] = []
-
-    class Spy:
-        def __init__(self, inner: memoryview) -> None:
-            self.inner = inner
-
-        def __setitem__(self, i: int, v: int) -> None:
-            seen.append(i)
-            self.inner[i] = v
-
-        def __getitem__(self, i: int) -> int:
-            return int(self.inner[i])
-
-    p.driver._desc16 = Spy(p.driver._desc16)  # type: ignore[assignment]
-    p.driver.add([(0x5000, 1), (0x5100, 2)], [], "t")
-    assert seen == [7]  # only the head's flags go through desc16, after the packs
-    assert desc(p, 1)[3] == avail_flags(1)
-
-
 def test_ids_are_reused_out_of_order(pairs: list[PackedPair]) -> None:
     p = new(pairs, num=4)
     drv = p.driver
