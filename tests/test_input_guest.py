@@ -141,7 +141,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Run:
     try:
         # ttyS1 for the ready marker (see wait_for_marker).
         vm = boot(initramfs, GUEST, [VhostUserDevice("vhost-user-input-pci", sock)],
-                  qemu_args=("-serial", f"file:{markers}"), qemu_dir=QEMU_DIR)
+                  qemu_args=("-serial", f"file:{markers}"), qemu_dir=QEMU_DIR,
+                  timeout=240)  # QEMU 10 under TCG on a busy 2-core machine
         try:
             wait_for_marker(vm, markers, "INPUT READY")
             typed = subprocess.run(
