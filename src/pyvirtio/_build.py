@@ -27,6 +27,9 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pyvirtio.core.layout",
     "pyvirtio.core.memory",
     "pyvirtio.core.notify",
+    "pyvirtio.core.packed_device",
+    "pyvirtio.core.packed_driver",
+    "pyvirtio.core.packed_layout",
     "pyvirtio.core.split_device",
     "pyvirtio.core.split_driver",
 )
