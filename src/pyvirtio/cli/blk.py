@@ -50,10 +50,11 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
                           "return zeros, writes are dropped (qemu-storage-daemon's null-co)")
     blk.add_argument("--latency-us", type=float, default=0.0, metavar="US",
                      help="with --null: every request takes this long (null-co latency-ns)")
-    blk.add_argument("--aio", choices=("threads", "sync"), default="threads",
-                     help="threads: many requests in flight, a pool of workers (QEMU "
-                          "aio=threads), page-cache hits answered at once; sync: each "
-                          "request in the event loop, one at a time (default: threads)")
+    blk.add_argument("--aio", choices=("threads", "sync"), default="sync",
+                     help="sync: each request in the event loop, in order (safe across a "
+                          "back-end restart: QEMU resumes from the used index); threads: many "
+                          "requests in flight in a pool of workers (QEMU aio=threads), for "
+                          "slow storage, completed out of order")
     blk.add_argument("--aio-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                      help=f"worker threads of --aio threads (default {DEFAULT_WORKERS})")
     blk.add_argument("--cache", choices=("writeback", "none"), default="writeback",

@@ -114,7 +114,8 @@ class ThreadEngine:
             try:
                 result = job()
             except BaseException as exc:  # reported on the loop, which breaks the ring
-                result = exc
+                # Without its traceback: the frames in it hold the request's views.
+                result = exc.with_traceback(None)
             done.append((vq, elem, result))
             # One eventfd write per batch: the loop clears the flag (after
             # draining the eventfd) before it takes the batch, so a completion
@@ -122,6 +123,10 @@ class ThreadEngine:
             if not self._signalled:
                 self._signalled = True
                 self._wake.signal()
+            # Hold nothing of this request while waiting for the next: its views
+            # (and an exception's traceback) keep the guest memory mapped, and a
+            # front end that left must get its memory unmapped now.
+            del item, job, vq, elem, result
 
     # ------------------------------------------------------------------ loop
     def _collect(self) -> None:
@@ -137,9 +142,17 @@ class ThreadEngine:
             vq, elem, result = done.popleft()
             self._returned(vq)
             touched.add(vq)
+            # Not re-raised: a raised exception's traceback would tie this frame
+            # (and the request's views) into a cycle only the GC breaks.
+            if isinstance(result, BaseException):
+                if vq.ready:
+                    if isinstance(result, PeerError):
+                        vq.fail(str(result))
+                    else:  # a bug must not strand the rest of the batch
+                        log.error("queue %d: request failed: %r", vq.index, result)
+                        vq.fail(f"device failed: {result!r}")
+                continue
             try:
-                if isinstance(result, BaseException):
-                    raise result
                 vq.complete(elem, result)
             except PeerError as exc:
                 if vq.ready:
