@@ -43,7 +43,11 @@ from pyvirtio.transports.vhost_user.messages import (
     backend_request,
     request,
 )
-from pyvirtio.transports.vhost_user.session import SUPPORTED_PROTOCOL_FEATURES, VhostUserSession
+from pyvirtio.transports.vhost_user.session import (
+    MAX_MEM_SLOTS,
+    SUPPORTED_PROTOCOL_FEATURES,
+    VhostUserSession,
+)
 
 MEM = 1 << 20
 UADDR = 0x7F00_0000_0000
@@ -372,7 +376,7 @@ def test_mem_table_change_remaps_rings_and_keeps_indices(front: Front) -> None:
 def test_add_and_remove_memory_regions() -> None:
     f = Front()
     f.send(Request.SET_FEATURES, FEATURES | 1 << F_PROTOCOL_FEATURES)
-    assert f.one(Request.GET_MAX_MEM_SLOTS) == 32
+    assert f.one(Request.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
     half = MEM // 2
     f.send(Request.ADD_MEM_REG, MemRegion(0, half, UADDR, 0), (os.dup(f.memfd),))
     f.send(Request.ADD_MEM_REG, MemRegion(half, half, UADDR + half, half), (os.dup(f.memfd),))
