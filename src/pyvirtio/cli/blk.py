@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import sys
 
+from pyvirtio.cli.common import backend_main, register_backend
 from pyvirtio.core.errors import CallerError
 from pyvirtio.devices.blk.engine import DEFAULT_WORKERS
 from pyvirtio.devices.blk.workload import parse_size
-from pyvirtio.transports.commandline import ExamplesHelpFormatter
 from pyvirtio.transports.vhost_user.program import BackendProgram
 
 DESCRIPTION = "vhost-user-blk back end in Python (pyvirtio): serve a disk image to a VM"
@@ -130,18 +129,13 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("blk", help="serve a disk image as a vhost-user-blk back end",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=ExamplesHelpFormatter)
-    program = _program("pyvirtio blk", p)
-    p.set_defaults(func=functools.partial(run, program=program))
+    register_backend(subparsers, "blk", "serve a disk image as a vhost-user-blk back end",
+                     DESCRIPTION, EPILOG, _program, run)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pyvirtio-blk`` console script."""
-    program = _program("pyvirtio-blk")
-    args = program.parser.parse_args(argv)
-    return run(args, program)
+    return backend_main("pyvirtio-blk", _program, run, argv)
 
 
 if __name__ == "__main__":

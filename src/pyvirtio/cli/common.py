@@ -9,23 +9,26 @@ the command needs it: no back end listening, a busy back end).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import stat
 from collections.abc import Callable
 
 from pyvirtio.core.layout import is_valid_queue_size
-
-# The one-line-error parser lives with the back-end program conventions, which
-# every device program (blk, net, rng, input) uses too.
 from pyvirtio.transports.commandline import (
     FAILURE,
     USAGE,
+    ExamplesHelpFormatter,
     HelpFormatter,
     Parser,
     failure,
     one_line,
     usage_error,
 )
+
+# The one-line-error parser lives with the back-end program conventions, which
+# every device program (blk, net, rng, input) uses too.
+from pyvirtio.transports.vhost_user.program import BackendProgram
 
 __all__ = ["FAILURE", "USAGE", "HelpFormatter", "Parser", "connect_problem", "failure",
            "non_negative_float", "one_line", "positive_float", "positive_int", "queue_size",
@@ -106,3 +109,26 @@ def connect_problem(path: str, exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{path}: {exc.strerror}"
     return f"{path}: {exc}"
+
+
+# ------------------------------------------------------- back-end programs
+MakeProgram = Callable[[str, "argparse.ArgumentParser | None"], BackendProgram]
+#: ``run(args, program)``; called with ``program`` by keyword.
+RunProgram = Callable[..., int]
+
+
+def register_backend(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+                     name: str, help: str, description: str, epilog: str,
+                     make: MakeProgram, run: RunProgram) -> None:
+    """``pyvirtio NAME``: the same program as its console script, as a sub-command."""
+    p = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                              formatter_class=ExamplesHelpFormatter)
+    program = make(f"pyvirtio {name}", p)
+    p.set_defaults(func=functools.partial(run, program=program))
+
+
+def backend_main(prog: str, make: MakeProgram, run: RunProgram,
+                 argv: list[str] | None = None) -> int:
+    """The console script ``prog`` of a back-end program."""
+    program = make(prog, None)
+    return run(program.parser.parse_args(argv), program=program)

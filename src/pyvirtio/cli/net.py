@@ -15,13 +15,12 @@ is :class:`pyvirtio.devices.net.device.NetDevice`, the ports are in
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import signal
 import sys
 
+from pyvirtio.cli.common import backend_main, register_backend
 from pyvirtio.core.errors import CallerError
-from pyvirtio.transports.commandline import ExamplesHelpFormatter
 from pyvirtio.transports.vhost_user.program import BackendProgram, Endpoint
 
 log = logging.getLogger("pyvirtio.net")
@@ -128,18 +127,13 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("net", help="serve virtio-net ports as a vhost-user-net back end",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=ExamplesHelpFormatter)
-    program = _program("pyvirtio net", p)
-    p.set_defaults(func=functools.partial(run, program=program))
+    register_backend(subparsers, "net", "serve virtio-net ports as a vhost-user-net back end",
+                     DESCRIPTION, EPILOG, _program, run)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pyvirtio-net`` console script."""
-    program = _program("pyvirtio-net")
-    args = program.parser.parse_args(argv)
-    return run(args, program)
+    return backend_main("pyvirtio-net", _program, run, argv)
 
 
 if __name__ == "__main__":
