@@ -193,8 +193,37 @@ def test_a_device_that_waits_for_something_else_leaves_kicks_on(ring_pair: type)
     dev = Idle()
     kit = Kit(pair, dev)
     kit.request(b"x")
-    assert kit.vq.run() == 0 and dev.calls == 1
+    # Offered twice: the re-check shows it a buffer its first pass had not looked at
+    # (the kit cannot know it was not looking); then the kit stops instead of spinning.
+    assert kit.vq.run() == 0 and dev.calls == 2
     assert kit.vq.available() == 1
+
+
+def test_a_buffer_the_recheck_finds_is_processed_without_a_kick(ring_pair: type) -> None:
+    """The lost wake-up: the driver publishes a buffer after the device's last pop but
+    before its re-check, and reads the avail_event the re-check wrote (so it does not
+    kick).  The device must process that buffer in the same run."""
+
+    class Racing(Device):
+        device_id = DeviceId.CONSOLE
+
+        def __init__(self, kit: Kit) -> None:
+            self.kit = kit
+            self.raced = False
+
+        def process(self, queue: VirtQueue) -> None:
+            while (req := queue.pop()) is not None:
+                queue.complete(req, 0)
+            if not self.raced:
+                self.raced = True
+                self.kit.request(b"late", token="late")  # after the pop found nothing
+
+    pair: RingPair = ring_pair(8, EVENT_IDX)
+    kit = Kit(pair, Upper())
+    dev = Racing(kit)
+    kit.vq.device = dev
+    kit.vq.run()  # a kick with nothing there yet: the first pass takes nothing
+    assert pair.driver.get_buf() == ("late", 0)
 
 
 def test_a_peer_error_breaks_only_this_queue_after_publishing_what_was_done(

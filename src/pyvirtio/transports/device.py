@@ -448,11 +448,19 @@ class VirtQueue:
                 self.publish()
                 if poll:
                     break
+                # What the device has seen of avail.idx before the re-check below.
+                seen = ring.shadow_avail_idx
                 if self.notifications and self.kicks_when_idle:
                     more = ring.enable_notification()
                 else:
                     more = ring.available() > 0
-                if not more or ring.last_avail_idx == before:
+                if not more:
+                    break
+                if ring.last_avail_idx == before and ring.shadow_avail_idx == seen:
+                    # The device saw these buffers and took none (it waits for
+                    # something else): stop, or it would spin.  Buffers that only
+                    # the re-check found must be offered to it: the driver may have
+                    # read the avail_event just written and not kick for them.
                     break
         except PeerError as exc:
             self.fail(str(exc))
