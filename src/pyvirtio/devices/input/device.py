@@ -115,6 +115,9 @@ class InputDevice(Device):
         """Close the control socket and stop reading stdin."""
         for source in self._inputs:
             source.close()
+        if self._inputs:
+            log.info("input: %d events delivered, %d waiting for buffers, %d dropped",
+                     self.delivered, len(self.pending), self.dropped)
         self._inputs.clear()
 
     # ------------------------------------------------------------ config space
