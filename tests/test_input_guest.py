@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from blk_peers import stop
 from pyvirtio.devices.input import text_events
 from qemu_guest import Guest, VhostUserDevice, boot, build_initramfs
 
@@ -121,17 +121,6 @@ def wait_for_marker(vm: Guest, path: Path, marker: str) -> None:
         time.sleep(0.05)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Run:
     version = newer_qemu()
@@ -160,7 +149,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Run:
         finally:
             vm.kill()
     finally:
-        rc = stop(backend)
+        rc = stop(backend, timeout=10)
     log = (tmp / "input.log").read_text()
     assert rc == 0, log
     return Run(res.rc, res.log, version, typed.stdout.strip(), log)

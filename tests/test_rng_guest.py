@@ -24,7 +24,6 @@ vhost-user-input-pci without KVM, backends/vhost-user.c
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from blk_peers import stop
 from qemu_guest import VhostUserDevice, boot, build_initramfs
 
 MODULES = ("virtio_pci", "virtio_rng")
@@ -72,17 +72,6 @@ def start(tmp: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("guest")
@@ -100,7 +89,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Run:
         finally:
             vm.kill()
     finally:
-        rc = stop(rng)
+        rc = stop(rng, timeout=10)
     log = (tmp / "rng.log").read_text()
     assert rc == 0, log
     return Run(res.rc, res.log, source, log)
