@@ -1,14 +1,21 @@
 """The device kit (pyvirtio.transports.device): features, sync and deferred answers, breakage.
 
-Driven in process over a :class:`RingPair` (VIRTIO 1.2 §2.7 split ring): the
-kit's :class:`VirtQueue` wraps the device side, the test is the driver.
+Driven in process over a ring pair — split (VIRTIO 1.2 §2.7, conftest's
+:class:`RingPair`) or packed (§2.8, packed_harness's :class:`PackedPair`):
+the kit's :class:`VirtQueue` wraps the device side, the test is the driver.
+The tests that need no ring internals run on both kinds (``any_pair``): a
+device cannot tell them apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
 
 from conftest import EVENT_IDX, RingPair
+from packed_harness import close_packed_pair, make_packed_pair
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import (
     F_NOTIFY_ON_EMPTY,
@@ -55,10 +62,29 @@ class Holder(Device):
         self.stopped.append(queue)
 
 
+@pytest.fixture(params=["split", "packed"])
+def any_pair(request: pytest.FixtureRequest,
+             ring_pair: Callable[..., RingPair]) -> Iterator[Callable[..., Any]]:
+    """``ring_pair`` for split rings, its packed counterpart for packed ones."""
+    if request.param == "split":
+        yield ring_pair
+        return
+    made: list[Any] = []
+
+    def factory(num: int = 8, features: int = 0) -> Any:
+        pair = make_packed_pair(num, features)
+        made.append(pair)
+        return pair
+
+    yield factory
+    for pair in made:
+        close_packed_pair(pair)
+
+
 class Kit:
     """A VirtQueue over a ring pair, recording interrupts, breaks and scheduled work."""
 
-    def __init__(self, pair: RingPair, device: DeviceProtocol, schedule: bool = False) -> None:
+    def __init__(self, pair: Any, device: DeviceProtocol, schedule: bool = False) -> None:
         self.pair = pair
         self.irqs = 0
         self.broken: list[str] = []
@@ -72,7 +98,7 @@ class Kit:
 
     def request(self, text: bytes, room: int = 64, token: object = None) -> int:
         out = self.pair.buf(len(text), text)
-        inn = self.pair.buf(room)
+        inn: int = self.pair.buf(room)
         self.pair.driver.add([(out, len(text))], [(inn, room)],
                              token=text if token is None else token)
         return inn
@@ -108,8 +134,8 @@ def test_a_device_without_a_handler_says_so() -> None:
         Nothing().handle(None, None)  # type: ignore[arg-type]
 
 
-def test_request_read_write_scatter(ring_pair: type) -> None:
-    pair: RingPair = ring_pair(8)
+def test_request_read_write_scatter(any_pair: Callable[..., Any]) -> None:
+    pair: Any = any_pair(8)
     kit = Kit(pair, Upper())
     a, b = pair.buf(3), pair.buf(5)
     out = pair.buf(4, b"abcd")
@@ -124,15 +150,15 @@ def test_request_read_write_scatter(ring_pair: type) -> None:
 
 
 @pytest.mark.parametrize("features", [0, EVENT_IDX], ids=["flags", "event-idx"])
-def test_sync_handler_publishes_a_batch_and_interrupts_once(ring_pair: type,
+def test_sync_handler_publishes_a_batch_and_interrupts_once(any_pair: Callable[..., Any],
                                                             features: int) -> None:
-    pair: RingPair = ring_pair(16, features)
+    pair: Any = any_pair(16, features)
     kit = Kit(pair, Upper())
     bufs = [kit.request(f"req-{i}".encode()) for i in range(5)]
     assert kit.vq.run() == 5
     assert kit.irqs == 1
     for i, inn in enumerate(bufs):
-        token, length = pair.driver.get_buf()  # type: ignore[misc]
+        token, length = pair.driver.get_buf()
         assert (token, length) == (f"req-{i}".encode(), 5)
         assert pair.mem.read(inn, 5) == f"REQ-{i}".encode()
     # Kicks are wanted again after the pass (the re-check found nothing).
@@ -141,8 +167,8 @@ def test_sync_handler_publishes_a_batch_and_interrupts_once(ring_pair: type,
     assert pair.driver.kick_prepare()
 
 
-def test_deferred_requests_complete_later_through_the_loop(ring_pair: type) -> None:
-    pair: RingPair = ring_pair(8, EVENT_IDX)
+def test_deferred_requests_complete_later_through_the_loop(any_pair: Callable[..., Any]) -> None:
+    pair: Any = any_pair(8, EVENT_IDX)
     dev = Holder()
     kit = Kit(pair, dev, schedule=True)
     for i in range(3):
@@ -156,7 +182,7 @@ def test_deferred_requests_complete_later_through_the_loop(ring_pair: type) -> N
     assert kit.irqs == 1
     assert [pair.driver.get_buf() for _ in range(2)] == [(2, 2), (0, 0)]
     # Without a loop the completion is published at once.
-    kit2 = Kit(ring_pair(8), Holder())
+    kit2 = Kit(any_pair(8), Holder())
     kit2.request(b"y", token="y")
     kit2.vq.run()
     holder = kit2.vq.device
@@ -165,8 +191,8 @@ def test_deferred_requests_complete_later_through_the_loop(ring_pair: type) -> N
     assert kit2.pair.driver.get_buf() == ("y", 1)
 
 
-def test_completions_of_a_stopped_queue_are_dropped(ring_pair: type) -> None:
-    pair: RingPair = ring_pair(8)
+def test_completions_of_a_stopped_queue_are_dropped(any_pair: Callable[..., Any]) -> None:
+    pair: Any = any_pair(8)
     dev = Holder()
     kit = Kit(pair, dev)
     kit.request(b"x")
@@ -174,12 +200,13 @@ def test_completions_of_a_stopped_queue_are_dropped(ring_pair: type) -> None:
     kit.vq.close()
     dev.held[0].complete(1)
     assert pair.driver.get_buf() is None
-    other = Kit(ring_pair(8), Holder())
+    other = Kit(any_pair(8), Holder())
     with pytest.raises(CallerError, match="another queue"):
         other.vq.complete(dev.held[0], 1)
 
 
-def test_a_device_that_waits_for_something_else_leaves_kicks_on(ring_pair: type) -> None:
+def test_a_device_that_waits_for_something_else_leaves_kicks_on(
+        any_pair: Callable[..., Any]) -> None:
     """process() that takes nothing must not spin although buffers wait (net rx, input)."""
 
     class Idle(Device):
@@ -189,7 +216,7 @@ def test_a_device_that_waits_for_something_else_leaves_kicks_on(ring_pair: type)
         def process(self, queue: VirtQueue) -> None:
             self.calls += 1
 
-    pair: RingPair = ring_pair(8, EVENT_IDX)
+    pair: Any = any_pair(8, EVENT_IDX)
     dev = Idle()
     kit = Kit(pair, dev)
     kit.request(b"x")
@@ -199,7 +226,8 @@ def test_a_device_that_waits_for_something_else_leaves_kicks_on(ring_pair: type)
     assert kit.vq.available() == 1
 
 
-def test_a_buffer_the_recheck_finds_is_processed_without_a_kick(ring_pair: type) -> None:
+def test_a_buffer_the_recheck_finds_is_processed_without_a_kick(
+        any_pair: Callable[..., Any]) -> None:
     """The lost wake-up: the driver publishes a buffer after the device's last pop but
     before its re-check, and reads the avail_event the re-check wrote (so it does not
     kick).  The device must process that buffer in the same run."""
@@ -218,7 +246,7 @@ def test_a_buffer_the_recheck_finds_is_processed_without_a_kick(ring_pair: type)
                 self.raced = True
                 self.kit.request(b"late", token="late")  # after the pop found nothing
 
-    pair: RingPair = ring_pair(8, EVENT_IDX)
+    pair: Any = any_pair(8, EVENT_IDX)
     kit = Kit(pair, Upper())
     dev = Racing(kit)
     kit.vq.device = dev
@@ -227,7 +255,7 @@ def test_a_buffer_the_recheck_finds_is_processed_without_a_kick(ring_pair: type)
 
 
 def test_a_peer_error_breaks_only_this_queue_after_publishing_what_was_done(
-        ring_pair: type) -> None:
+        any_pair: Callable[..., Any]) -> None:
     class Picky(Device):
         device_id = DeviceId.CONSOLE
 
@@ -236,7 +264,7 @@ def test_a_peer_error_breaks_only_this_queue_after_publishing_what_was_done(
                 raise PeerError("a request this device cannot take")
             return 0
 
-    pair: RingPair = ring_pair(8, EVENT_IDX)
+    pair: Any = any_pair(8, EVENT_IDX)
     kit = Kit(pair, Picky())
     kit.request(b"ok1", token=1)
     kit.request(b"ok2", token=2)
@@ -248,14 +276,14 @@ def test_a_peer_error_breaks_only_this_queue_after_publishing_what_was_done(
     assert kit.vq.run() == 0  # a broken queue is not run
 
 
-def test_a_device_bug_breaks_the_queue_not_the_process(ring_pair: type) -> None:
+def test_a_device_bug_breaks_the_queue_not_the_process(any_pair: Callable[..., Any]) -> None:
     class Buggy(Device):
         device_id = DeviceId.CONSOLE
 
         def handle(self, queue: VirtQueue, req: Request) -> int:
             raise ZeroDivisionError("bug")
 
-    pair: RingPair = ring_pair(8)
+    pair: Any = any_pair(8)
     kit = Kit(pair, Buggy())
     kit.request(b"x")
     kit.vq.run()
@@ -274,8 +302,8 @@ def test_a_hostile_head_after_good_requests(ring_pair: type) -> None:
     assert pair.used_idx == 1 and kit.irqs == 1
 
 
-def test_used_length_must_be_32_bit(ring_pair: type) -> None:
-    pair: RingPair = ring_pair(8)
+def test_used_length_must_be_32_bit(any_pair: Callable[..., Any]) -> None:
+    pair: Any = any_pair(8)
     dev = Holder()
     kit = Kit(pair, dev)
     kit.request(b"x")
@@ -284,8 +312,8 @@ def test_used_length_must_be_32_bit(ring_pair: type) -> None:
         dev.held[0].complete(1 << 32)
 
 
-def test_kick_runs_the_queue_again(ring_pair: type) -> None:
-    pair: RingPair = ring_pair(8)
+def test_kick_runs_the_queue_again(any_pair: Callable[..., Any]) -> None:
+    pair: Any = any_pair(8)
     kit = Kit(pair, Upper(), schedule=True)
     kit.request(b"q")
     kit.vq.kick()
@@ -293,3 +321,29 @@ def test_kick_runs_the_queue_again(ring_pair: type) -> None:
     assert len(kit.soon) == 1
     kit.soon.pop()()  # type: ignore[operator]
     assert pair.driver.get_buf() is not None
+
+
+def test_the_counters_and_state_the_stats_read(any_pair: Callable[..., Any]) -> None:
+    """Free-running counts on both rings (a packed ring's used_idx is a ring position)."""
+    from pyvirtio.transports.stats import QueueStats
+
+    pair = any_pair(8, EVENT_IDX)
+    kit = Kit(pair, Upper())
+    qs = QueueStats(0)
+    qs.attach(kit.vq, tracing=True)
+    for round_ in range(4):  # 12 two-descriptor buffers through a ring of 8: past wraps
+        for i in range(3):
+            kit.request(f"r{round_}{i}".encode())
+        assert kit.vq.run() == 3
+        assert len(pair.driver.get_bufs()) == 3
+    kit.vq.kicked()
+    doc = qs.document()
+    total = doc["total"]
+    assert isinstance(total, dict)
+    assert (total["buffers_popped"], total["buffers_pushed"]) == (12, 12)
+    assert (total["readable_bytes"], total["used_bytes"]) == (36, 36)
+    assert total["batched_entries"] == 12 and total["batches"][1] == 4
+    state = doc["state"]
+    assert isinstance(state, dict) and state["in_flight"] == 0 and state["kicks_wanted"] == 1
+    trace = kit.vq.ring.trace
+    assert trace is not None and {r[1] for r in trace} >= {1, 3, 4, 5}  # irq, kick, on, off

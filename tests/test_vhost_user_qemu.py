@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.core.errors import PeerError
-from pyvirtio.core.split_device import SplitDeviceQueue
+from pyvirtio.core.queue import DeviceQueue
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.file_store import FileStore
 from pyvirtio.transports.vhost_user.server import VhostUserServer
@@ -64,7 +64,7 @@ class CheckDevice(BlkDevice):
             data[0:8] = GROWN.to_bytes(8, "little")
         return bytes(data[offset:offset + size])
 
-    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
+    def process_queue(self, index: int, queue: DeviceQueue) -> int:
         if self.break_next:
             self.break_next = False
             raise PeerError(f"queue {index}: a hostile ring (simulated)")

@@ -26,7 +26,13 @@
   are (index | wrap counter << 15) pairs, :meth:`~PackedDeviceQueue.vring_base`
   the 32-bit vhost-user VRING_BASE (core/packed_layout.py).
 
-Public names are :class:`SplitDeviceQueue`'s where the idea is the same.
+Public names are :class:`SplitDeviceQueue`'s where the idea is the same:
+both satisfy :class:`pyvirtio.core.queue.DeviceQueue`, the interface the
+device kit, the statistics and the devices use, including the counters
+(``COUNTERS``) and the trace records of docs/stats.md.  In a packed trace
+record the indices are positions with their wrap counter in bit 15
+(``used_idx | used_wrap_counter << 15``, the driver's ``off_wrap``) and the
+flags are the event suppression flags of the other side.
 ``last_avail_idx`` and ``used_idx`` are ring positions (0..num-1) with their
 wrap counters beside them, as in QEMU; ``inuse`` counts ring positions in
 flight (a chain takes one per descriptor, an indirect table one), also as
@@ -47,6 +53,7 @@ here: a notification is a decision returned to the caller.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from mypy_extensions import mypyc_attr
@@ -82,7 +89,16 @@ from pyvirtio.core.spec import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-from pyvirtio.core.split_device import Element
+from pyvirtio.core.split_device import (
+    TRACE_IRQ,
+    TRACE_IRQ_SUPPRESSED,
+    TRACE_KICK,
+    TRACE_KICKS_OFF,
+    TRACE_KICKS_ON,
+    TRACE_LIMIT,
+    Element,
+    TraceRecord,
+)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -119,9 +135,23 @@ class PackedDeviceQueue(Breakable):
         # fill() slots until flush() (QEMU used_elems): id (-1: empty) and length.
         self._fill_ids: list[int] = [-1] * self.num
         self._fill_lens: list[int] = [0] * self.num
-        #: Buffers popped and pushed since the queue was made (they only grow).
+        #: Buffers popped and pushed since the queue was made (they only grow):
+        #: the free-running counts (ring positions wrap at ``num``).
         self.buffers_popped = 0
         self.buffers_pushed = 0
+        #: Buffers popped plus those seen waiting, mod 2^16: the packed ring has
+        #: no avail.idx; this plays its role in the kit's re-check
+        #: (core/queue.py).
+        self.shadow_avail_idx = 0
+        # Statistics (docs/stats.md), as SplitDeviceQueue keeps them.
+        self.readable_bytes = 0
+        self.used_bytes = 0
+        self.notifications_enabled = 0
+        self.notifications_disabled = 0
+        self.interrupts_suppressed = 0
+        #: A list while a trace runs; None otherwise.
+        self.trace: list[TraceRecord] | None = None
+        self.trace_dropped = 0
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> tuple[int, int]:
@@ -166,15 +196,77 @@ class PackedDeviceQueue(Breakable):
         """Buffers popped and not yet flushed."""
         return len(self._inflight)
 
+    # ----------------------------------------------------------- statistics
+    def carry_counters(self, old: PackedDeviceQueue) -> None:
+        """Continue ``old``'s statistics and trace (the same ring, mapped anew)."""
+        self.buffers_popped = old.buffers_popped
+        self.buffers_pushed = old.buffers_pushed
+        self.shadow_avail_idx = old.shadow_avail_idx
+        self.readable_bytes = old.readable_bytes
+        self.used_bytes = old.used_bytes
+        self.notifications_enabled = old.notifications_enabled
+        self.notifications_disabled = old.notifications_disabled
+        self.interrupts_suppressed = old.interrupts_suppressed
+        self.trace = old.trace
+        self.trace_dropped = old.trace_dropped
+
+    def counters(self) -> dict[str, int]:
+        """The statistics counters by name (split_device.COUNTERS)."""
+        return {"buffers_popped": self.buffers_popped, "buffers_pushed": self.buffers_pushed,
+                "readable_bytes": self.readable_bytes, "used_bytes": self.used_bytes,
+                "notifications_enabled": self.notifications_enabled,
+                "notifications_disabled": self.notifications_disabled,
+                "interrupts_suppressed": self.interrupts_suppressed}
+
+    def ring_state(self) -> dict[str, int]:
+        """The ring's positions and event suppression structures now (read live).
+
+        ``avail_event`` / ``used_event`` are the device's and the driver's
+        ``off_wrap`` (-1 without EVENT_IDX), the flags their event flags:
+        the split ring's names for the same roles.
+        """
+        device = self._device16
+        driver = self._driver32[0]
+        return {"packed": 1,
+                "last_avail_idx": self.last_avail_idx,
+                "last_avail_wrap_counter": self.last_avail_wrap_counter,
+                "used_idx": self.used_idx, "used_wrap_counter": self.used_wrap_counter,
+                "avail_event": device[0] if self.event_idx else -1,
+                "used_event": driver & 0xFFFF if self.event_idx else -1,
+                "avail_flags": driver >> 16, "used_flags": device[1],
+                "signalled_used": self.signalled_used,
+                "signalled_used_valid": int(self.signalled_used_valid),
+                "in_flight": self.inuse, "kicks_wanted": int(self.notification)}
+
+    def _record(self, kind: int, old: int, new: int, event: int, flags: int) -> None:
+        trace = self.trace
+        if trace is None:
+            return
+        if len(trace) < TRACE_LIMIT:
+            trace.append((time.monotonic_ns(), kind, old, new, event, flags))
+        else:
+            self.trace_dropped += 1
+
+    def trace_kick(self) -> None:
+        """Record a kick the transport received (while tracing)."""
+        if self.trace is not None:
+            self._record(TRACE_KICK, self.last_avail_idx | self.last_avail_wrap_counter << 15,
+                         self.last_avail_idx | self.last_avail_wrap_counter << 15,
+                         self._device16[0] if self.event_idx else -1, self._device16[1])
+
     # ----------------------------------------------------------------- avail
     def is_empty(self) -> bool:
         """Whether the descriptor at ``last_avail_idx`` is not available (QEMU
         ``virtio_queue_packed_empty``)."""
         self._check_usable()
         flags = self._desc16[self.last_avail_idx * D16_PER_DESC + D16_FLAGS]
-        return flags & AVAIL_USED_MASK != (VRING_PACKED_DESC_F_AVAIL
-                                           if self.last_avail_wrap_counter
-                                           else VRING_PACKED_DESC_F_USED)
+        empty = flags & AVAIL_USED_MASK != (VRING_PACKED_DESC_F_AVAIL
+                                            if self.last_avail_wrap_counter
+                                            else VRING_PACKED_DESC_F_USED)
+        seen = self.buffers_popped + (0 if empty else 1)
+        if empty or (self.shadow_avail_idx - self.buffers_popped) & 0xFFFF == 0:
+            self.shadow_avail_idx = seen & 0xFFFF
+        return empty
 
     def available(self) -> int:
         """How many buffers are available and not yet popped: at least this many; 0 is exact.
@@ -201,6 +293,7 @@ class PackedDeviceQueue(Breakable):
             if pos == num:
                 pos = 0
                 want ^= AVAIL_USED_MASK
+        self.shadow_avail_idx = (self.buffers_popped + count) & 0xFFFF
         return count
 
     # ------------------------------------------------------------------- pop
@@ -246,6 +339,7 @@ class PackedDeviceQueue(Breakable):
         flags = desc16[head * D16_PER_DESC + D16_FLAGS]  # once, before the rest
         want = VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
         if flags & AVAIL_USED_MASK != want:
+            self.shadow_avail_idx = self.buffers_popped & 0xFFFF
             return None
         room = num - self.inuse
         if room <= 0:
@@ -317,6 +411,10 @@ class PackedDeviceQueue(Breakable):
             self.last_avail_wrap_counter = wrap ^ 1
         self.last_avail_idx = nxt
         self.buffers_popped += 1
+        if (self.shadow_avail_idx - self.buffers_popped) & 0xFFFF >= 0x8000:
+            self.shadow_avail_idx = self.buffers_popped & 0xFFFF
+        for v in readable:
+            self.readable_bytes += len(v)
         return Element(bid, readable, writable)
 
     @staticmethod
@@ -362,6 +460,7 @@ class PackedDeviceQueue(Breakable):
             raise CallerError(f"fill offset {offset} outside a queue of size {self.num}")
         self._fill_ids[offset] = head
         self._fill_lens[offset] = length
+        self.used_bytes += length
 
     def flush(self, count: int) -> None:
         """Write the ``count`` filled buffers as used descriptors (``virtqueue_packed_flush``)."""
@@ -436,20 +535,36 @@ class PackedDeviceQueue(Breakable):
         new = self.signalled_used = self.used_idx
         valid = self.signalled_used_valid
         self.signalled_used_valid = True
-        if flags == VRING_PACKED_EVENT_FLAG_DISABLE:
-            return False
-        if flags == VRING_PACKED_EVENT_FLAG_ENABLE or not valid:
-            return True
-        # vring_packed_need_event: an event in the other lap lies one ring behind.
         off_wrap = snapshot & 0xFFFF
-        off = off_wrap & OFF_MASK
-        if off_wrap >> 15 != self.used_wrap_counter:
-            off -= self.num
-        return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        if flags == VRING_PACKED_EVENT_FLAG_DISABLE:
+            notify = False
+        elif flags == VRING_PACKED_EVENT_FLAG_ENABLE or not valid:
+            notify = True
+        else:
+            # vring_packed_need_event: an event in the other lap lies one ring behind.
+            off = off_wrap & OFF_MASK
+            if off_wrap >> 15 != self.used_wrap_counter:
+                off -= self.num
+            notify = ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        if not notify:
+            self.interrupts_suppressed += 1
+        if self.trace is not None:
+            wrap = self.used_wrap_counter << 15
+            self._record(TRACE_IRQ if notify else TRACE_IRQ_SUPPRESSED,
+                         old | wrap if valid else -1, new | wrap,
+                         off_wrap if self.event_idx else -1, flags)
+        return notify
 
     # ----------------------------------------------------------------- kicks
     def disable_notification(self) -> None:
         """Tell the driver not to kick (it may still; kicks are only hints)."""
+        if self.notification:
+            self.notifications_disabled += 1
+            if self.trace is not None:
+                pos = self.last_avail_idx | self.last_avail_wrap_counter << 15
+                self._record(TRACE_KICKS_OFF, pos, pos,
+                             self._device16[0] if self.event_idx else -1,
+                             VRING_PACKED_EVENT_FLAG_DISABLE)
         self.notification = False
         self._device16[1] = VRING_PACKED_EVENT_FLAG_DISABLE
 
@@ -465,11 +580,17 @@ class PackedDeviceQueue(Breakable):
         True must process the ring instead of sleeping.
         """
         self._check_usable()
+        if not self.notification:
+            self.notifications_enabled += 1
         self.notification = True
         if self.event_idx:
             self._device16[0] = self.last_avail_idx | self.last_avail_wrap_counter << 15
             self._device16[1] = VRING_PACKED_EVENT_FLAG_DESC
         else:
             self._device16[1] = VRING_PACKED_EVENT_FLAG_ENABLE
+        if self.trace is not None:
+            pos = self.last_avail_idx | self.last_avail_wrap_counter << 15
+            self._record(TRACE_KICKS_ON, pos, pos, self._device16[0] if self.event_idx else -1,
+                         self._device16[1])
         full_fence()
         return not self.is_empty()

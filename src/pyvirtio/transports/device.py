@@ -25,7 +25,8 @@ is the kit's:
 
 The kit is transport-neutral: the vhost-user back end builds one
 :class:`VirtQueue` per started ring of a connection, an in-process harness
-can build one over any :class:`~pyvirtio.core.split_device.SplitDeviceQueue`.
+can build one over any :class:`~pyvirtio.core.queue.DeviceQueue` — a split
+(§2.7) or a packed (§2.8) ring, the device cannot tell.
 A device that moves millions of buffers a second overrides
 :meth:`Device.process` and uses the core queue (:attr:`VirtQueue.ring`:
 ``pop_batch``/``fill``/``flush``) directly; the kit still decides on the
@@ -39,13 +40,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol, runtime_checkable
 
 from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.queue import DeviceQueue
 from pyvirtio.core.spec import (
     F_NOTIFY_ON_EMPTY,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
     F_VERSION_1,
 )
-from pyvirtio.core.split_device import Element, SplitDeviceQueue
+from pyvirtio.core.split_device import Element
 
 if TYPE_CHECKING:
     from pyvirtio.io.loop import EventLoop
@@ -263,7 +265,7 @@ class VirtQueue:
     made outside a kick); without it they are published at once.
     """
 
-    def __init__(self, index: int, ring: SplitDeviceQueue, device: DeviceProtocol,
+    def __init__(self, index: int, ring: DeviceQueue, device: DeviceProtocol,
                  signal: Signal, *, on_broken: OnBroken | None = None,
                  schedule: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.index = index
@@ -274,7 +276,8 @@ class VirtQueue:
         self._schedule = schedule
         #: Entries filled with :meth:`complete` and not yet published.
         self._filled = 0
-        self._decided = ring.used_idx
+        # Free-running counts, not used_idx: a packed ring's is a ring position.
+        self._decided = ring.buffers_pushed
         self._dispatching = False
         self._publish_due = False
         self._run_due = False
@@ -413,11 +416,11 @@ class VirtQueue:
         if n:
             self._filled = 0
             ring.flush(n)
-        used = ring.used_idx
+        used = ring.buffers_pushed
         if used != self._decided:
             # One interrupt decision per batch: the histogram costs a bit_length.
-            batch = (used - self._decided) & 0xFFFF
-            self.batches[batch.bit_length() - 1] += 1
+            batch = used - self._decided
+            self.batches[min(batch.bit_length(), BATCH_BUCKETS) - 1] += 1
             self.batched_entries += batch
             self._decided = used
             if ring.should_notify():
@@ -437,7 +440,7 @@ class VirtQueue:
         if not self.ready:
             return 0
         ring = self.ring
-        start = ring.used_idx
+        start = ring.buffers_pushed
         self._dispatching = True
         try:
             while True:
@@ -469,7 +472,7 @@ class VirtQueue:
             self.fail(f"device failed: {exc!r}", by_device=True)
         finally:
             self._dispatching = False
-        return (ring.used_idx - start) & 0xFFFF
+        return ring.buffers_pushed - start
 
     def fail(self, reason: str, *, by_device: bool = False) -> None:
         """Break the ring (the device or the driver broke the rules) and tell the transport.
@@ -488,8 +491,8 @@ class VirtQueue:
             ring.flush(self._filled)
         self._filled = 0
         ring.mark_broken(reason)
-        if ring.used_idx != self._decided:
-            self._decided = ring.used_idx
+        if ring.buffers_pushed != self._decided:
+            self._decided = ring.buffers_pushed
             self.interrupts += 1
             self._signal()
         if not self._reported:

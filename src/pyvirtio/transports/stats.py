@@ -1,7 +1,7 @@
 """Per-device and per-queue statistics of a back end, as one JSON-able snapshot (docs/stats.md).
 
 The counters themselves are plain integers kept where the work happens: the
-core queue (:class:`~pyvirtio.core.split_device.SplitDeviceQueue`: buffers
+core queue (:class:`~pyvirtio.core.queue.DeviceQueue`, split or packed: buffers
 popped and pushed, bytes, kick-suppression changes, interrupts suppressed)
 and the kit's :class:`~pyvirtio.transports.device.VirtQueue` (kicks,
 interrupts sent, batch sizes, errors).  This module only reads them — on the

@@ -35,8 +35,9 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import CallerError, PeerError
+from pyvirtio.core.queue import DeviceQueue
 from pyvirtio.core.spec import DeviceId
-from pyvirtio.core.split_device import Element, SplitDeviceQueue
+from pyvirtio.core.split_device import Element
 from pyvirtio.devices.blk.delay import DelayLine
 from pyvirtio.devices.blk.engine import ThreadEngine
 from pyvirtio.devices.blk.request import id_bytes, parse_request, parse_segments
@@ -231,7 +232,7 @@ class BlkDevice(Device):
                     ring.unpop(left)
                 raise
 
-    def process_queue(self, index: int, queue: SplitDeviceQueue) -> int:
+    def process_queue(self, index: int, queue: DeviceQueue) -> int:
         """Execute waiting requests of the core ``queue``; returns how many were published.
 
         At most ``batch`` (or half of what waits) per call when ``batch`` is
