@@ -155,9 +155,10 @@ def test_features_offer_protocol_bit_and_supported_protocol_features() -> None:
     assert f.one(Request.GET_FEATURES) == RING_FEATURES | 1 << F_PROTOCOL_FEATURES
     proto = f.one(Request.GET_PROTOCOL_FEATURES)
     assert isinstance(proto, int)
-    for bit in ("MQ", "REPLY_ACK", "CONFIG", "CONFIGURE_MEM_SLOTS", "RESET_DEVICE", "STATUS"):
+    for bit in ("MQ", "REPLY_ACK", "CONFIG", "CONFIGURE_MEM_SLOTS", "RESET_DEVICE", "STATUS",
+                "INFLIGHT_SHMFD"):
         assert proto >> ProtocolFeature[bit] & 1
-    assert not proto >> ProtocolFeature.INFLIGHT_SHMFD & 1
+    assert not proto >> ProtocolFeature.PAGEFAULT & 1
     assert f.one(Request.GET_QUEUE_NUM) == 2
     f.send(Request.SET_OWNER)
     assert f.be.owner
@@ -173,7 +174,7 @@ def test_set_features_refuses_bits_not_offered(front: Front) -> None:
 def test_set_protocol_features_refuses_bits_not_offered() -> None:
     f = Front(protocol=None)
     with pytest.raises(PeerError, match="not offered"):
-        f.send(Request.SET_PROTOCOL_FEATURES, 1 << ProtocolFeature.INFLIGHT_SHMFD)
+        f.send(Request.SET_PROTOCOL_FEATURES, 1 << ProtocolFeature.PAGEFAULT)
     f.close()
 
 
@@ -312,7 +313,6 @@ def test_need_reply_is_ignored_without_reply_ack() -> None:
 
 
 @pytest.mark.parametrize(("req", "payload"), [
-    (Request.GET_INFLIGHT_FD, RawPayload(bytes(24))),
     (Request.SEND_RARP, RawPayload(bytes(8))),
     (Request.POSTCOPY_ADVISE, None),
     (Request.IOTLB_MSG, RawPayload(bytes(32))),
@@ -320,7 +320,7 @@ def test_need_reply_is_ignored_without_reply_ack() -> None:
 def test_unsupported_requests_are_refused(front: Front, req: Request, payload: Payload) -> None:
     with pytest.raises(PeerError, match="not supported"):
         front.send(req, payload)
-    if req not in (Request.GET_INFLIGHT_FD, Request.POSTCOPY_ADVISE):
+    if req is not Request.POSTCOPY_ADVISE:
         out = front.be.handle(request(req, payload, need_reply=True))
         assert [r.payload for r in out.replies] == [1]
 

@@ -22,6 +22,7 @@ from pyvirtio.transports.vhost_user.messages import (
     BackendRequest,
     ConfigSpace,
     Decoder,
+    InflightDesc,
     MemoryTable,
     MemRegion,
     Message,
@@ -77,8 +78,8 @@ def _valid(req: Request) -> tuple[Payload, int]:
         Request.SET_CONFIG: (ConfigSpace(32, 1, 0, b"\x01"), 0),
         Request.CREATE_CRYPTO_SESSION: (RawPayload(bytes(40)), 0),
         Request.CLOSE_CRYPTO_SESSION: (RawPayload(bytes(8)), 0),
-        Request.GET_INFLIGHT_FD: (RawPayload(bytes(24)), 0),
-        Request.SET_INFLIGHT_FD: (RawPayload(bytes(24)), 1),
+        Request.GET_INFLIGHT_FD: (InflightDesc(0, 0, 2, 128), 0),
+        Request.SET_INFLIGHT_FD: (InflightDesc(4352, 0, 2, 128), 1),
         Request.GPU_SET_SOCKET: (RawPayload(b""), 1),
         Request.VRING_KICK: (VringState(0, 0), 0),
         Request.ADD_MEM_REG: (region, 1),
@@ -380,3 +381,39 @@ def test_backend_channel_garbage_only_raises_peer_errors(chunks: list[tuple[byte
         pass
     dec.close()
     assert not any(_is_open(fd) for fd in opened)
+
+
+# ------------------------------------------------------------------ inflight
+def test_inflight_description_is_the_24_byte_struct_qemu_sends() -> None:
+    # u64 mmap_size, u64 mmap_offset, u16 num_queues, u16 queue_size, 4 bytes of
+    # padding (QEMU's VhostUserInflight is not packed; libvhost-user checks 24).
+    data = encode(request(Request.GET_INFLIGHT_FD, InflightDesc(0x1100, 0x2000, 3, 256)))
+    assert data[HEADER.size:] == struct.pack("<QQHH4x", 0x1100, 0x2000, 3, 256)
+    for size in (20, 28):
+        dec = Decoder()
+        dec.feed(HEADER.pack(Request.GET_INFLIGHT_FD, VERSION, size) + bytes(size))
+        with pytest.raises(PeerError, match="expected 24"):
+            dec.next_message()
+
+
+def test_set_inflight_fd_without_its_fd_is_refused() -> None:
+    dec = Decoder()
+    dec.feed(encode(request(Request.SET_INFLIGHT_FD, InflightDesc(4352, 0, 2, 128))))
+    with pytest.raises(PeerError, match="0 file descriptors, expected 1"):
+        dec.next_message()
+
+
+def test_get_inflight_fd_reply_carries_the_buffer() -> None:
+    fd = _fd()
+    rep = reply(Request.GET_INFLIGHT_FD, InflightDesc(4352, 0, 2, 128), (fd,))
+    dec = Decoder(replies=True)
+    dec.feed(encode(rep), (fd,))
+    got = dec.next_message()
+    assert got == rep
+    got.close_fds()
+    # Any other reply with an fd is a peer error.
+    fd2 = _fd()
+    dec = Decoder(replies=True)
+    dec.feed(encode(Message(Request.GET_FEATURES, 1, VERSION | FLAG_REPLY)), (fd2,))
+    with pytest.raises(PeerError, match="reply with 1 file descriptors"):
+        dec.next_message()

@@ -4,7 +4,7 @@ Implements QEMU docs/interop/vhost-user.rst, "Message Specification"
 (header: request, flags = version 1 | reply | need_reply, size; the payload
 kinds "A single 64-bit integer", "A vring state description", "A vring address
 description", "Memory regions description", "Single memory region
-description", "Virtio device config space"), "Communication" (which requests
+description", "Virtio device config space", "Inflight description"), "Communication" (which requests
 carry file descriptors in SCM_RIGHTS ancillary data, which ones get replies),
 "Protocol features", "Front-end message types", "Back-end communication" and
 "Back-end message types" (the second socket, handed over with
@@ -50,6 +50,7 @@ __all__ = [
     "BackendRequest",
     "ConfigSpace",
     "Decoder",
+    "InflightDesc",
     "MemRegion",
     "MemoryTable",
     "Message",
@@ -185,6 +186,9 @@ _REGION = struct.Struct("<QQQQ")
 _SINGLE_REGION = struct.Struct("<QQQQQ")
 CONFIG_HDR_SIZE = 12
 _CONFIG_HDR = struct.Struct("<III")
+# mmap size, mmap offset, num queues, queue size; QEMU's VhostUserInflight is not
+# packed, so the struct is padded to 24 bytes (and libvhost-user checks that size).
+_INFLIGHT = struct.Struct("<QQHH4x")
 
 
 # ------------------------------------------------------------------ payloads
@@ -236,13 +240,24 @@ class ConfigSpace:
 
 
 @dataclass(frozen=True, slots=True)
+class InflightDesc:
+    """GET_INFLIGHT_FD / SET_INFLIGHT_FD: where the inflight buffer lies in its fd."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RawPayload:
     """A payload of a request pyvirtio does not interpret (it refuses the request)."""
 
     data: bytes
 
 
-Payload = None | int | VringState | VringAddr | MemoryTable | MemRegion | ConfigSpace | RawPayload
+Payload = (None | int | VringState | VringAddr | MemoryTable | MemRegion | ConfigSpace
+           | InflightDesc | RawPayload)
 
 
 class _Framed:
@@ -300,6 +315,7 @@ class _Kind(enum.Enum):
     MEMTABLE = "memtable"
     REGION = "region"
     CONFIG = "config"
+    INFLIGHT = "inflight"
     RAW = "raw"
 
 
@@ -336,8 +352,8 @@ _REQUESTS: dict[Request, tuple[_Kind, tuple[int, ...] | None]] = {
     Request.POSTCOPY_ADVISE: (_Kind.EMPTY, (0,)),
     Request.POSTCOPY_LISTEN: (_Kind.EMPTY, (0,)),
     Request.POSTCOPY_END: (_Kind.EMPTY, (0,)),
-    Request.GET_INFLIGHT_FD: (_Kind.RAW, (0,)),
-    Request.SET_INFLIGHT_FD: (_Kind.RAW, (0, 1)),
+    Request.GET_INFLIGHT_FD: (_Kind.INFLIGHT, (0,)),
+    Request.SET_INFLIGHT_FD: (_Kind.INFLIGHT, (1,)),
     Request.GPU_SET_SOCKET: (_Kind.RAW, (0, 1)),
     Request.RESET_DEVICE: (_Kind.EMPTY, (0,)),
     Request.VRING_KICK: (_Kind.STATE, (0,)),
@@ -360,6 +376,12 @@ _REPLIES: dict[Request, _Kind] = {
     Request.GET_CONFIG: _Kind.CONFIG,
     Request.GET_MAX_MEM_SLOTS: _Kind.U64,
     Request.GET_STATUS: _Kind.U64,
+    Request.GET_INFLIGHT_FD: _Kind.INFLIGHT,
+}
+
+# Replies that may carry fds: GET_INFLIGHT_FD's is the buffer (none when mmap_size is 0).
+_REPLY_FDS: dict[Request, tuple[int, ...]] = {
+    Request.GET_INFLIGHT_FD: (0, 1),
 }
 
 # Back-end requests: payload kind and allowed fd counts.  Every reply on the
@@ -379,6 +401,7 @@ _FIXED_SIZE = {
     _Kind.STATE: _STATE.size,
     _Kind.ADDR: _ADDR.size,
     _Kind.REGION: _SINGLE_REGION.size,
+    _Kind.INFLIGHT: _INFLIGHT.size,
 }
 
 
@@ -398,6 +421,8 @@ def _parse(name: str, kind: _Kind, body: bytes, reply: bool) -> Payload:
     if kind is _Kind.REGION:
         _pad, gpa, size, uaddr, off = _SINGLE_REGION.unpack(body)
         return MemRegion(gpa, size, uaddr, off)
+    if kind is _Kind.INFLIGHT:
+        return InflightDesc(*_INFLIGHT.unpack(body))
     if kind is _Kind.MEMTABLE:
         if len(body) < _MEM_HDR.size:
             raise PeerError(f"{name}: payload of {len(body)} bytes has no region count")
@@ -574,7 +599,7 @@ class Decoder(_StreamDecoder[Message]):
         if self._replies:
             kind = _REPLIES.get(request, _Kind.U64)
             payload = _parse(request.name, kind, body, reply=True)
-            if fds:
+            if len(fds) not in _REPLY_FDS.get(request, (0,)):
                 raise PeerError(f"{request.name}: reply with {len(fds)} file descriptors")
         else:
             payload = _parse(request.name, _REQUESTS[request][0], body, reply=False)
@@ -638,6 +663,9 @@ def _encode_payload(payload: Payload) -> bytes:
         if len(payload.data) != payload.size:
             raise CallerError("config payload length differs from its size field")
         return _CONFIG_HDR.pack(payload.offset, payload.size, payload.flags) + payload.data
+    if isinstance(payload, InflightDesc):
+        return _INFLIGHT.pack(payload.mmap_size, payload.mmap_offset, payload.num_queues,
+                              payload.queue_size)
     if isinstance(payload, RawPayload):
         return payload.data
     raise CallerError(f"not a vhost-user payload: {payload!r}")
@@ -658,9 +686,9 @@ def request(req: Request, payload: Payload = None, *, fds: Sequence[int] = (),
     return Message(req, payload, VERSION | (FLAG_NEED_REPLY if need_reply else 0), tuple(fds))
 
 
-def reply(req: Request, payload: Payload = None) -> Message:
-    """A back-end reply to ``req``."""
-    return Message(req, payload, VERSION | FLAG_REPLY)
+def reply(req: Request, payload: Payload = None, fds: Sequence[int] = ()) -> Message:
+    """A back-end reply to ``req`` (``fds``: GET_INFLIGHT_FD's buffer)."""
+    return Message(req, payload, VERSION | FLAG_REPLY, tuple(fds))
 
 
 def backend_request(req: BackendRequest, payload: Payload = None, *, fds: Sequence[int] = (),

@@ -375,7 +375,10 @@ class VhostUserServer:
                 if outcome.error is not None:
                     self.log.warning("vhost-user: %s", outcome.error)
                 for rep in outcome.replies:
-                    conn.sendall(encode(rep))
+                    if rep.fds:  # GET_INFLIGHT_FD: the buffer goes with its reply
+                        socket.send_fds(conn, [encode(rep)], list(rep.fds))
+                    else:
+                        conn.sendall(encode(rep))
                 negotiated = (session.virtio_features, session.protocol)
                 if msg.request is Request.SET_FEATURES and negotiated != self._negotiated:
                     self._negotiated = negotiated

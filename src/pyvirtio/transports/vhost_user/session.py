@@ -34,6 +34,18 @@ the features change the ring's mapping, and closes it (the device's
 ``queue_stopped``) when the ring stops.  A ring configuration message that is
 refused leaves that ring unusable until it is configured again: the back end
 never carries on with the values from before the refusal.
+
+Inflight I/O tracking (protocol feature INFLIGHT_SHMFD, vhost-user.rst
+"Inflight I/O tracking", split rings only): GET_INFLIGHT_FD allocates a
+sealed memfd for the queues the front end names and returns it;
+SET_INFLIGHT_FD maps the buffer the front end keeps across back-end
+restarts (refused, and the connection dropped, for a buffer too small for
+its geometry, an unaligned offset, a range beyond the file, a file that
+could shrink, a missing fd, or a packed ring).  Rings are then
+:class:`~pyvirtio.transports.vhost_user.inflight.InflightSplitQueue` objects;
+a ring that starts resubmits what its region shows in flight, and its
+``last_avail_idx`` is the used index plus those (QEMU sends the used index
+as VRING_BASE after a back end died).
 """
 
 from __future__ import annotations
@@ -57,10 +69,11 @@ from pyvirtio.core.layout import (
     used_ring_size,
 )
 from pyvirtio.core.memory import GuestMemory, Region
-from pyvirtio.core.spec import MAX_QUEUE_SIZE, Status
+from pyvirtio.core.spec import F_RING_PACKED, MAX_QUEUE_SIZE, Status
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.transports.device import DeviceProtocol, VirtQueue, offered_features
 from pyvirtio.transports.stats import DeviceStats
+from pyvirtio.transports.vhost_user.inflight import InflightRegion, InflightSplitQueue
 from pyvirtio.transports.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     MAX_CONFIG_SIZE,
@@ -69,6 +82,7 @@ from pyvirtio.transports.vhost_user.messages import (
     BackendMessage,
     BackendRequest,
     ConfigSpace,
+    InflightDesc,
     MemoryTable,
     MemRegion,
     Message,
@@ -84,12 +98,13 @@ from pyvirtio.transports.vhost_user.messages import (
 __all__ = ["MAX_MEM_SLOTS", "SUPPORTED_PROTOCOL_FEATURES", "Outcome", "Ring", "RunResult",
            "VhostUserSession"]
 
-#: Protocol features the back end implements (and offers).  INFLIGHT_SHMFD is
-#: deliberately absent: QEMU then never sends GET_INFLIGHT_FD.  BACKEND_REQ
+#: Protocol features the back end implements (and offers).  BACKEND_REQ
 #: goes with REPLY_ACK: the back end asks for (and reads) an ack of each
 #: back-end request when REPLY_ACK is negotiated, without ever waiting for it.
+#: INFLIGHT_SHMFD works for every device of the kit (the tracking is in the ring).
 SUPPORTED_PROTOCOL_FEATURES: Final = (
     1 << ProtocolFeature.MQ
+    | 1 << ProtocolFeature.INFLIGHT_SHMFD
     | 1 << ProtocolFeature.REPLY_ACK
     | 1 << ProtocolFeature.BACKEND_REQ
     | 1 << ProtocolFeature.CONFIG
@@ -110,6 +125,7 @@ MAX_MEM_SLOTS: Final = 509
 _HAS_REPLY = frozenset({
     Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
     Request.GET_QUEUE_NUM, Request.GET_CONFIG, Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS,
+    Request.GET_INFLIGHT_FD,
 })
 
 _VHOST_VRING_F_LOG = 1
@@ -246,7 +262,11 @@ class VhostUserSession:
         #: Back-end requests sent with need_reply whose REPLY_ACK has not come yet.
         self._awaiting: deque[BackendRequest] = deque()
         self._adopted: set[int] = set()
-        self._handlers: dict[Request, Callable[[Message], Payload | _NoReply]] = {
+        #: The inflight buffer in use (SET_INFLIGHT_FD), and the one last allocated
+        #: by GET_INFLIGHT_FD (kept open until replaced: its fd goes out in the reply).
+        self.inflight: InflightRegion | None = None
+        self._inflight_offer: InflightRegion | None = None
+        self._handlers: dict[Request, Callable[[Message], Payload | _NoReply | _WithFds]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.SET_OWNER: self._set_owner,
@@ -272,6 +292,8 @@ class VhostUserSession:
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         self._outcome = Outcome()
 
@@ -320,7 +342,9 @@ class VhostUserSession:
             for fd in msg.fds:
                 if fd not in self._adopted:
                     _close(fd)
-        if not isinstance(result, _NoReply):
+        if isinstance(result, _WithFds):
+            out.replies.append(reply(msg.request, result.payload, result.fds))
+        elif not isinstance(result, _NoReply):
             out.replies.append(reply(msg.request, result))
         elif msg.need_reply and self.reply_ack:
             out.replies.append(reply(msg.request, 0))
@@ -486,7 +510,18 @@ class VhostUserSession:
             if strict:
                 raise PeerError(f"ring {ring.index}: {exc}") from None
             return
-        queue = SplitDeviceQueue(views, mem, self.virtio_features)
+        inflight = self.inflight
+        if inflight is not None and ring.index < inflight.num_queues:
+            try:
+                queue: SplitDeviceQueue = InflightSplitQueue(
+                    views, mem, self.virtio_features, inflight.queues[ring.index])
+            except PeerError as exc:  # a ring larger than the buffer can track
+                self._close_vq(ring)
+                if strict:
+                    raise PeerError(f"ring {ring.index}: {exc}") from None
+                return
+        else:
+            queue = SplitDeviceQueue(views, mem, self.virtio_features)
         queue.set_state(*ring.saved)
         if old is not None:
             queue.carry_counters(old)  # the same ring: its statistics go on
@@ -681,9 +716,55 @@ class VhostUserSession:
             self.memory = None
         self.features = self.protocol = self.status = 0
         self.protocol_set = self.owner = False
+        self._drop_inflight()
         self.device.reset()
 
     close = reset
+
+    # -------------------------------------------------------------- inflight
+    def _inflight_allowed(self, request: Request) -> None:
+        self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD, request)
+        if self.virtio_features >> F_RING_PACKED & 1:
+            raise PeerError(f"{request.name}: inflight tracking of packed rings is not "
+                            f"implemented")
+
+    def _get_inflight_fd(self, msg: Message) -> _WithFds:
+        self._inflight_allowed(msg.request)
+        desc = msg.payload
+        assert isinstance(desc, InflightDesc)
+        InflightRegion.check_geometry(desc.num_queues, desc.queue_size, self.num_queues)
+        try:
+            region = InflightRegion.create(desc.num_queues, desc.queue_size)
+        except OSError as exc:
+            raise PeerError(f"GET_INFLIGHT_FD: cannot allocate the buffer: {exc}") from None
+        if self._inflight_offer is not None:
+            self._inflight_offer.close()
+        self._inflight_offer = region
+        return _WithFds(InflightDesc(region.mmap_size, 0, desc.num_queues, desc.queue_size),
+                        (region.fd,))
+
+    def _set_inflight_fd(self, msg: Message) -> _NoReply:
+        self._inflight_allowed(msg.request)
+        desc = msg.payload
+        assert isinstance(desc, InflightDesc)
+        if any(r.started for r in self.rings):
+            raise PeerError("SET_INFLIGHT_FD while a ring is started")
+        InflightRegion.check_geometry(desc.num_queues, desc.queue_size, self.num_queues)
+        region = InflightRegion.map(msg.fds[0], desc.mmap_size, desc.mmap_offset,
+                                    desc.num_queues, desc.queue_size)
+        self._adopted.add(region.fd)
+        self._drop_inflight()
+        self.inflight = region
+        for ring in self.rings:
+            if ring.queue is not None:
+                self._map_ring(ring, strict=False)
+        return NO_REPLY
+
+    def _drop_inflight(self) -> None:
+        for region in (self.inflight, self._inflight_offer):
+            if region is not None:
+                region.close()
+        self.inflight = self._inflight_offer = None
 
     # ------------------------------------------------------- back-end channel
     def _set_backend_req_fd(self, msg: Message) -> _NoReply:
@@ -757,6 +838,10 @@ class VhostUserSession:
         self.status |= Status.NEEDS_RESET
         self.on_broken(vq.index, reason)
 
+    def _vq_broken_index(self, index: int, reason: str) -> None:
+        self.status |= Status.NEEDS_RESET
+        self.on_broken(index, reason)
+
     def _close_vq(self, ring: Ring) -> None:
         vq = ring.vq
         if vq is not None:
@@ -775,6 +860,12 @@ class VhostUserSession:
         if vq is None:
             queue = ring.queue
             assert queue is not None
+            if isinstance(queue, InflightSplitQueue):
+                try:
+                    queue.recover()
+                except PeerError as exc:
+                    self._vq_broken_index(ring.index, str(exc))
+                    return None
             vq = ring.vq = VirtQueue(ring.index, queue, self.device,
                                      lambda: self._signal_ring(ring),
                                      on_broken=self._vq_broken, schedule=self.schedule)
@@ -800,6 +891,14 @@ class VhostUserSession:
 
 class _NoReply:
     """Marker: the request has no reply body (only a REPLY_ACK if asked)."""
+
+
+@dataclass(frozen=True)
+class _WithFds:
+    """A reply body with fds in its ancillary data (GET_INFLIGHT_FD)."""
+
+    payload: Payload
+    fds: tuple[int, ...]
 
 
 NO_REPLY = _NoReply()
