@@ -708,7 +708,7 @@ class Guest:
 
     @property
     def rings(self) -> RingViews:
-        return self.drv.ports[0].queue.rings
+        return self.ports[0].queue.rings
 
     def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
         DESC.pack_into(self.rings.desc, i * 16, addr, length, flags, nxt)

@@ -54,8 +54,9 @@ def test_one_loop_serves_several_devices_at_once(tmp_path: Path) -> None:
     try:
         for p in paths:
             fe = VhostUserFrontend.connect(p, memory_size=1 << 20)
-            fe.negotiate(fe.get_features())
-            fe.setup_queue(0, 16)
+            fe.negotiate(fe.get_features())  # everything, the packed ring too
+            assert fe.packed
+            fe.setup_ring(0, 16)
             fronts.append(fe)
         for round_ in range(3):
             for i, fe in enumerate(fronts):

@@ -210,6 +210,12 @@ class PackedDeviceQueue(Breakable):
         self.trace = old.trace
         self.trace_dropped = old.trace_dropped
 
+    def carry_in_flight(self, old: PackedDeviceQueue) -> None:
+        """Keep ``old``'s buffers in flight (the same ring mapped anew: the device
+        still holds them and completes them on this object)."""
+        self._inflight = dict(old._inflight)
+        self.inuse = old.inuse
+
     def counters(self) -> dict[str, int]:
         """The statistics counters by name (split_device.COUNTERS)."""
         return {"buffers_popped": self.buffers_popped, "buffers_pushed": self.buffers_pushed,

@@ -1,4 +1,4 @@
-"""The one device-side queue interface both ring kinds implement (VIRTIO 1.2 §2.7, §2.8).
+"""The queue interfaces both ring kinds implement (VIRTIO 1.2 §2.7, §2.8), device and driver.
 
 :class:`~pyvirtio.core.split_device.SplitDeviceQueue` (what QEMU's
 ``virtqueue_split_*`` do) and :class:`~pyvirtio.core.packed_device.PackedDeviceQueue`
@@ -21,16 +21,25 @@ Where the two rings differ the protocol says what a member means:
   only compares it with an earlier value (did the re-check find new work?);
 * ``get_state`` / ``set_state`` carry (last_avail_idx, used_idx) for a split
   ring and (position | wrap counter << 15) pairs for a packed one.
+
+:class:`DriverQueue` is the driver side's common part (Linux's
+``virtqueue_add``/``virtqueue_kick_prepare``/``virtqueue_get_buf``/
+``virtqueue_enable_cb``, which dispatch to ``*_split`` and ``*_packed``):
+:class:`~pyvirtio.core.split_driver.SplitDriverQueue` and
+:class:`~pyvirtio.core.packed_driver.PackedDriverQueue` satisfy it, and a
+driver written against it (pyvirtio's blk driver) runs on either ring.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.split_device import Element, TraceRecord
+from pyvirtio.core.split_driver import Segment
 
-__all__ = ["DeviceQueue"]
+__all__ = ["DeviceQueue", "DriverQueue"]
 
 
 class DeviceQueue(Protocol):
@@ -69,3 +78,26 @@ class DeviceQueue(Protocol):
     def counters(self) -> dict[str, int]: ...
     def ring_state(self) -> dict[str, int]: ...
     def trace_kick(self) -> None: ...
+
+
+class DriverQueue(Protocol):
+    """What a driver uses of a driver-side ring, split or packed."""
+
+    num: int
+    num_added: int
+    broken: str | None
+
+    @property
+    def num_free(self) -> int: ...
+    @property
+    def outstanding(self) -> int: ...
+    def add(self, out_segs: Sequence[Segment], in_segs: Sequence[Segment],
+            token: object) -> int: ...
+    def kick_prepare(self) -> bool: ...
+    def more_used(self) -> bool: ...
+    def get_buf(self) -> tuple[object, int] | None: ...
+    def get_bufs(self, max_n: int = 0x10000) -> list[tuple[object, int]]: ...
+    def detach_unused(self) -> list[object]: ...
+    def disable_cb(self) -> None: ...
+    def enable_cb(self) -> bool: ...
+    def enable_cb_delayed(self) -> bool: ...

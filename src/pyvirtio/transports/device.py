@@ -7,7 +7,7 @@ is the kit's:
 
 * the ring features the core implements — ``VERSION_1``,
   ``RING_EVENT_IDX`` (§2.7.10), ``RING_INDIRECT_DESC`` (§2.7.5.3),
-  ``NOTIFY_ON_EMPTY`` — are added to what the device offers, and every bit
+  ``NOTIFY_ON_EMPTY``, ``RING_PACKED`` (§2.8) — are added to what the device offers, and every bit
   outside the device-specific ranges is masked (:func:`offered_features`),
   so a device can never have a feature accepted that the ring code does
   not do;
@@ -45,6 +45,7 @@ from pyvirtio.core.spec import (
     F_NOTIFY_ON_EMPTY,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
 )
 from pyvirtio.core.split_device import Element
@@ -69,7 +70,7 @@ log = logging.getLogger("pyvirtio.device")
 
 #: Ring and transport features the core implements; the kit offers them for every device.
 RING_FEATURES: Final = (1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX | 1 << F_RING_INDIRECT_DESC
-                        | 1 << F_NOTIFY_ON_EMPTY)
+                        | 1 << F_NOTIFY_ON_EMPTY | 1 << F_RING_PACKED)
 #: Buckets of the batch-size histogram (VirtQueue.batches): 1, 2-3, 4-7, ... 32768-65535.
 BATCH_BUCKETS: Final = 16
 #: Bits a device may offer itself: 0–23 and 50–127 are device-specific (VIRTIO 1.2 §6).

@@ -1,9 +1,9 @@
 """A virtio-blk driver (front end) in Python, VIRTIO 1.2 §5.2 and §2.7.13.
 
 :class:`BlkDriver` drives one or more request queues — each a
-:class:`~pyvirtio.core.split_driver.SplitDriverQueue` with a kick and a call
-eventfd (a vhost-user ``FrontendQueue``, or anything shaped like it) — and
-offers:
+:class:`~pyvirtio.core.queue.DriverQueue` (a split ring, §2.7, or with
+``packed=True`` a packed one, §2.8) with a kick and a call eventfd (a
+vhost-user ``FrontendQueue``, or anything shaped like it) — and offers:
 
 * a blocking API on byte offsets, like ``os.pread`` / ``os.pwrite``:
   :meth:`~BlkDriver.read`, :meth:`~BlkDriver.write`,
@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from pyvirtio.core.errors import CallerError, PeerError, QueueFull
 from pyvirtio.core.memory import GuestMemory
-from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1
-from pyvirtio.core.split_driver import SplitDriverQueue
+from pyvirtio.core.queue import DriverQueue
+from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_PACKED, F_VERSION_1
 from pyvirtio.devices.blk.spec import (
     CONFIG_SIZE_WRITE_ZEROES,
     DWZ_F_UNMAP,
@@ -92,7 +92,7 @@ class QueuePort(Protocol):
     """What the driver needs of one queue: the ring and its two eventfds."""
 
     @property
-    def queue(self) -> SplitDriverQueue: ...
+    def queue(self) -> DriverQueue: ...
 
     @property
     def kick(self) -> _Signal: ...
@@ -174,17 +174,23 @@ class BlkDriver:
     @classmethod
     def connect(cls, path: str, *, num_queues: int | None = None, queue_size: int = 256,
                 max_io: int = DEFAULT_MAX_IO, timeout: float = DEFAULT_TIMEOUT,
-                spin: float = 0.0) -> BlkDriver:
-        """Connect to a vhost-user-blk socket, negotiate, and set up the queues."""
+                spin: float = 0.0, packed: bool = False, inflight: bool = False) -> BlkDriver:
+        """Connect to a vhost-user-blk socket, negotiate, and set up the queues.
+
+        ``packed``: ask for VIRTIO_F_RING_PACKED (§2.8); PeerError if the back
+        end does not offer it.
+        """
         from pyvirtio.transports.vhost_user.frontend import VhostUserFrontend
 
         nq_hint = num_queues or 1
         memory_size = nq_hint * (queue_size // 2) * (2 * PAGE + max_io) + (8 << 20)
         memory_size = (memory_size + (2 << 20) - 1) & ~((2 << 20) - 1)
-        fe = VhostUserFrontend.connect(path, memory_size=memory_size)
+        fe = VhostUserFrontend.connect(path, memory_size=memory_size, inflight=inflight)
         try:
             offered = fe.get_features()
-            acked = fe.negotiate(offered & DRIVER_FEATURES)
+            if packed and not offered >> F_RING_PACKED & 1:
+                raise PeerError("the back end does not offer VIRTIO_F_RING_PACKED")
+            acked = fe.negotiate(offered & (DRIVER_FEATURES | int(packed) << F_RING_PACKED))
             proto = fe.protocol_features
             if proto >> ProtocolFeature.CONFIG & 1:
                 config = BlkConfig.unpack(fe.get_config(0, CONFIG_SIZE_WRITE_ZEROES))
@@ -195,7 +201,9 @@ class BlkDriver:
             if proto >> ProtocolFeature.MQ & 1:
                 available = min(available, fe.get_queue_num())
             nq = max(1, min(available, num_queues or 1))
-            ports = [fe.setup_queue(i, queue_size) for i in range(nq)]
+            if inflight:  # the buffer before the rings start (reconnect() hands it back)
+                fe.setup_inflight(nq, queue_size)
+            ports = [fe.setup_ring(i, queue_size) for i in range(nq)]
         except BaseException:
             fe.close()
             raise
@@ -206,6 +214,18 @@ class BlkDriver:
         if self.frontend is not None:
             self.frontend.close()
             self.frontend = None
+
+    def reconnect(self, path: str | None = None, timeout: float = 10.0) -> None:
+        """The back end died or restarted: connect again and resume every queue.
+
+        :meth:`VhostUserFrontend.reconnect`; requests in flight stay in
+        flight.  Connected with ``inflight=True``, the new back end resubmits
+        them (in the order they were made available) and :meth:`reap` gets
+        each exactly once.
+        """
+        if self.frontend is None:
+            raise CallerError("reconnect: the driver is not on a vhost-user front end")
+        self.frontend.reconnect(path, timeout=timeout)
 
     def __enter__(self) -> BlkDriver:
         return self
@@ -366,7 +386,7 @@ class BlkDriver:
             self.interrupts += port.call.wait(left)
 
     @staticmethod
-    def _spin_until_used(q: SplitDriverQueue, until: float) -> bool:
+    def _spin_until_used(q: DriverQueue, until: float) -> bool:
         """Busy-poll used.idx until ``until`` (time.monotonic); True if buffers came."""
         more = q.more_used
         now = time.monotonic

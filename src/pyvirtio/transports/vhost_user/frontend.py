@@ -17,8 +17,21 @@ is counted in :attr:`VhostUserFrontend.config_changes`, passed to
 and acknowledged (REPLY_ACK, when the back end asks); other back-end requests
 are refused with a non-zero ack.  While the front end waits for a reply it
 also answers the back-end channel, so a back end that blocks on an ack there
-cannot deadlock it.  The ring
-itself is VIRTIO 1.2 §2.7 driven by :class:`~pyvirtio.core.split_driver.SplitDriverQueue`.
+cannot deadlock it.  "Inflight I/O tracking": with ``inflight=True`` the
+front end negotiates INFLIGHT_SHMFD, gets the buffer once (GET_INFLIGHT_FD,
+:meth:`VhostUserFrontend.setup_inflight`) and hands it back with
+SET_INFLIGHT_FD; :meth:`VhostUserFrontend.reconnect` connects again to a
+back end that died (or restarted), sends the features, the buffer, the
+memory table and every ring again with the used index as VRING_BASE — what
+QEMU's ``vhost_user_blk_connect`` / ``vhost_dev_start`` do — so the
+requests that were in flight are resubmitted by the new back end and
+complete.  The ring
+itself is VIRTIO 1.2 §2.7 driven by :class:`~pyvirtio.core.split_driver.SplitDriverQueue`,
+or — when ``VIRTIO_F_RING_PACKED`` was negotiated — §2.8 driven by
+:class:`~pyvirtio.core.packed_driver.PackedDriverQueue` (SET_VRING_ADDR then
+names the descriptor ring and the driver and device event suppression areas,
+SET_VRING_BASE the positions with their wrap counters, as vhost-user.rst
+"Vring descriptor indices for packed virtqueues" describes).
 
 Example (a back end serving a device whose queue 0 takes a readable and a
 writable buffer)::
@@ -52,6 +65,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pyvirtio.core.errors import CallerError, PeerError, VirtioError
 from pyvirtio.core.layout import (
@@ -62,7 +76,17 @@ from pyvirtio.core.layout import (
     used_ring_size,
 )
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
-from pyvirtio.core.spec import F_RING_INDIRECT_DESC
+from pyvirtio.core.packed_driver import PackedDriverQueue
+from pyvirtio.core.packed_layout import (
+    DESC_ALIGN,
+    EVENT_ALIGN,
+    EVENT_SIZE,
+    PackedLayout,
+    PackedRingViews,
+    pack_vring_base,
+    packed_ring_size,
+)
+from pyvirtio.core.spec import F_RING_INDIRECT_DESC, F_RING_PACKED
 from pyvirtio.core.split_driver import IndirectArea, SplitDriverQueue
 from pyvirtio.io.eventfd import EventFd
 from pyvirtio.transports.vhost_user.messages import (
@@ -76,6 +100,7 @@ from pyvirtio.transports.vhost_user.messages import (
     BackendRequest,
     ConfigSpace,
     Decoder,
+    InflightDesc,
     MemoryTable,
     MemRegion,
     Message,
@@ -152,6 +177,17 @@ class FrontendQueue:
         self.call.close()
 
 
+@dataclass(eq=False)
+class PackedFrontendQueue(FrontendQueue):
+    """A packed ring set up on the back end (VIRTIO_F_RING_PACKED negotiated)."""
+
+    queue: PackedDriverQueue  # type: ignore[assignment]
+    layout: PackedLayout  # type: ignore[assignment]
+
+
+_FQ = TypeVar("_FQ", bound=FrontendQueue)
+
+
 class VhostUserFrontend:
     """A vhost-user front end connected to one back end over a Unix socket."""
 
@@ -185,19 +221,29 @@ class VhostUserFrontend:
         self.config_changes = 0
         #: Called (no arguments) by :meth:`poll_backend_channel` once per CONFIG_CHANGE_MSG.
         self.on_config_change: Callable[[], None] | None = None
+        #: The socket path :meth:`connect` used (:meth:`reconnect` goes there again).
+        self.path: str | None = None
+        #: The inflight buffer (GET_INFLIGHT_FD's answer and its fd), kept across reconnects.
+        self.inflight: InflightDesc | None = None
+        self.inflight_fd = -1
 
     # ------------------------------------------------------------ connecting
     @classmethod
     def connect(cls, path: str, memory_size: int = 64 << 20, *, timeout: float = 10.0,
                 protocol_mask: int = FRONTEND_PROTOCOL_FEATURES, use_mem_slots: bool = False,
-                uaddr: int = DEFAULT_UADDR) -> VhostUserFrontend:
+                uaddr: int = DEFAULT_UADDR, inflight: bool = False) -> VhostUserFrontend:
         """Connect, SET_OWNER, read the offered features and settle protocol features.
 
         ``memory_size`` bytes of memfd-backed guest memory (at guest address 0)
         hold the rings and the buffers (:meth:`alloc`).  ``use_mem_slots``
         shares it with ADD_MEM_REG instead of SET_MEM_TABLE when the back end
         supports CONFIGURE_MEM_SLOTS.  ``timeout`` bounds every reply wait.
+        ``inflight``: negotiate INFLIGHT_SHMFD (then call :meth:`setup_inflight`
+        before the rings: a libvhost-user back end refuses to start a ring
+        without the buffer once the feature is negotiated).
         """
+        if inflight:
+            protocol_mask |= 1 << ProtocolFeature.INFLIGHT_SHMFD
         if memory_size <= 0 or memory_size % mmap.PAGESIZE:
             raise CallerError(f"memory_size {memory_size} is not a positive multiple of "
                               f"the page size")
@@ -215,6 +261,7 @@ class VhostUserFrontend:
                 os.close(fd)
             raise
         fe = cls(sock, memory, protocol_mask=protocol_mask, use_mem_slots=use_mem_slots)
+        fe.path = path
         try:
             fe._handshake()
         except BaseException:
@@ -286,6 +333,14 @@ class VhostUserFrontend:
             raise PeerError(f"{msg.request.name}: cannot send to the back end: {exc}") from None
 
     def _read_reply(self, req: Request) -> Payload:
+        msg = self._read_reply_msg(req)
+        if msg.fds:
+            msg.close_fds()
+            raise PeerError(f"{req.name}: reply with file descriptors")
+        return msg.payload
+
+    def _read_reply_msg(self, req: Request) -> Message:
+        """The reply to ``req``, with its fds (the caller owns them)."""
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
             msg = self._decoder.next_message()
@@ -309,7 +364,7 @@ class VhostUserFrontend:
         if msg.request is not req:
             msg.close_fds()
             raise PeerError(f"reply to {msg.request.name} while waiting for {req.name}")
-        return msg.payload
+        return msg
 
     def _wait_main_socket(self, req: Request, deadline: float | None) -> None:
         """Wait for the main socket, answering the back-end channel meanwhile.
@@ -450,12 +505,14 @@ class VhostUserFrontend:
         Sends SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (user addresses),
         SET_VRING_CALL, SET_VRING_KICK and — with protocol features —
         SET_VRING_ENABLE.  ``indirect_per_head`` > 0 reserves indirect tables
-        when VIRTIO_F_INDIRECT_DESC was negotiated.
+        when VIRTIO_F_INDIRECT_DESC was negotiated.  A split ring: with
+        VIRTIO_F_RING_PACKED negotiated use :meth:`setup_packed_queue` (or
+        :meth:`setup_ring`, which picks).
         """
-        if index in self.queues:
-            raise CallerError(f"queue {index} is already set up")
-        if not self._memory_shared:
-            self.share_memory()
+        self._check_new(index)
+        if self.packed:
+            raise CallerError("VIRTIO_F_RING_PACKED was negotiated: rings are packed "
+                              "(setup_packed_queue)")
         desc = self.alloc(desc_table_size(size), 16)
         avail = self.alloc(avail_ring_size(size), 2)
         used = self.alloc(used_ring_size(size), 4)
@@ -467,15 +524,72 @@ class VhostUserFrontend:
                             (used, used_ring_size(size))):
             self.memory.translate(gpa, length)[:] = bytes(length)
         views = RingViews.map(self.memory, layout)
-        area = None
-        if indirect_per_head > 0 and self.features >> F_RING_INDIRECT_DESC & 1:
-            isize = IndirectArea.size_for(size, indirect_per_head)
-            igpa = self.alloc(isize, 16)
-            area = IndirectArea(igpa, self.memory.translate(igpa, isize), indirect_per_head)
+        area = self._indirect_area(size, indirect_per_head)
         queue = SplitDriverQueue(views, self.features, area)
-        kick = EventFd(nonblocking=True)
-        call = EventFd(nonblocking=True)
-        fq = FrontendQueue(index, queue, kick, call, layout)
+        return self._start_queue(FrontendQueue(index, queue, EventFd(nonblocking=True),
+                                               EventFd(nonblocking=True), layout),
+                                 base, desc, avail, used, enable)
+
+    def _indirect_area(self, size: int, per_head: int) -> IndirectArea | None:
+        if per_head <= 0 or not self.features >> F_RING_INDIRECT_DESC & 1:
+            return None
+        isize = IndirectArea.size_for(size, per_head)
+        igpa = self.alloc(isize, 16)
+        return IndirectArea(igpa, self.memory.translate(igpa, isize), per_head)
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: every ring is packed (§2.8)."""
+        return bool(self.features >> F_RING_PACKED & 1)
+
+    def _check_new(self, index: int) -> None:
+        if index in self.queues:
+            raise CallerError(f"queue {index} is already set up")
+        if not self._memory_shared:
+            self.share_memory()
+
+    def setup_ring(self, index: int, size: int, *, indirect_per_head: int = 0,
+                   enable: bool = True) -> FrontendQueue | PackedFrontendQueue:
+        """:meth:`setup_packed_queue` if VIRTIO_F_RING_PACKED was negotiated, else
+        :meth:`setup_queue` (for drivers written against core.queue.DriverQueue)."""
+        if self.packed:
+            return self.setup_packed_queue(index, size, indirect_per_head=indirect_per_head,
+                                           enable=enable)
+        return self.setup_queue(index, size, indirect_per_head=indirect_per_head,
+                                enable=enable)
+
+    def setup_packed_queue(self, index: int, size: int, *, indirect_per_head: int = 0,
+                           enable: bool = True) -> PackedFrontendQueue:
+        """Allocate packed ring ``index`` of ``size`` entries (1..32768) and start it.
+
+        The same messages as :meth:`setup_queue`; SET_VRING_ADDR names the
+        descriptor ring and the driver and device event suppression areas,
+        SET_VRING_BASE position 0 with both wrap counters 1 (§2.8.1).
+        """
+        self._check_new(index)
+        if not self.packed:
+            raise CallerError("a packed ring needs VIRTIO_F_RING_PACKED negotiated")
+        desc = self.alloc(packed_ring_size(size), DESC_ALIGN)
+        driver = self.alloc(EVENT_SIZE, EVENT_ALIGN)
+        device = self.alloc(EVENT_SIZE, EVENT_ALIGN)
+        try:
+            layout = PackedLayout.modern(size, desc, driver, device)
+        except PeerError as exc:
+            raise CallerError(str(exc)) from None
+        for gpa, length in ((desc, packed_ring_size(size)), (driver, EVENT_SIZE),
+                            (device, EVENT_SIZE)):
+            self.memory.translate(gpa, length)[:] = bytes(length)
+        queue = PackedDriverQueue(PackedRingViews.map(self.memory, layout), self.features,
+                                  self._indirect_area(size, indirect_per_head))
+        # The driver and device areas travel where split's avail and used rings do.
+        fq = PackedFrontendQueue(index, queue, EventFd(nonblocking=True),
+                                 EventFd(nonblocking=True), layout)
+        self._start_queue(fq, pack_vring_base(0, 1, 0, 1), desc, driver, device, enable)
+        return fq
+
+    def _start_queue(self, fq: _FQ, base: int, desc: int, avail: int, used: int,
+                     enable: bool) -> _FQ:
+        index, size, kick, call = fq.index, fq.size, fq.kick, fq.call
         try:
             self._send(Request.SET_VRING_NUM, VringState(index, size))
             self._send(Request.SET_VRING_BASE, VringState(index, base))
@@ -495,7 +609,8 @@ class VhostUserFrontend:
         self._send(Request.SET_VRING_ENABLE, VringState(index, int(enable)))
 
     def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the back end stops the ring; returns its next available index."""
+        """GET_VRING_BASE: the back end stops the ring; returns its next available index
+        (a packed ring's: the 32-bit positions and wrap counters)."""
         self._write(request(Request.GET_VRING_BASE, VringState(index, 0)))
         state = self._read_reply(Request.GET_VRING_BASE)
         if not isinstance(state, VringState) or state.index != index:
@@ -508,6 +623,99 @@ class VhostUserFrontend:
     def set_vring_call_nofd(self, index: int) -> None:
         """SET_VRING_CALL with the invalid-fd flag (the front end polls the used ring)."""
         self._send(Request.SET_VRING_CALL, index | VRING_NOFD_MASK)
+
+    # ------------------------------------------------------------- inflight
+    def setup_inflight(self, num_queues: int, queue_size: int) -> bool:
+        """GET_INFLIGHT_FD once, then SET_INFLIGHT_FD; False without INFLIGHT_SHMFD.
+
+        Call it after :meth:`negotiate` and before the rings start (QEMU's
+        ``vhost_user_blk_start`` does the same); the buffer is kept for
+        :meth:`reconnect`.
+        """
+        if not self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            return False
+        if self.inflight is None:
+            self._write(request(Request.GET_INFLIGHT_FD,
+                                InflightDesc(0, 0, num_queues, queue_size)))
+            msg = self._read_reply_msg(Request.GET_INFLIGHT_FD)
+            desc = msg.payload
+            if (not isinstance(desc, InflightDesc) or desc.mmap_size == 0
+                    or len(msg.fds) != 1):
+                msg.close_fds()
+                raise VhostUserRefused(f"GET_INFLIGHT_FD: no buffer ({desc!r})")
+            self.inflight, self.inflight_fd = desc, msg.fds[0]
+        self._send(Request.SET_INFLIGHT_FD, self.inflight, (self.inflight_fd,))
+        return True
+
+    def backend_gone(self) -> bool:
+        """True if the back end closed the connection (it died or stopped)."""
+        return self._peer_hung_up()
+
+    def reconnect(self, path: str | None = None, *, timeout: float = 10.0) -> None:
+        """Connect again (the back end restarted) and resume every ring where it was.
+
+        Retries the connection for up to ``timeout`` seconds (a back end
+        being restarted takes a moment to listen), then: SET_OWNER and the
+        feature handshake, SET_FEATURES with the features acknowledged
+        before, SET_INFLIGHT_FD with the kept buffer, the memory table, and
+        each ring's NUM / BASE / ADDR / CALL / KICK / ENABLE with the same
+        addresses and eventfds and the used index as VRING_BASE.  Requests in
+        flight stay in the driver queues: with inflight tracking the back end
+        resubmits them; without it, only a back end that completes in order
+        can resume from the used index.
+        """
+        target = path if path is not None else self.path
+        if target is None:
+            raise CallerError("reconnect: no socket path")
+        for fq in self.queues.values():
+            if not isinstance(fq.layout, SplitLayout):
+                raise CallerError("reconnect supports split rings only")
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._decoder.close()
+        self._decoder = Decoder(replies=True)
+        self._close_backend_channel()
+        self._chan_decoder = BackendDecoder()
+        self._chan_error = None
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout)
+            try:
+                sock.connect(target)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise PeerError(f"reconnect: nobody listens on {target} after "
+                                    f"{timeout:g} s") from None
+                time.sleep(0.02)
+        self._sock = sock
+        self.path = target
+        self._handshake()
+        if self.features & ~self.device_features:
+            raise PeerError(f"reconnect: the back end no longer offers "
+                            f"{self.features & ~self.device_features:#x}")
+        self._send(Request.SET_FEATURES,
+                   self.features | (self.device_features & 1 << F_PROTOCOL_FEATURES))
+        if self.inflight is not None:
+            if not self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+                raise PeerError("reconnect: the back end no longer offers INFLIGHT_SHMFD")
+            self._send(Request.SET_INFLIGHT_FD, self.inflight, (self.inflight_fd,))
+        self._memory_shared = False
+        self.share_memory()
+        for index, fq in sorted(self.queues.items()):
+            layout = fq.layout
+            used = int(fq.queue.rings.used16[1])
+            self._send(Request.SET_VRING_NUM, VringState(index, fq.size))
+            self._send(Request.SET_VRING_BASE, VringState(index, used))
+            self._send(Request.SET_VRING_ADDR, VringAddr(
+                index, 0, self.uaddr(layout.desc), self.uaddr(layout.used),
+                self.uaddr(layout.avail), 0))
+            self._send(Request.SET_VRING_CALL, index, (fq.call.fd,))
+            self._send(Request.SET_VRING_KICK, index, (fq.kick.fd,))
+            if self.device_features >> F_PROTOCOL_FEATURES & 1:
+                self._send(Request.SET_VRING_ENABLE, VringState(index, 1))
 
     # ------------------------------------------------------ back-end channel
     @property
@@ -598,6 +806,9 @@ class VhostUserFrontend:
         for fq in self.queues.values():
             fq.close()
         self.queues.clear()
+        if self.inflight_fd >= 0:
+            close_all([self.inflight_fd])
+            self.inflight_fd = -1
         fds = [r.fd for r in self.memory.regions if r.fd >= 0]
         self.memory.close()
         close_all(fds)

@@ -35,6 +35,19 @@ the features change the ring's mapping, and closes it (the device's
 refused leaves that ring unusable until it is configured again: the back end
 never carries on with the values from before the refusal.
 
+The ring layout is VIRTIO 1.2 §2.7, or — when ``VIRTIO_F_RING_PACKED``
+(bit 34) was negotiated — §2.8, handled by
+:class:`~pyvirtio.core.packed_device.PackedDeviceQueue`.  For a packed ring
+(vhost-user.rst "Vring descriptor indices for packed virtqueues")
+SET_VRING_ADDR's three addresses are the descriptor ring, the driver event
+suppression area and the device event suppression area; the ring size need
+not be a power of two; SET_VRING_BASE and GET_VRING_BASE carry in bits 0-14
+the next available position, in bit 15 its wrap counter, in bits 16-30 the
+next used position and in bit 31 its wrap counter.  A SET_VRING_BASE whose
+upper half is 0 sets the used position to the available one: DPDK's vhost
+library reads only the lower half (nothing is in flight when a ring
+starts), and its virtio_user front end sends only that.
+
 Inflight I/O tracking (protocol feature INFLIGHT_SHMFD, vhost-user.rst
 "Inflight I/O tracking", split rings only): GET_INFLIGHT_FD allocates a
 sealed memfd for the queues the front end names and returns it;
@@ -69,6 +82,16 @@ from pyvirtio.core.layout import (
     used_ring_size,
 )
 from pyvirtio.core.memory import GuestMemory, Region
+from pyvirtio.core.packed_device import PackedDeviceQueue
+from pyvirtio.core.packed_layout import (
+    EVENT_SIZE,
+    OFF_MASK,
+    PackedLayout,
+    PackedRingViews,
+    is_valid_packed_queue_size,
+    packed_ring_size,
+)
+from pyvirtio.core.queue import DeviceQueue
 from pyvirtio.core.spec import F_RING_PACKED, MAX_QUEUE_SIZE, Status
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.transports.device import DeviceProtocol, VirtQueue, offered_features
@@ -147,14 +170,15 @@ class Ring:
     index: int
     num: int = 0
     addr: VringAddr | None = None
-    #: (last_avail_idx, used_idx) while no queue object exists (SET_VRING_BASE).
-    saved: tuple[int, int] = (0, 0)
+    #: The queue's get_state() while no queue object exists (SET_VRING_BASE);
+    #: None: a fresh ring (split 0/0; packed position 0 with wrap counters 1).
+    saved: tuple[int, int] | None = None
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
     started: bool = False
     enabled: bool = False
-    queue: SplitDeviceQueue | None = None
+    queue: DeviceQueue | None = None
     #: The device's handle on the ring while it is started (the kit's VirtQueue).
     vq: VirtQueue | None = None
 
@@ -175,8 +199,12 @@ class Ring:
         """Started with the invalid-fd flag: poll it instead of waiting for kicks."""
         return self.started and self.kick_fd is None
 
-    def base(self) -> tuple[int, int]:
-        return self.queue.get_state() if self.queue is not None else self.saved
+    def base(self, packed: bool = False) -> tuple[int, int]:
+        if self.queue is not None:
+            return self.queue.get_state()
+        if self.saved is not None:
+            return self.saved
+        return (1 << 15, 1 << 15) if packed else (0, 0)
 
     def close_fds(self) -> None:
         _close(self.kick_fd)
@@ -308,6 +336,11 @@ class VhostUserSession:
         return bool(self.features >> F_PROTOCOL_FEATURES & 1) or self.protocol_set
 
     @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was acknowledged: every ring is a packed one (§2.8)."""
+        return bool(self.features >> F_RING_PACKED & 1)
+
+    @property
     def virtio_features(self) -> int:
         """The acknowledged virtio feature bits, without the vhost-user bit 30."""
         return self.features & ~(1 << F_PROTOCOL_FEATURES)
@@ -367,7 +400,7 @@ class VhostUserSession:
             ring.queue = None
             ring.num = 0
             ring.addr = None
-            ring.saved = (0, 0)
+            ring.saved = None
 
     def _ring(self, index: int, request: Request) -> Ring:
         if not 0 <= index < self.num_queues:
@@ -489,8 +522,11 @@ class VhostUserSession:
         the memory comes back.
         """
         old = ring.queue
+        packed = self.packed
         if old is not None:
-            ring.saved = old.get_state()
+            # The ring kind changed with the features: its positions mean nothing now.
+            same_kind = isinstance(old, PackedDeviceQueue) == packed
+            ring.saved = old.get_state() if same_kind else None
         ring.queue = None
         addr = ring.addr
         if addr is None or ring.num == 0:
@@ -500,8 +536,13 @@ class VhostUserSession:
             if self.memory is None:
                 raise PeerError("ring addresses set before any memory table")
             num = ring.num
-            layout = SplitLayout.modern(num, addr.desc, addr.avail, addr.used)
             mem = self.memory
+            if packed:
+                self._map_packed_ring(ring, old, mem)
+                return
+            if not is_valid_queue_size(num):
+                raise PeerError(f"split ring size {num} is not a power of two")
+            layout = SplitLayout.modern(num, addr.desc, addr.avail, addr.used)
             views = RingViews(layout, mem.translate_uaddr(addr.desc, desc_table_size(num)),
                               mem.translate_uaddr(addr.avail, avail_ring_size(num)),
                               mem.translate_uaddr(addr.used, used_ring_size(num)))
@@ -522,8 +563,8 @@ class VhostUserSession:
                 return
         else:
             queue = SplitDeviceQueue(views, mem, self.virtio_features)
-        queue.set_state(*ring.saved)
-        if old is not None:
+        queue.set_state(*ring.base())
+        if isinstance(old, SplitDeviceQueue):
             queue.carry_counters(old)  # the same ring: its statistics go on
             # Requests the device still holds stay in flight on the new mapping
             # (same guest pages), so it can complete them.
@@ -534,12 +575,39 @@ class VhostUserSession:
         if ring.vq is not None:
             ring.vq.ring = queue
 
+    def _map_packed_ring(self, ring: Ring, old: DeviceQueue | None, mem: GuestMemory) -> None:
+        """:meth:`_map_ring` for a packed ring (§2.8): SET_VRING_ADDR's desc / avail /
+        used are the descriptor ring and the driver and device event suppression
+        areas (QEMU ``vhost_virtqueue_set_addr``).  Raises PeerError."""
+        addr = ring.addr
+        assert addr is not None
+        num = ring.num
+        layout = PackedLayout.modern(num, addr.desc, addr.avail, addr.used)
+        views = PackedRingViews(layout, mem.translate_uaddr(addr.desc, packed_ring_size(num)),
+                                mem.translate_uaddr(addr.avail, EVENT_SIZE),
+                                mem.translate_uaddr(addr.used, EVENT_SIZE))
+        queue = PackedDeviceQueue(views, mem, self.virtio_features)
+        try:
+            queue.set_state(*ring.base(packed=True))
+        except CallerError as exc:
+            raise PeerError(str(exc)) from None
+        if isinstance(old, PackedDeviceQueue):
+            queue.carry_counters(old)
+            queue.carry_in_flight(old)
+            if old.broken is not None:
+                queue.broken = old.broken
+        ring.queue = queue
+        if ring.vq is not None:
+            ring.vq.ring = queue
+
     def _set_vring_num(self, msg: Message) -> _NoReply:
         assert isinstance(msg.payload, VringState)
         ring = self._ring(msg.payload.index, msg.request)
         num = msg.payload.num
-        if not is_valid_queue_size(num) or num > self.max_queue_size:
-            raise PeerError(f"SET_VRING_NUM {num} for ring {ring.index}: not a power of two "
+        valid = is_valid_packed_queue_size(num) if self.packed else is_valid_queue_size(num)
+        if not valid or num > self.max_queue_size:
+            kind = "a size" if self.packed else "a power of two"
+            raise PeerError(f"SET_VRING_NUM {num} for ring {ring.index}: not {kind} "
                             f"in 1..{self.max_queue_size}")
         if ring.started:
             raise PeerError(f"SET_VRING_NUM on started ring {ring.index}")
@@ -563,20 +631,31 @@ class VhostUserSession:
         assert isinstance(msg.payload, VringState)
         ring = self._ring(msg.payload.index, msg.request)
         base = msg.payload.num
-        if base > 0xFFFF:
-            raise PeerError(f"SET_VRING_BASE {base:#x} is not a 16-bit split-ring index")
         if ring.started:
             raise PeerError(f"SET_VRING_BASE on started ring {ring.index}")
-        ring.saved = (base, base)
+        if self.packed:
+            avail_state = base & 0xFFFF
+            used_state = base >> 16 or avail_state
+            for state in (avail_state, used_state):
+                if ring.num and state & OFF_MASK >= ring.num:
+                    raise PeerError(f"SET_VRING_BASE {base:#x}: position {state & OFF_MASK} "
+                                    f"outside packed ring {ring.index} of size {ring.num}")
+            ring.saved = (avail_state, used_state)
+        else:
+            if base > 0xFFFF:
+                raise PeerError(f"SET_VRING_BASE {base:#x} is not a 16-bit split-ring index")
+            ring.saved = (base, base)
         if ring.queue is not None:
-            ring.queue.set_state(base)
+            ring.queue.set_state(*ring.saved)
         return NO_REPLY
 
     def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)
         ring = self._ring(msg.payload.index, msg.request)
-        last_avail, _used = ring.base()
+        last_avail, used = ring.base(self.packed)
         self._stop(ring)
+        if self.packed:
+            return VringState(ring.index, last_avail | used << 16)
         return VringState(ring.index, last_avail)
 
     def _stop(self, ring: Ring) -> None:
