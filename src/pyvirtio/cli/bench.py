@@ -61,7 +61,8 @@ def run_blk(args: argparse.Namespace) -> int:
         return failure(PROG, problem)
     try:
         with BlkDriver.connect(path, queue_size=args.queue_size,
-                               max_io=max(args.bs, 4096), spin=args.spin_us / 1e6) as drv:
+                               max_io=max(args.bs, 4096), spin=args.spin_us / 1e6,
+                               packed=args.packed) as drv:
             result = run_workload(drv, args.rw, args.bs, args.iodepth, args.seconds,
                                   warmup=args.warmup, allow_writes=args.allow_writes)
     except Exception as exc:  # a CLI reports every failure in one line
@@ -127,6 +128,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="ring size, a power of two (2 descriptors per request)")
     b.add_argument("--spin-us", type=non_negative_float, default=0.0, metavar="US",
                    help="busy-poll for completions this long before sleeping")
+    b.add_argument("--packed", action="store_true",
+                   help="ask for the packed ring (VIRTIO_F_RING_PACKED, VIRTIO 1.2 §2.8) "
+                        "instead of the split ring; fails if the back end does not offer it")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(func=run_blk)
 

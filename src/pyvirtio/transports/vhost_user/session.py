@@ -808,9 +808,15 @@ class VhostUserSession:
                             f"implemented")
 
     def _get_inflight_fd(self, msg: Message) -> _WithFds:
-        self._inflight_allowed(msg.request)
         desc = msg.payload
         assert isinstance(desc, InflightDesc)
+        if self.packed:
+            # No buffer (mmap_size 0, no fd): QEMU's vhost_user_get_inflight_fd
+            # then goes on without inflight tracking rather than failing the
+            # start of a packed ring, which is not tracked.
+            self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD, msg.request)
+            return _WithFds(InflightDesc(0, 0, desc.num_queues, desc.queue_size), ())
+        self._inflight_allowed(msg.request)
         InflightRegion.check_geometry(desc.num_queues, desc.queue_size, self.num_queues)
         try:
             region = InflightRegion.create(desc.num_queues, desc.queue_size)
