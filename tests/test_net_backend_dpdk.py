@@ -20,7 +20,8 @@ testpmd's counters are its accumulated forward statistics; the back end's
 are what it logs at exit, after testpmd disconnected, so they are final.
 
 * ``--loopback``: one ``virtio_user`` port, frames come back on its receive
-  queue;
+  queue; on split rings and, with ``packed_vq=1``, on packed ones (VIRTIO 1.2
+  §2.8: the back end's log shows bit 34 negotiated);
 * a 2-port ``--switch``: one testpmd with two ``virtio_user`` ports forwards
   between them (port 0's receive goes out on port 1 and back), through the
   switch; io forwarding keeps the source MAC, and the destination (testpmd's
@@ -38,6 +39,7 @@ import pytest
 
 from dpdk_peers import BURST, PortStats, Testpmd, parse_forward_stats
 from net_backend import NetBackend, PortCounters
+from pyvirtio.core.spec import F_RING_PACKED
 from pyvirtio.devices.net.spec import F_MQ
 
 pytestmark = pytest.mark.timeout(180)
@@ -73,12 +75,14 @@ def in_flight(tp_tx: int, be_tx: int, be_rx: int, tp_rx: int) -> int:
     return tp_tx - tp_rx
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 def test_testpmd_io_through_loopback(sockets: list[Path], backends: list[NetBackend],
-                                     tmp_path: Path) -> None:
+                                     tmp_path: Path, ring: str) -> None:
     sock = sockets[0]
     be = NetBackend([sock], ["--loopback"])
     backends.append(be)
-    with Testpmd([f"virtio_user0,path={sock}"], tx_first=True,
+    packed = ",packed_vq=1" if ring == "packed" else ""
+    with Testpmd([f"virtio_user0,path={sock}{packed}"], tx_first=True,
                  log=tmp_path / "testpmd.log") as tp:
         tp.wait_rx(0, LOOPS)
         stats = tp.stop()
@@ -91,6 +95,9 @@ def test_testpmd_io_through_loopback(sockets: list[Path], backends: list[NetBack
     check_backend(ours)
     assert in_flight(port.tx_packets, ours.tx_frames, ours.rx_frames, port.rx_packets) == BURST
     assert be.count("front end connected") == be.count("front end disconnected") == 1
+    features = re.findall(r"negotiated features (0x[0-9a-f]+)", be.log)
+    assert features and all((int(f, 16) >> F_RING_PACKED & 1) == (ring == "packed")
+                            for f in features), features
 
 
 def test_testpmd_two_queue_pairs_through_loopback(sockets: list[Path],
