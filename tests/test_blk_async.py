@@ -101,6 +101,52 @@ def test_thread_engine_keeps_requests_in_flight(tmp_path: Path, img: Path) -> No
         server.close()
         store.close()
     assert store.inside_max == DEPTH
+    # Each request the workers ran is one latency sample (submit to completion taken).
+    assert device.stats.latency.count == DEPTH
+    assert device.stats.as_dict()["requests"] == DEPTH
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("aio", ["threads", "sync"])
+def test_latency_histogram_counts_every_request(tmp_path: Path, img: Path, aio: str) -> None:
+    """blk's latency histogram (docs/stats.md): one sample per request on both engines,
+    page-cached answers and worker answers alike, and the null store's 200 µs in each."""
+    store = FileStore(str(img))
+    null = NullStore(SIZE, latency=200e-6)
+    devices = [BlkDevice(s, queue_size=256, engine=ThreadEngine(4) if aio == "threads" else None)
+               for s in (store, null)]
+    servers = [VhostUserServer(d, socket_path=str(tmp_path / f"{i}.sock"))
+               for i, d in enumerate(devices)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        for i, _device in enumerate(devices):
+            with BlkDriver.connect(str(tmp_path / f"{i}.sock"), timeout=60) as drv:
+                for _round in range(3):
+                    slots = [drv.submit(ReqType.IN, s * 8, 4096, kick=False) for s in range(16)]
+                    drv.kick()
+                    for slot in slots:
+                        assert drv.wait(slot).status == Status.OK
+                        drv.release(slot)
+                drv.flush()
+    finally:
+        for s in servers:
+            s.stop()
+        for t in threads:
+            t.join(10)
+        for s in servers:
+            s.close()
+        store.close()
+    for device in devices:
+        snap = device.stats.as_dict()
+        hist = snap["latency"]
+        assert isinstance(hist, dict)
+        assert snap["requests"] == hist["count"] == sum(hist["counts"]) == 3 * 16 + 1
+        assert hist["sum_us"] > 0
+    # The null store answers no request in less than its latency (bucket 8: < 256 µs).
+    null_counts = devices[1].stats.latency.counts
+    assert sum(null_counts[:8]) == 0, null_counts
 
 
 @pytest.mark.timeout(90)

@@ -158,3 +158,6 @@ def test_guest_dd_counted_by_the_back_end(initramfs: Path,
     (row,) = json.loads(top.stdout)["queues"]
     assert row["used_idx"] == q1["state"]["used_idx"] and row["buffers"] == t1["buffers_pushed"]
     assert row["buffers_per_s"] == 0  # idle
+    # blk's latency histogram: one sample per request the guest made, over the back end's life.
+    (lat,) = json.loads(top.stdout)["latency"]
+    assert lat["requests"] == t1["buffers_pushed"] and lat["p50_us"] <= lat["p99_us"]

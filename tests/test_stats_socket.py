@@ -86,9 +86,13 @@ def traffic(drv: BlkDriver, writes: int, reads: int) -> None:
             assert data[:1] == bytes([(2 * i) & 0xFF])
 
 
-def queue0(doc: dict[str, Any]) -> dict[str, Any]:
+def device0(doc: dict[str, Any]) -> dict[str, Any]:
     (dev,) = doc["devices"]
-    q: dict[str, Any] = dev["queues"][0]
+    return dict(dev)
+
+
+def queue0(doc: dict[str, Any]) -> dict[str, Any]:
+    q: dict[str, Any] = device0(doc)["queues"][0]
     return q
 
 
@@ -112,6 +116,9 @@ def test_counters_equal_what_the_front_end_did(served: Served) -> None:
         assert q["active"] and q["event_idx"] and q["size"] == 256
         assert state["avail_idx"] == state["last_avail_idx"] == state["used_idx"] == n
         assert state["in_flight"] == 0
+        # blk's own: one latency sample per request.
+        dev = device0(request(served.stats))
+        assert dev["device_stats"]["requests"] == dev["device_stats"]["latency"]["count"] == n
     # After a reconnect the lifetime counters go on, the connection's start again.
     with BlkDriver.connect(served.blk) as drv:
         traffic(drv, writes=1, reads=0)
@@ -204,6 +211,16 @@ def test_prometheus_serves_the_same_numbers(served: Served) -> None:
     assert samples[("pyvirtio_queue_batch_size_count", labels)] == sum(q["total"]["batches"])
     assert samples[("pyvirtio_queue_batch_size_sum", labels)] == q["total"]["batched_entries"]
     assert samples[("pyvirtio_device_connections_total", labels[:1] + labels[2:])] == 1
+    # blk's latency histogram, in seconds.
+    hist = device0(request(served.stats))["device_stats"]["latency"]
+    dl = labels[:1] + labels[2:]
+    assert samples[("pyvirtio_device_latency_seconds_count", dl)] == hist["count"] == 20
+    assert samples[("pyvirtio_device_latency_seconds_sum", dl)] == pytest.approx(
+        hist["sum_us"] / 1e6)
+    assert samples[("pyvirtio_device_latency_seconds_bucket", (dl[0], ("le", "+Inf"), dl[1]))] == 20
+    le_128us = (dl[0], ("le", repr(128 / 1e6)), dl[1])  # _scrape sorts the labels
+    assert samples[("pyvirtio_device_latency_seconds_bucket", le_128us)] == sum(
+        hist["counts"][:8])
     # The front end left: the ring is gone, its counters stay.
     assert ("pyvirtio_queue_used_idx", labels) not in samples
 
@@ -219,6 +236,12 @@ def test_top_once_json_and_trace(served: Served, tmp_path: Path,
         assert row["buffers"] == 10 and row["used_idx"] == 10 and row["in_flight"] == 0
         assert row["notifications_per_1k"] == pytest.approx(
             1000 * (row["kicks"] + row["interrupts"]) / 10)
+        (lat,) = view["latency"]  # blk's request latency: the whole life while idle
+        assert lat["histogram"] == "latency" and lat["requests"] == 10
+        assert lat["p50_us"] <= lat["p99_us"]
+        assert main(["top", "--stats-socket", served.stats, "--once",
+                     "--interval", "0.1"]) == 0
+        assert "latency: p50 < " in capsys.readouterr().out
 
         before = queue0(request(served.stats))["total"]
         out = tmp_path / "trace"

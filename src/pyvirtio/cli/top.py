@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pyvirtio.cli.common import failure, positive_float
 from pyvirtio.core.errors import CallerError
+from pyvirtio.transports.histogram import is_histogram, quantile
 from pyvirtio.transports.stats_socket import request
 
 PROG = "pyvirtio top"
@@ -65,6 +68,44 @@ def rows(prev: dict[str, Any], cur: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def latencies(prev: dict[str, Any], cur: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per device histogram (blk: request latency): requests and the p50/p99 bucket
+    bounds (µs) since ``prev``, or over the whole life when nothing happened since."""
+    before = {d["name"]: d.get("device_stats") or {} for d in prev["devices"]}
+    out: list[dict[str, Any]] = []
+    for dev in cur["devices"]:
+        for key, hist in (dev.get("device_stats") or {}).items():
+            if not is_histogram(hist):
+                continue
+            old = before.get(dev["name"], {}).get(key)
+            counts = list(hist["counts"])
+            if is_histogram(old) and sum(counts) > sum(old["counts"]):
+                counts = [a - b for a, b in zip(counts, old["counts"], strict=True)]
+            window = {"counts": counts, "le_us": hist["le_us"]}
+            out.append({"device": dev["name"], "histogram": key, "requests": sum(counts),
+                        "p50_us": _finite(quantile(window, 0.5)),
+                        "p99_us": _finite(quantile(window, 0.99))})
+    return out
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no infinity: null also stands for "beyond the last bucket's bound".
+    return None if value is None or math.isinf(value) else value
+
+
+def caption(lat: list[dict[str, Any]]) -> str | None:
+    """One line per device histogram under the table."""
+    lines = [f"{os.path.basename(r['device']) or r['device']} {r['histogram']}: "
+             + (f"p50 {_us(r['p50_us'])}, p99 {_us(r['p99_us'])} ({r['requests']:,} requests)"
+                if r["requests"] else "no requests yet")
+             for r in lat]
+    return "\n".join(lines) or None
+
+
+def _us(value: float | None) -> str:
+    return "≥ 1 s" if value is None else f"< {value:,.0f} µs"
+
+
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -75,10 +116,12 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
-def table(view: list[dict[str, Any]], title: str) -> Any:
+def table(view: list[dict[str, Any]], title: str,
+          lat: Sequence[dict[str, Any]] = ()) -> Any:
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left", box=None, header_style="bold")
+    t = Table(title=title, title_justify="left", box=None, header_style="bold",
+              caption=caption(list(lat)), caption_justify="left")
     for key, heading in COLUMNS:
         t.add_column(heading, justify="left" if key == "device" else "right", no_wrap=True,
                      min_width=len(heading))
@@ -99,11 +142,12 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"schema": "pyvirtio-top", "version": 1,
                                   "interval": float(cur["time"]) - float(prev["time"]),  # type: ignore[arg-type]
-                                  "queues": view},
+                                  "queues": view, "latency": latencies(prev, cur)},
                                  indent=2))
             else:
                 from rich.console import Console
-                Console().print(table(view, f"pyvirtio top: {args.stats_socket}"))
+                Console().print(table(view, f"pyvirtio top: {args.stats_socket}",
+                                      latencies(prev, cur)))
             return 0
         return _live(args, prev)
     except CallerError as exc:
@@ -122,9 +166,11 @@ def _live(args: argparse.Namespace, prev: dict[str, Any]) -> int:
                 time.sleep(args.interval)
                 cur = request(args.stats_socket)
                 if args.json:
-                    print(json.dumps({"queues": rows(prev, cur)}), flush=True)
+                    print(json.dumps({"queues": rows(prev, cur),
+                                      "latency": latencies(prev, cur)}), flush=True)
                 else:
-                    live.update(table(rows(prev, cur), title), refresh=True)
+                    live.update(table(rows(prev, cur), title, latencies(prev, cur)),
+                                refresh=True)
                 prev = cur
     except KeyboardInterrupt:
         return 0

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from pyvirtio.core.errors import CallerError
 from pyvirtio.io.loop import EventLoop
+from pyvirtio.transports.histogram import is_histogram
 from pyvirtio.transports.stats import DeviceStats, snapshot
 
 __all__ = ["METRICS", "SNAPSHOT_WAIT", "MetricsServer", "metrics_available", "parse_address"]
@@ -181,7 +182,17 @@ class _Collector:
             connections.add_metric(dl, dev["connections"])
             connected.add_metric(dl, 1 if dev["connected"] else 0)
             for key, value in (dev.get("device_stats") or {}).items():
-                if isinstance(value, dict):  # counts by reason (net: drops)
+                if is_histogram(value):  # blk: request latency, in seconds as Prometheus wants
+                    fam = own.setdefault(key, HistogramMetricFamily(
+                        f"pyvirtio_device_{key}_seconds", f"The device's {key} (seconds)",
+                        labels=dev_labels))
+                    cumulative, buckets = 0, []
+                    for bound, n in zip(value["le_us"], value["counts"], strict=True):
+                        cumulative += n
+                        buckets.append(("+Inf" if bound is None else repr(bound / 1e6),
+                                        cumulative))
+                    fam.add_metric(dl, buckets, sum_value=value["sum_us"] / 1e6)
+                elif isinstance(value, dict):  # counts by reason (net: drops)
                     fam = own.setdefault(key, CounterMetricFamily(
                         f"pyvirtio_device_{key}", f"The device's {key}, by reason",
                         labels=[*dev_labels, "reason"]))

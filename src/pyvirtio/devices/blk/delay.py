@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from pyvirtio.core.split_device import Element
 from pyvirtio.devices.blk.engine import rerun
 from pyvirtio.transports.device import VirtQueue
+from pyvirtio.transports.histogram import LatencyHistogram
 
 if TYPE_CHECKING:
     from pyvirtio.io.loop import EventLoop
@@ -58,8 +59,10 @@ _timerfd_settime.restype = ctypes.c_int
 class DelayLine:
     """Complete requests ``latency`` seconds after :meth:`add`, on the loop's thread."""
 
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, histogram: LatencyHistogram | None = None) -> None:
         self.latency = latency
+        #: Counts how long each request really waited (the timer fires late under load).
+        self.histogram = histogram
         fd = _timerfd_create(_CLOCK_MONOTONIC, _TFD_CLOEXEC | _TFD_NONBLOCK)
         if fd < 0:
             err = ctypes.get_errno()
@@ -96,9 +99,12 @@ class DelayLine:
         pending = self._pending
         now = time.monotonic()
         touched: set[VirtQueue] = set()
+        histogram = self.histogram
         while pending and pending[0][0] <= now:
-            _when, vq, elem, length = pending.popleft()
+            when, vq, elem, length = pending.popleft()
             touched.add(vq)
+            if histogram is not None:
+                histogram.add(int((now - when + self.latency) * 1e9))
             vq.complete(elem, length)
         if pending:
             self._arm(pending[0][0])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import CallerError, PeerError
@@ -53,6 +54,7 @@ from pyvirtio.devices.blk.spec import (
 )
 from pyvirtio.devices.blk.store import Store
 from pyvirtio.transports.device import Device, VirtQueue
+from pyvirtio.transports.histogram import LatencyHistogram
 
 if TYPE_CHECKING:
     from pyvirtio.io.loop import EventLoop
@@ -73,6 +75,17 @@ _OUT = ReqType.OUT
 _unpack_header = REQ_HEADER.unpack_from
 
 
+class BlkStats:
+    """The device's own statistics (``device_stats`` in docs/stats.md): the
+    request latency histogram, from pop to used entry filled."""
+
+    def __init__(self) -> None:
+        self.latency = LatencyHistogram()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"requests": self.latency.count, "latency": self.latency.as_dict()}
+
+
 class BlkDevice(Device):
     """A virtio-blk device on a :class:`Store` (a file, or the null store).
 
@@ -91,8 +104,13 @@ class BlkDevice(Device):
             raise CallerError(f"batch {batch} must be 0 or more")
         self.store = store
         self.engine = engine
+        self.stats = BlkStats()
+        latency = self.stats.latency
+        if engine is not None:
+            engine.latency = latency
         #: The null store's latency on the asynchronous engine: a timer, not a worker.
-        self._delay = DelayLine(store.latency) if engine is not None and store.latency else None
+        self._delay = (DelayLine(store.latency, latency)
+                       if engine is not None and store.latency else None)
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.serial = serial
@@ -193,11 +211,16 @@ class BlkDevice(Device):
         """
         ring = queue.ring
         complete = queue.complete if self._delay is None else partial(self._delay.add, queue)
+        # Answered here and now: one latency sample per batch (the delay line
+        # measures its own, the engine each request it ran).
+        latency = self.stats.latency if self._delay is None else None
         submit = engine.submit
         execute = self.execute
         store = self.store
         while batch := ring.pop_batch(ring.num):
+            t0 = perf_counter_ns()
             left = len(batch)
+            submitted = engine.submitted
             try:
                 for elem in batch:
                     left -= 1
@@ -231,6 +254,8 @@ class BlkDevice(Device):
                 if left:
                     ring.unpop(left)
                 raise
+            if latency is not None and (answered := len(batch) - engine.submitted + submitted):
+                latency.add(perf_counter_ns() - t0, answered)
 
     def process_queue(self, index: int, queue: DeviceQueue) -> int:
         """Execute waiting requests of the core ``queue``; returns how many were published.
@@ -242,13 +267,17 @@ class BlkDevice(Device):
         pop_batch = queue.pop_batch
         fill = queue.fill
         execute = self.execute
+        latency = self.stats.latency
         done = 0  # published by this call
         n = 0     # filled, not yet published
+        t0 = 0    # when the batch being filled was popped
 
         def publish() -> None:
             nonlocal done, n
             if n:
                 queue.flush(n)
+                # The whole batch took as long as its last request: one sample, n times.
+                latency.add(perf_counter_ns() - t0, n)
                 self.completed += n
                 done += n
                 n = 0
@@ -262,6 +291,7 @@ class BlkDevice(Device):
                 # (available() fails exactly as the first pop would.)
                 budget = min(self.batch, (queue.available() + 1) // 2 or 1)
             while done < budget and (batch := pop_batch(budget - done)):
+                t0 = perf_counter_ns()
                 left = len(batch)
                 try:
                     for elem in batch:

@@ -25,12 +25,14 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.split_device import Element
 from pyvirtio.io.eventfd import EventFd
 from pyvirtio.transports.device import VirtQueue
+from pyvirtio.transports.histogram import LatencyHistogram
 
 if TYPE_CHECKING:
     from pyvirtio.io.loop import EventLoop
@@ -42,9 +44,10 @@ log = logging.getLogger(__name__)
 #: QEMU's thread pool allows 64 workers (util/thread-pool.c ``max_threads``).
 DEFAULT_WORKERS = 64
 
-Job = tuple[Callable[[], int], VirtQueue, Element]
-#: A finished job: its queue, its element, and its used length or what it raised.
-Done = tuple[VirtQueue, Element, "int | BaseException"]
+#: A job, its queue, its element and when it was submitted (perf_counter_ns).
+Job = tuple[Callable[[], int], VirtQueue, Element, int]
+#: A finished job: its queue, its element, its used length or what it raised, its start.
+Done = tuple[VirtQueue, Element, "int | BaseException", int]
 
 
 def rerun(queues: set[VirtQueue]) -> None:
@@ -77,6 +80,8 @@ class ThreadEngine:
         self.in_flight = 0
         self._per_queue: dict[VirtQueue, int] = {}
         self.submitted = 0
+        #: Where the latency of each job (submit to completion taken) is counted, if anywhere.
+        self.latency: LatencyHistogram | None = None
 
     def __repr__(self) -> str:
         return f"threads({self.workers})"
@@ -102,21 +107,21 @@ class ThreadEngine:
             t = threading.Thread(target=self._work, name=f"blk-io-{len(threads)}", daemon=True)
             t.start()
             threads.append(t)
-        self._jobs.put((job, vq, elem))
+        self._jobs.put((job, vq, elem, perf_counter_ns()))
 
     # --------------------------------------------------------------- workers
     def _work(self) -> None:
         get = self._jobs.get
         done = self._done
         while (item := get()) is not None:
-            job, vq, elem = item
+            job, vq, elem, started = item
             result: int | BaseException
             try:
                 result = job()
             except BaseException as exc:  # reported on the loop, which breaks the ring
                 # Without its traceback: the frames in it hold the request's views.
                 result = exc.with_traceback(None)
-            done.append((vq, elem, result))
+            done.append((vq, elem, result, started))
             # One eventfd write per batch: the loop clears the flag (after
             # draining the eventfd) before it takes the batch, so a completion
             # appended after that writes again.
@@ -138,9 +143,13 @@ class ThreadEngine:
         self._signalled = False
         done = self._done
         touched: set[VirtQueue] = set()
+        latency = self.latency
+        now = perf_counter_ns()
         while done:
-            vq, elem, result = done.popleft()
+            vq, elem, result, started = done.popleft()
             self._returned(vq)
+            if latency is not None:
+                latency.add(now - started)
             touched.add(vq)
             # Not re-raised: a raised exception's traceback would tie this frame
             # (and the request's views) into a cycle only the GC breaks.
