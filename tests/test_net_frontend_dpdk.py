@@ -6,7 +6,8 @@ forwarding modes:
 * ``io``: testpmd sends every frame it receives back out of the same port,
   so the frames we transmit come back on receiveq1, byte for byte and in
   order — including frames spread over several mergeable receive buffers
-  (VIRTIO 1.2 §5.1.6.4);
+  (VIRTIO 1.2 §5.1.6.4) — on split rings and on packed ones (§2.8, a ring
+  size that is not a power of two);
 * ``rxonly``: testpmd counts and frees what we transmit; its accumulated
   statistics must count exactly our frames;
 * ``txonly``: testpmd generates 64-byte UDP frames; we must receive exactly
@@ -34,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from dpdk_peers import PortStats, Testpmd
+from pyvirtio.core.spec import F_RING_PACKED
 from pyvirtio.devices.net.driver import NetDriver
 from pyvirtio.devices.net.spec import F_MRG_RXBUF
 from pyvirtio.devices.net.workload import make_frames
@@ -98,9 +100,13 @@ def loop_back(drv: NetDriver, frames: list[bytes], window: int) -> list[bytes]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("testpmd", ["io"], indirect=True)
-def test_io_frames_come_back_intact_and_in_order(testpmd: VhostPeer) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_io_frames_come_back_intact_and_in_order(testpmd: VhostPeer, ring: str) -> None:
     sizes = [60 + (i * 37) % (1514 - 60 + 1) for i in range(3000)]
-    with NetDriver.connect(str(testpmd.sock), timeout=10) as drv:
+    packed = ring == "packed"
+    with NetDriver.connect(str(testpmd.sock), timeout=10, packed=packed,
+                           queue_size=200 if packed else 256) as drv:
+        assert drv.features >> F_RING_PACKED & 1 == packed
         assert drv.features >> F_MRG_RXBUF & 1
         assert drv.hdr_len == 12
         assert len(drv.mac) == 6 and drv.link_up  # net_vhost has no config space
@@ -186,14 +192,16 @@ def test_txonly_we_count_what_testpmd_sends(testpmd: VhostPeer) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("testpmd", "mode"), [("io", "io"), ("rxonly", "txonly"),
-                                               ("txonly", "rxonly")],
+@pytest.mark.parametrize(("testpmd", "mode", "ring"),
+                         [("io", "io", "split"), ("rxonly", "txonly", "split"),
+                          ("txonly", "rxonly", "split"), ("io", "io", "packed")],
                          indirect=["testpmd"])
-def test_bench_net_cli(testpmd: VhostPeer, mode: str) -> None:
+def test_bench_net_cli(testpmd: VhostPeer, mode: str, ring: str) -> None:
+    packed = ["--packed"] if ring == "packed" else []
     res = subprocess.run(
         [sys.executable, "-m", "pyvirtio.cli.main", "bench", "net", "--socket-path",
-         str(testpmd.sock), "--mode", mode, "--size", "128", "--seconds", "1", "--json"],
-        capture_output=True, text=True, timeout=60)
+         str(testpmd.sock), "--mode", mode, "--size", "128", "--seconds", "1", "--json",
+         *packed], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""  # no progress line when stderr is not a terminal
     out = json.loads(res.stdout)

@@ -89,7 +89,7 @@ def run_net(args: argparse.Namespace) -> int:
     if problem is not None:
         return failure(NET_PROG, problem)
     try:
-        with NetDriver.connect(path, queue_size=args.queue_size) as drv, \
+        with NetDriver.connect(path, queue_size=args.queue_size, packed=args.packed) as drv, \
                 live_progress(sys.stderr.isatty()) as progress:
             result = run_net_bench(drv, args.mode, args.size, args.seconds, batch=args.batch,
                                    progress=progress)
@@ -153,5 +153,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="size of each ring (receiveq1, transmitq1), a power of two")
     n.add_argument("--batch", type=positive_int, default=64,
                    help="frames per transmit batch (one kick) and per receive call")
+    n.add_argument("--packed", action="store_true",
+                   help="ask for the packed ring (VIRTIO_F_RING_PACKED, VIRTIO 1.2 §2.8) "
+                        "instead of the split ring; fails if the back end does not offer it")
     n.add_argument("--json", action="store_true", help="print the result as JSON")
     n.set_defaults(func=run_net)

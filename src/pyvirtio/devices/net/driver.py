@@ -29,6 +29,11 @@ blocking API on top: :meth:`~NetDriver.send`, :meth:`~NetDriver.send_many`,
 :meth:`~NetDriver.receive`, :meth:`~NetDriver.receive_many`.  They sleep on
 the call eventfds only after re-arming interrupts, so no wake-up is lost.
 
+Both ring kinds: over a split ring (§2.7) the one-descriptor buffers go
+through its batch interface with descriptors written once, as DPDK's
+virtio PMD does; over a packed ring (§2.8, ``packed=True``) every buffer is
+made available with ``add`` (a packed descriptor is rewritten on each lap).
+
 The device is a peer: a used length larger than the buffer, a missing
 header, or a ``num_buffers`` that does not match the used ring raise
 :class:`PeerError`.
@@ -45,9 +50,11 @@ from typing import TYPE_CHECKING, Protocol, cast
 from pyvirtio.core.errors import CallerError, PeerError, VirtioError
 from pyvirtio.core.layout import DESC_SIZE, is_valid_queue_size, pack_desc
 from pyvirtio.core.memory import GuestMemory
+from pyvirtio.core.queue import DriverQueue
 from pyvirtio.core.spec import (
     F_ANY_LAYOUT,
     F_RING_EVENT_IDX,
+    F_RING_PACKED,
     F_VERSION_1,
     VRING_DESC_F_WRITE,
     Status,
@@ -120,7 +127,7 @@ class NetDriver:
     ``rx_buffers`` and ``tx_reclaimed`` (buffers the device returned).
     """
 
-    def __init__(self, rx: SplitDriverQueue, tx: SplitDriverQueue, memory: GuestMemory,
+    def __init__(self, rx: DriverQueue, tx: DriverQueue, memory: GuestMemory,
                  allocator: Allocator, features: int, kick: Kick,
                  on_frame: FrameHandler | None = None, suppress: bool = True,
                  rx_buf_size: int = 2048) -> None:
@@ -147,12 +154,15 @@ class NetDriver:
         self.rx_view = memory.translate(self.rx_base, self.rx_slot * n_rx)
         # As on transmit (below): one descriptor per buffer, written once, so a
         # refill only makes heads available again (DPDK's virtio PMD does so too).
-        self._rx_direct = self.rx_descs == 1
+        # Split rings only: a packed ring has no descriptor table to keep.
+        self._rx_split = rx if isinstance(rx, SplitDriverQueue) else None
+        self._tx_split = tx if isinstance(tx, SplitDriverQueue) else None
+        self._rx_direct = self.rx_descs == 1 and self._rx_split is not None
         self._rx_free = [] if self._rx_direct else list(range(n_rx - 1, -1, -1))
-        if self._rx_direct:
+        if self._rx_split is not None and self._rx_direct:
             for i in range(n_rx):
-                pack_desc(rx.rings.desc, i * DESC_SIZE, self.rx_base + i * self.rx_slot,
-                          self.rx_slot, VRING_DESC_F_WRITE, 0)
+                pack_desc(self._rx_split.rings.desc, i * DESC_SIZE,
+                          self.rx_base + i * self.rx_slot, self.rx_slot, VRING_DESC_F_WRITE, 0)
         self.tx_descs = 1 if self.any_layout else 2
         self.tx_slot = self.hdr_len + ETH_FRAME_MAX
         n_tx = tx.num // self.tx_descs
@@ -164,10 +174,10 @@ class NetDriver:
         # length (DPDK's virtio PMD pre-fills its descriptors the same way).
         # Buffers go through the queue's batch interface (take_free,
         # record_heads, publish_avail), which keeps it as add() would.
-        self._direct = self.tx_descs == 1
+        self._direct = self.tx_descs == 1 and self._tx_split is not None
         self._tx_free = [] if self._direct else list(range(n_tx - 1, -1, -1))
-        if self._direct:
-            desc = tx.rings.desc
+        if self._tx_split is not None and self._direct:
+            desc = self._tx_split.rings.desc
             for i in range(n_tx):
                 pack_desc(desc, i * DESC_SIZE, self.tx_base + i * self.tx_slot, 0, 0, 0)
             self._desc_u32 = desc.cast("I")
@@ -196,7 +206,7 @@ class NetDriver:
     @classmethod
     def connect(cls, path: str, *, queue_size: int = 256, mergeable: bool = True,
                 rx_buf_size: int = 2048, event_idx: bool = True,
-                timeout: float = DEFAULT_TIMEOUT) -> NetDriver:
+                timeout: float = DEFAULT_TIMEOUT, packed: bool = False) -> NetDriver:
         """Connect to a vhost-user-net back end at ``path`` and start one queue pair.
 
         Negotiates ``VERSION_1``, ``MRG_RXBUF`` (if ``mergeable``),
@@ -206,12 +216,13 @@ class NetDriver:
         STATUS: DPDK's vhost library waits for it) and fills receiveq1.
         ``rx_buf_size`` is the size of each mergeable receive buffer;
         ``timeout`` bounds the vhost-user replies and the blocking calls'
-        default waits.
+        default waits.  ``packed``: ask for VIRTIO_F_RING_PACKED (§2.8; any
+        ``queue_size`` up to 32768); PeerError if the back end does not offer it.
         """
         from pyvirtio.transports.vhost_user.frontend import VhostUserFrontend
         from pyvirtio.transports.vhost_user.messages import ProtocolFeature
 
-        if not is_valid_queue_size(queue_size):
+        if not (0 < queue_size <= 32768 if packed else is_valid_queue_size(queue_size)):
             raise CallerError(f"queue_size {queue_size} is not a power of two in 1..32768")
         hdr_max = 12
         # Each mergeable buffer holds at least the header (§5.1.6.3.1).
@@ -223,7 +234,9 @@ class NetDriver:
         fe = VhostUserFrontend.connect(path, memory_size=memory_size, timeout=timeout)
         try:
             offered = fe.get_features()
-            wanted = driver_features(mergeable, event_idx)
+            wanted = driver_features(mergeable, event_idx) | int(packed) << F_RING_PACKED
+            if packed and not offered >> F_RING_PACKED & 1:
+                raise PeerError("the back end does not offer VIRTIO_F_RING_PACKED")
             has_config = fe.has_protocol(ProtocolFeature.CONFIG)
             if not has_config:
                 # MAC and link status live in the config space this back end cannot show.
@@ -235,8 +248,8 @@ class NetDriver:
                     raise PeerError(f"the back end has {queues} queue(s): virtio-net needs "
                                     f"receiveq1 and transmitq1")
             mac = fe.get_config(0, 6) if acked >> F_MAC & 1 else random_mac()
-            rxq = fe.setup_queue(RX_QUEUE, queue_size)
-            txq = fe.setup_queue(TX_QUEUE, queue_size)
+            rxq = fe.setup_ring(RX_QUEUE, queue_size)
+            txq = fe.setup_ring(TX_QUEUE, queue_size)
             ports = (rxq, txq)
 
             def kick(queue: int) -> None:
@@ -319,7 +332,9 @@ class NetDriver:
         """Add empty receive buffers until the ring is full; kick if the device wants it."""
         rx = self.rx
         added = 0
-        if self._rx_direct:
+        split = self._rx_split
+        if split is not None and self._rx_direct:
+            rx = split
             added = rx.num_free
             if added:
                 heads = rx.take_free(added)
@@ -335,10 +350,14 @@ class NetDriver:
             slot_size = self.rx_slot
             base = self.rx_base
             hdr_len = self.hdr_len
-            while free and rx.num_free >= 2:
+            descs = self.rx_descs
+            while free and rx.num_free >= descs:
                 slot = free.pop()
                 addr = base + slot * slot_size
-                rx.add((), ((addr, hdr_len), (addr + hdr_len, slot_size - hdr_len)), slot)
+                if descs == 1:
+                    rx.add((), ((addr, slot_size),), slot)
+                else:
+                    rx.add((), ((addr, hdr_len), (addr + hdr_len, slot_size - hdr_len)), slot)
                 added += 1
         if added and rx.kick_prepare():
             self._kick(RX_QUEUE)
@@ -535,7 +554,7 @@ class NetDriver:
         free = self._tx_free
         tx = self.tx
         direct = self._direct
-        room = tx.num_free if direct else min(len(free), tx.num_free // 2)
+        room = tx.num_free if direct else min(len(free), tx.num_free // self.tx_descs)
         if room == 0:
             self._stop_queue()
             return 0
@@ -553,12 +572,13 @@ class NetDriver:
         hdr_len = self.hdr_len
         nbytes = 0
         sent = end - start
-        if direct and sent:
-            heads = tx.take_free(sent)
+        split = self._tx_split
+        if split is not None and direct and sent:
+            heads = split.take_free(sent)
             lens = self._desc_u32
-            avail = tx.rings.avail16
-            mask = tx.num - 1
-            shadow = tx.avail_idx_shadow
+            avail = split.rings.avail16
+            mask = split.num - 1
+            shadow = split.avail_idx_shadow
             for k, head in enumerate(heads):
                 frame = frames[start + k]
                 n = len(frame)
@@ -567,8 +587,8 @@ class NetDriver:
                 lens[head * 4 + 2] = hdr_len + n   # le32 len of descriptor ``head``
                 avail[2 + ((shadow + k) & mask)] = head
                 nbytes += n
-            tx.record_heads(heads, heads)
-            tx.publish_avail(sent)   # avail.idx last: the entries above are visible first
+            split.record_heads(heads, heads)
+            split.publish_avail(sent)   # avail.idx last: the entries above are visible first
         else:
             base = self.tx_base
             add = tx.add
@@ -579,7 +599,10 @@ class NetDriver:
                 off = slot * slot_size
                 view[off + hdr_len:off + hdr_len + n] = frame
                 addr = base + off
-                add(((addr, hdr_len), (addr + hdr_len, n)), (), slot)
+                if self.tx_descs == 1:
+                    add(((addr, hdr_len + n),), (), slot)
+                else:
+                    add(((addr, hdr_len), (addr + hdr_len, n)), (), slot)
                 nbytes += n
         self.frames_sent += sent
         self.bytes_sent += nbytes
