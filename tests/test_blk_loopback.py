@@ -2,7 +2,7 @@
 
 VIRTIO 1.2 §5.2 over QEMU docs/interop/vhost-user.rst: every request type,
 two queues, many requests in flight, read-only mode, reconnection, probe and
-bench on the command line.
+bench on the command line — on split rings and on packed ones (§2.8).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from blk_peers import start_pyvirtio_blk, stop
+from pyvirtio.core.spec import F_RING_PACKED
 from pyvirtio.devices.blk.driver import BlkDriver, BlkIOError
 from pyvirtio.devices.blk.spec import BlkFeature, ReqType, Status
 
@@ -41,9 +42,11 @@ def server(tmp_path: Path, img: Path) -> Iterator[Path]:
 
 
 @pytest.mark.timeout(60)
-def test_write_read_verify_flush(server: Path, img: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_write_read_verify_flush(server: Path, img: Path, packed: bool) -> None:
     original = img.read_bytes()
-    with BlkDriver.connect(str(server), num_queues=2, timeout=10) as drv:
+    with BlkDriver.connect(str(server), num_queues=2, timeout=10, packed=packed) as drv:
+        assert drv.features >> F_RING_PACKED & 1 == packed
         assert drv.capacity == SIZE // 512 and drv.num_queues == 2
         assert drv.features >> BlkFeature.MQ & 1
         assert drv.read(0, 8192) == original[:8192]
@@ -64,9 +67,11 @@ def test_write_read_verify_flush(server: Path, img: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_many_in_flight_on_both_queues(server: Path, img: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_many_in_flight_on_both_queues(server: Path, img: Path, packed: bool) -> None:
     original = img.read_bytes()
-    with BlkDriver.connect(str(server), num_queues=2, queue_size=128, timeout=10) as drv:
+    with BlkDriver.connect(str(server), num_queues=2, queue_size=128, timeout=10,
+                           packed=packed) as drv:
         for q in range(2):
             slots = [drv.submit(ReqType.IN, 64 * i + q, 4096, queue=q, kick=False)
                      for i in range(drv.depth(q))]
@@ -124,3 +129,8 @@ def test_probe_and_bench_commands(server: Path) -> None:
     out = json.loads(res.stdout)
     assert out["requests"] > 0 and out["errors"] == 0
     assert set(out["percentiles_us"]) >= {"50.00", "99.00"}
+    res = subprocess.run([*bench, "--allow-writes", "--packed"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["requests"] > 0 and out["errors"] == 0
