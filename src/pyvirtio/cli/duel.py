@@ -24,7 +24,7 @@ from pyvirtio.cli.common import (
     queue_size,
     usage_error,
 )
-from pyvirtio.demo.duel import DEFAULT_RATIOS, MODES, DuelPoint, sweep, write_outputs
+from pyvirtio.demo.duel import DEFAULT_RATIOS, MODES, RINGS, DuelPoint, sweep, write_outputs
 
 PROG = "pyvirtio duel"
 
@@ -47,12 +47,20 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _rings(text: str) -> list[str]:
+    rings = list(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+    if not rings or any(r not in RINGS for r in rings):
+        raise argparse.ArgumentTypeError(f"rings are {', '.join(RINGS)}")
+    return rings
+
+
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "duel", help="notifications per 1,000 buffers against the driver/device speed ratio",
         description="A driver process and a device process exchange buffers over a shared "
-                    "split ring; each spins for its per-buffer work. For each suppression mode "
-                    "and speed ratio, count kicks and interrupts per 1,000 buffers.")
+                    "ring (split, or packed with --rings); each spins for its per-buffer work. "
+                    "For each ring, suppression mode and speed ratio, count kicks and "
+                    "interrupts per 1,000 buffers.")
     p.add_argument("--device-work-us", type=non_negative_float, default=20.0,
                    help="device work per buffer in microseconds (fixed)")
     p.add_argument("--driver-work-us", type=non_negative_float, default=None,
@@ -62,6 +70,9 @@ def register(subparsers: Any) -> None:
                    help="driver work / device work, comma-separated")
     p.add_argument("--modes", type=_modes, default=",".join(MODES),
                    help="suppression modes, comma-separated")
+    p.add_argument("--rings", type=_rings, default="split",
+                   help="ring kinds, comma-separated: split (VIRTIO 1.2 §2.7), packed (§2.8); "
+                        "the plot shows them on one figure (packed dashed)")
     p.add_argument("--buffers", type=positive_int, default=4000, help="buffers per point")
     p.add_argument("--queue-size", type=queue_size(), default=128,
                    help="size of the shared ring (power of two, 2..32768)")
@@ -77,10 +88,11 @@ def _table(points: list[DuelPoint]) -> Table:
     t = Table(title="speed duel: notifications per 1,000 buffers",
               caption="ratio = driver work / device work; lost = wake-ups that timed out",
               title_justify="left", caption_justify="left")
-    for col in ("mode", "ratio", "drv µs", "dev µs", "kicks/1k", "irqs/1k", "secs", "lost"):
-        t.add_column(col, justify="left" if col == "mode" else "right")
+    for col in ("ring", "mode", "ratio", "drv µs", "dev µs", "kicks/1k", "irqs/1k", "secs",
+                "lost"):
+        t.add_column(col, justify="left" if col in ("ring", "mode") else "right")
     for p in points:
-        t.add_row(p.mode, f"{p.ratio:g}", f"{p.driver_work_us:g}", f"{p.device_work_us:g}",
+        t.add_row(p.ring, p.mode, f"{p.ratio:g}", f"{p.driver_work_us:g}", f"{p.device_work_us:g}",
                   f"{p.kicks_per_1000:.1f}", f"{p.interrupts_per_1000:.1f}", f"{p.seconds:.2f}",
                   str(p.lost_wakeups))
     return t
@@ -111,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and (problem := _out_dir_problem(args.out)) is not None:
         return usage_error(PROG, problem)
     err = Console(stderr=True)
-    total = len(args.modes) * len(ratios)
+    total = len(args.rings) * len(args.modes) * len(ratios)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=not err.is_terminal,
                   transient=True) as progress:
@@ -119,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
 
         def done(p: DuelPoint) -> None:
             progress.update(task, advance=1,
-                            description=f"{p.mode} ratio {p.ratio:g}: "
+                            description=f"{p.ring} {p.mode} ratio {p.ratio:g}: "
                                         f"{p.kicks_per_1000:.0f} kicks/1k")
 
         points = sweep(args.modes, ratios, args.device_work_us, args.buffers, args.queue_size,
-                       done)
+                       done, args.rings)
     outputs: dict[str, str] = {}
     if args.out is not None:
         csv_path, png_path = write_outputs(points, args.out)

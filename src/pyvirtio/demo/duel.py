@@ -4,9 +4,12 @@ The seed article calls delayed notification "a duel of speeds": with
 VIRTIO 1.2 §2.7.7 / §2.7.10 suppression each side notifies the other only
 when the other has caught up.  This module measures it.  For each suppression
 mode (``none``, ``flags``, ``event-idx``) and each speed ratio, a driver
-and a device exchange a fixed number of buffers over one split ring in a
-memfd; each side spins for its chosen per-buffer work (microseconds) and the
-driver's work is ``ratio`` times the device's.  The driver counts its kicks,
+and a device exchange a fixed number of buffers over one ring in a memfd —
+a split ring (§2.7) or a packed one (§2.8, whose suppression is the event
+suppression structures of §2.8.10: ENABLE / DISABLE / DESC with an
+``off_wrap`` in place of ``used_event`` / ``avail_event``); each side spins
+for its chosen per-buffer work (microseconds) and the driver's work is
+``ratio`` times the device's.  The driver counts its kicks,
 the device its interrupts.
 
 Why two processes (the driver here, the device in ``pyvirtio.demo.duel_device``)
@@ -39,12 +42,16 @@ from pathlib import Path
 from pyvirtio.core.errors import CallerError
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
+from pyvirtio.core.packed_driver import PackedDriverQueue
+from pyvirtio.core.packed_layout import EVENT_SIZE, PackedLayout, PackedRingViews, packed_ring_size
+from pyvirtio.core.queue import DriverQueue
 from pyvirtio.core.spec import F_RING_EVENT_IDX, LEGACY_VRING_ALIGN, bit
 from pyvirtio.core.split_driver import SplitDriverQueue
 from pyvirtio.demo.duel_device import busy_wait_us
 from pyvirtio.io.eventfd import EventFd
 
 MODES = ("none", "flags", "event-idx")
+RINGS = ("split", "packed")
 DEFAULT_RATIOS = (0.25, 0.5, 1.0, 2.0, 4.0)
 BUFFER_BYTES = 64
 WAIT_TIMEOUT = 1.0
@@ -69,17 +76,25 @@ class DuelPoint:
     driver_sleeps: int
     device_sleeps: int
     lost_wakeups: int
+    ring: str = "split"
+
+
+def ring_bytes(ring: str, num: int) -> int:
+    """Bytes of one ring of ``num`` entries laid out in one piece."""
+    if ring == "packed":
+        return packed_ring_size(num) + 2 * EVENT_SIZE
+    return vring_size(num, LEGACY_VRING_ALIGN)
 
 
 def _start_device(memory: GuestMemory, size: int, base: int, num: int, features: int,
                   stop_addr: int, kick: EventFd, irq: EventFd, work_us: float,
-                  suppress: bool) -> subprocess.Popen[str]:
+                  suppress: bool, ring: str) -> subprocess.Popen[str]:
     mem_fd = memory.regions[0].fd
     cmd = [sys.executable, "-m", "pyvirtio.demo.duel_device",
            "--mem-fd", str(mem_fd), "--mem-size", str(size), "--base", str(base),
            "--num", str(num), "--features", str(features), "--stop-addr", str(stop_addr),
            "--kick-fd", str(kick.fd), "--irq-fd", str(irq.fd), "--work-us", str(work_us),
-           "--suppress", str(int(suppress))]
+           "--suppress", str(int(suppress)), "--ring", ring]
     proc = subprocess.Popen(cmd, pass_fds=[mem_fd, kick.fd, irq.fd], stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
@@ -92,29 +107,38 @@ def _start_device(memory: GuestMemory, size: int, base: int, num: int, features:
 
 
 def run_point(mode: str, ratio: float, device_work_us: float, buffers: int,
-              queue_size: int) -> DuelPoint:
-    """Exchange ``buffers`` buffers in ``mode`` with driver work = ratio * device work."""
+              queue_size: int, ring: str = "split") -> DuelPoint:
+    """Exchange ``buffers`` buffers in ``mode`` over a ``ring`` ring with driver work =
+    ratio * device work."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
+    if ring not in RINGS:
+        raise ValueError(f"ring must be one of {RINGS}")
     suppress = mode != "none"
     features = bit(F_RING_EVENT_IDX) if mode == "event-idx" else 0
     driver_work_us = ratio * device_work_us
-    size = max(1 << 20, 2 * vring_size(queue_size, LEGACY_VRING_ALIGN)
+    size = max(1 << 20, 2 * ring_bytes(ring, queue_size)
                + queue_size * BUFFER_BYTES + (64 << 10))
     memory = GuestMemory.anonymous(size, name="pyvirtio-duel")
     alloc = BumpAllocator(LEGACY_VRING_ALIGN, size)
     stop_addr = alloc.alloc(64, 64)
-    ring_bytes = vring_size(queue_size, LEGACY_VRING_ALIGN)
-    base = alloc.alloc(ring_bytes, LEGACY_VRING_ALIGN)
+    base = alloc.alloc(ring_bytes(ring, queue_size), LEGACY_VRING_ALIGN)
     bufs = alloc.alloc(queue_size * BUFFER_BYTES, 64)
-    q = SplitDriverQueue(RingViews.map(memory, SplitLayout.legacy(base, queue_size)), features)
+    q: DriverQueue
+    if ring == "packed":
+        q = PackedDriverQueue(PackedRingViews.map(memory, PackedLayout.contiguous(base,
+                                                                                 queue_size)),
+                              features)
+    else:
+        q = SplitDriverQueue(RingViews.map(memory, SplitLayout.legacy(base, queue_size)),
+                             features)
     stop = memory.translate(stop_addr, 4).cast("I")
     kick = EventFd()
     irq = EventFd(nonblocking=True)
     proc: subprocess.Popen[str] | None = None
     try:
         proc = _start_device(memory, size, base, queue_size, features, stop_addr, kick, irq,
-                             device_work_us, suppress)
+                             device_work_us, suppress, ring)
         kicks = sleeps = lost = 0
         produced = consumed = 0
         free = list(range(queue_size))
@@ -162,18 +186,20 @@ def run_point(mode: str, ratio: float, device_work_us: float, buffers: int,
     interrupts = int(dev["interrupts"])
     return DuelPoint(mode, ratio, driver_work_us, device_work_us, buffers, kicks, interrupts,
                      round(1000.0 * kicks / buffers, 2), round(1000.0 * interrupts / buffers, 2),
-                     round(seconds, 4), sleeps, int(dev["sleeps"]), lost)
+                     round(seconds, 4), sleeps, int(dev["sleeps"]), lost, ring)
 
 
 def sweep(modes: Sequence[str], ratios: Sequence[float], device_work_us: float, buffers: int,
-          queue_size: int, on_point: Callable[[DuelPoint], None] | None = None) -> list[DuelPoint]:
+          queue_size: int, on_point: Callable[[DuelPoint], None] | None = None,
+          rings: Sequence[str] = ("split",)) -> list[DuelPoint]:
     points = []
-    for mode in modes:
-        for ratio in ratios:
-            point = run_point(mode, ratio, device_work_us, buffers, queue_size)
-            points.append(point)
-            if on_point is not None:
-                on_point(point)
+    for ring in rings:
+        for mode in modes:
+            for ratio in ratios:
+                point = run_point(mode, ratio, device_work_us, buffers, queue_size, ring)
+                points.append(point)
+                if on_point is not None:
+                    on_point(point)
     return points
 
 
@@ -187,7 +213,8 @@ def write_csv(points: Sequence[DuelPoint], path: Path) -> None:
 
 
 def write_plot(points: Sequence[DuelPoint], path: Path) -> None:
-    """Kicks and interrupts per 1,000 buffers against the ratio, one line per mode."""
+    """Kicks and interrupts per 1,000 buffers against the ratio, one line per mode and ring
+    (color: the mode; solid: split, dashed: packed)."""
     try:
         import matplotlib
     except ImportError:
@@ -201,11 +228,18 @@ def write_plot(points: Sequence[DuelPoint], path: Path) -> None:
               "event-idx": ("tab:green", "^")}
     for ax, key, title in ((axes[0], "kicks_per_1000", "kicks (driver → device)"),
                            (axes[1], "interrupts_per_1000", "interrupts (device → driver)")):
-        for mode in dict.fromkeys(p.mode for p in points):
-            pts = sorted((p for p in points if p.mode == mode), key=lambda p: p.ratio)
-            color, marker = styles.get(mode, ("black", "x"))
-            ax.plot([p.ratio for p in pts], [getattr(p, key) for p in pts], marker=marker,
-                    color=color, label=mode)
+        rings = list(dict.fromkeys(p.ring for p in points))
+        for ring in rings:
+            for mode in dict.fromkeys(p.mode for p in points):
+                pts = sorted((p for p in points if p.mode == mode and p.ring == ring),
+                             key=lambda p: p.ratio)
+                if not pts:
+                    continue
+                color, marker = styles.get(mode, ("black", "x"))
+                ax.plot([p.ratio for p in pts], [getattr(p, key) for p in pts],
+                        marker=marker, color=color,
+                        ls="--" if ring == "packed" else "-", mfc="none" if ring == "packed"
+                        else color, label=f"{mode} ({ring})" if len(rings) > 1 else mode)
         ax.set_xscale("log", base=2)
         ticks = sorted({p.ratio for p in points})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])

@@ -2,7 +2,8 @@
 
 Run by :mod:`pyvirtio.demo.duel` as ``python -m pyvirtio.demo.duel_device``
 with the guest memory memfd, the kick eventfd and the interrupt eventfd
-inherited.  It serves one split ring (legacy layout, §2.7.2): pop a buffer,
+inherited.  It serves one ring — split (legacy layout, §2.7.2) or packed
+(§2.8, descriptor ring then the two event suppression areas): pop a buffer,
 spend ``--work-us`` microseconds on it, push it, and interrupt when
 ``should_notify`` says so — QEMU's order of things.  With suppression on it
 disables kicks while it works and re-enables them (with the re-check) before
@@ -19,6 +20,9 @@ import time
 
 from pyvirtio.core.layout import RingViews, SplitLayout
 from pyvirtio.core.memory import GuestMemory
+from pyvirtio.core.packed_device import PackedDeviceQueue
+from pyvirtio.core.packed_layout import PackedLayout, PackedRingViews
+from pyvirtio.core.queue import DeviceQueue
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.io.eventfd import EventFd
 
@@ -34,8 +38,15 @@ def busy_wait_us(us: float) -> None:
 
 
 def serve(memory: GuestMemory, base: int, num: int, features: int, stop_addr: int,
-          kick: EventFd, irq: EventFd, work_us: float, suppress: bool) -> dict[str, int]:
-    q = SplitDeviceQueue(RingViews.map(memory, SplitLayout.legacy(base, num)), memory, features)
+          kick: EventFd, irq: EventFd, work_us: float, suppress: bool,
+          ring: str = "split") -> dict[str, int]:
+    q: DeviceQueue
+    if ring == "packed":
+        q = PackedDeviceQueue(PackedRingViews.map(memory, PackedLayout.contiguous(base, num)),
+                              memory, features)
+    else:
+        q = SplitDeviceQueue(RingViews.map(memory, SplitLayout.legacy(base, num)), memory,
+                             features)
     stop = memory.translate(stop_addr, 4).cast("I")
     pushed = interrupts = kicks = sleeps = 0
     print("ready", flush=True)
@@ -67,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(name, type=int, required=True)
     p.add_argument("--work-us", type=float, required=True)
     p.add_argument("--suppress", type=int, choices=[0, 1], required=True)
+    p.add_argument("--ring", choices=["split", "packed"], default="split")
     a = p.parse_args(argv)
     memory = GuestMemory.from_fd(a.mem_fd, a.mem_size)
     try:
         stats = serve(memory, a.base, a.num, a.features, a.stop_addr, EventFd(a.kick_fd),
-                      EventFd(a.irq_fd), a.work_us, bool(a.suppress))
+                      EventFd(a.irq_fd), a.work_us, bool(a.suppress), a.ring)
     except KeyboardInterrupt:
         return 130
     print(json.dumps(stats), flush=True)
