@@ -66,6 +66,9 @@ class DemoConfig:
     suppression: str = "event-idx"
     seconds: float = 3.0
     queue_size: int = 256
+    #: "split" (the two-process demo over legacy virtio-pci) or "packed"
+    #: (pyvirtio.demo.inprocess: legacy virtio-pci has no packed ring).
+    ring: str = "split"
 
     def host_features(self) -> int:
         features = bit(F_MAC) | bit(F_STATUS) | bit(F_MRG_RXBUF)
@@ -124,6 +127,7 @@ class DemoResult:
         g = self.guest
         return {
             "suppression": self.config.suppression,
+            "ring": self.config.ring,
             "seconds": round(self.elapsed, 3),
             "queue_size": self.config.queue_size,
             "queues": queues,

@@ -1,8 +1,10 @@
 """In-process transport: driver and device share one GuestMemory in one process.
 
 The rings are the real split rings of VIRTIO 1.2 §2.7 (legacy contiguous
-layout, §2.7.2), so both sides read and write the same bytes they would across
-processes; only the notifications change.  A kick (§2.7.13, "Notifying the
+layout, §2.7.2) — or, when the features include ``VIRTIO_F_RING_PACKED``,
+packed rings (§2.8: descriptor ring, then the driver and device event
+suppression areas) — so both sides read and write the same bytes they would
+across processes; only the notifications change.  A kick (§2.7.13, "Notifying the
 device") and an interrupt (§2.7.14, "Receiving Used Buffers From The Device")
 are direct calls of a callback, after the side has taken its own suppression
 decision (``kick_prepare`` / ``should_notify``).  The transport counts both,
@@ -21,7 +23,11 @@ from dataclasses import dataclass
 
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
-from pyvirtio.core.spec import LEGACY_VRING_ALIGN
+from pyvirtio.core.packed_device import PackedDeviceQueue
+from pyvirtio.core.packed_driver import PackedDriverQueue
+from pyvirtio.core.packed_layout import EVENT_SIZE, PackedLayout, PackedRingViews, packed_ring_size
+from pyvirtio.core.queue import DeviceQueue, DriverQueue
+from pyvirtio.core.spec import F_RING_PACKED, LEGACY_VRING_ALIGN
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
 
@@ -33,9 +39,9 @@ class QueuePair:
     """Both sides of one queue, with the notifications that crossed between them."""
 
     index: int
-    layout: SplitLayout
-    driver: SplitDriverQueue
-    device: SplitDeviceQueue
+    layout: SplitLayout | PackedLayout
+    driver: DriverQueue
+    device: DeviceQueue
     kicks: int = 0
     interrupts: int = 0
 
@@ -56,6 +62,15 @@ class InProcessTransport:
         self.on_interrupt = on_interrupt
         self.queues: list[QueuePair] = []
         for i, num in enumerate(queue_sizes):
+            if features >> F_RING_PACKED & 1:
+                size = packed_ring_size(num) + 2 * EVENT_SIZE
+                base = allocator.alloc(size, LEGACY_VRING_ALIGN)
+                memory.translate(base, size)[:] = bytes(size)
+                playout = PackedLayout.contiguous(base, num)
+                self.queues.append(QueuePair(
+                    i, playout, PackedDriverQueue(PackedRingViews.map(memory, playout), features),
+                    PackedDeviceQueue(PackedRingViews.map(memory, playout), memory, features)))
+                continue
             size = vring_size(num, LEGACY_VRING_ALIGN)
             base = allocator.alloc(size, LEGACY_VRING_ALIGN)
             memory.translate(base, size)[:] = bytes(size)
@@ -65,10 +80,10 @@ class InProcessTransport:
                 i, layout, SplitDriverQueue(rings, features),
                 SplitDeviceQueue(RingViews.map(memory, layout), memory, features)))
 
-    def driver(self, queue: int) -> SplitDriverQueue:
+    def driver(self, queue: int) -> DriverQueue:
         return self.queues[queue].driver
 
-    def device(self, queue: int) -> SplitDeviceQueue:
+    def device(self, queue: int) -> DeviceQueue:
         return self.queues[queue].device
 
     # ------------------------------------------------------- notifications
