@@ -3,8 +3,10 @@
 Not a test.  Run ``.venv/bin/python bench/ring.py [--json] [--seconds S]``.
 
 Measures the split virtqueue of VIRTIO 1.2 §2.7 (legacy contiguous layout,
-§2.7.2, ``num`` = 4096, ``VIRTIO_RING_F_EVENT_IDX`` negotiated) with both
-sides in this process:
+§2.7.2, ``num`` = 4096, ``VIRTIO_RING_F_EVENT_IDX`` negotiated) and, in rows
+next to it, the packed virtqueue of §2.8 (descriptor ring then the two event
+suppression structures, ``num`` = 4096, EVENT_IDX) with both sides in this
+process:
 
 * ``device``: device-side pop + push only.  The driver fills the whole ring
   with the batched add first (untimed) and reclaims it afterwards (untimed).
@@ -15,9 +17,13 @@ at batch sizes 1, 16 and 256 and chains of 1 descriptor (readable) and 3
 (one readable, two writable).  Batch 1 uses the scalar API
 (``SplitDriverQueue.add`` ... ``get_buf``); larger batches use
 :mod:`pyvirtio.batch` (the ``batch`` extra), which picks its scalar loop or
-numpy by size.  The same algorithm in C (``bench/ring_loop.c``: same layout, same
-checks, same fences) is compiled with ``gcc -O2`` into a temporary directory
-and run in the same invocation; the table shows pyvirtio/C.
+numpy by size.  The packed rows use the packed queues' own calls: ``add`` per
+buffer and ``get_bufs`` on the driver side, ``pop_batch`` + ``fill`` +
+``flush`` on the device side (batch 1: ``pop`` / ``push``); there is no
+numpy path for packed rings.  The same algorithms in C (``bench/ring_loop.c``:
+same layouts, same checks, same fences) are compiled with ``gcc -O2`` into a
+temporary directory and run in the same invocation; the table shows
+pyvirtio/C.
 
 pyvirtio runs twice: as installed (the ring's hot paths compiled with mypyc,
 setup.py) in this process, and interpreted from the same source
@@ -54,6 +60,9 @@ from pyvirtio._build import PURE_ENV, build_kind
 from pyvirtio.batch import DeviceBatch, DriverBatch
 from pyvirtio.core.layout import RingViews, SplitLayout, vring_size
 from pyvirtio.core.memory import GuestMemory
+from pyvirtio.core.packed_device import PackedDeviceQueue
+from pyvirtio.core.packed_driver import PackedDriverQueue
+from pyvirtio.core.packed_layout import EVENT_SIZE, PackedLayout, PackedRingViews, packed_ring_size
 from pyvirtio.core.spec import F_RING_EVENT_IDX
 from pyvirtio.core.split_device import SplitDeviceQueue
 from pyvirtio.core.split_driver import SplitDriverQueue
@@ -72,6 +81,7 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass
 class Row:
+    ring: str
     mode: str
     batch: int
     chain: int
@@ -111,6 +121,109 @@ class Rig:
     def arrays(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         a = np.tile(np.array(self.addrs, np.uint64), (n, 1))
         return a, np.full(a.shape, 64, np.uint32)
+
+
+class PackedRig:
+    """Guest memory and one packed ring (§2.8) with its two sides."""
+
+    def __init__(self, chain: int) -> None:
+        ring = packed_ring_size(NUM) + 2 * EVENT_SIZE
+        self.mem = GuestMemory.anonymous(ring + (1 << 22))
+        layout = PackedLayout.contiguous(0, NUM)
+        feats = 1 << F_RING_EVENT_IDX
+        self.drv = PackedDriverQueue(PackedRingViews.map(self.mem, layout), feats)
+        self.dev = PackedDeviceQueue(PackedRingViews.map(self.mem, layout), self.mem, feats)
+        data = ring + 64
+        segs = [(data + 4096 * j, 64) for j in range(chain)]
+        self.out, self.inn = segs[:1], segs[1:]
+
+    def close(self) -> None:
+        self.mem.close()
+
+
+def run_packed_full(batch: int, chain: int, seconds: float) -> tuple[int, float]:
+    rig = PackedRig(chain)
+    drv, dev, out, inn = rig.drv, rig.dev, rig.out, rig.inn
+    add, kick, get_buf, get_bufs = drv.add, drv.kick_prepare, drv.get_buf, drv.get_bufs
+    pop, push, pop_batch, fill, flush, notify = (dev.pop, dev.push, dev.pop_batch, dev.fill,
+                                                 dev.flush, dev.should_notify)
+    best = (0, 1.0)
+    for _ in range(3):
+        gc.collect()
+        count = 0
+        t0 = time.perf_counter()
+        end = t0 + seconds / 3
+        now = t0
+        while now < end:
+            if batch == 1:
+                for _ in range(2000):
+                    add(out, inn, 1)
+                    kick()
+                    e = pop()
+                    assert e is not None
+                    push(e.head, 0)
+                    notify()
+                    get_buf()
+                count += 2000
+            else:
+                for _ in range(max(1, 4000 // batch)):
+                    for _ in range(batch):
+                        add(out, inn, 1)
+                    kick()
+                    elems = pop_batch(batch)
+                    for k, e in enumerate(elems):
+                        fill(e.head, 0, k)
+                    flush(len(elems))
+                    notify()
+                    got = get_bufs(batch)
+                    assert len(got) == batch
+                    count += batch
+            now = time.perf_counter()
+        elapsed = now - t0
+        if count / elapsed > best[0] / best[1]:
+            best = (count, elapsed)
+    rig.close()
+    return best[0] * chain, best[1]
+
+
+def run_packed_device(batch: int, chain: int, seconds: float) -> tuple[int, float]:
+    rig = PackedRig(chain)
+    drv, dev, out, inn = rig.drv, rig.dev, rig.out, rig.inn
+    fill_n = NUM // chain
+    add, get_bufs = drv.add, drv.get_bufs
+    pop, push, pop_batch, fill, flush = dev.pop, dev.push, dev.pop_batch, dev.fill, dev.flush
+    best = (0, 1.0)
+    for _ in range(3):
+        gc.collect()
+        count = 0
+        elapsed = 0.0
+        t_end = time.perf_counter() + seconds / 3
+        while time.perf_counter() < t_end:
+            for _ in range(fill_n):                 # untimed
+                add(out, inn, 1)
+            t0 = time.perf_counter()
+            if batch == 1:
+                for _ in range(fill_n):
+                    e = pop()
+                    assert e is not None
+                    push(e.head, 0)
+            else:
+                left = fill_n
+                while left:
+                    elems = pop_batch(batch)
+                    for k, e in enumerate(elems):
+                        fill(e.head, 0, k)
+                    flush(len(elems))
+                    left -= len(elems)
+            elapsed += time.perf_counter() - t0
+            got = 0
+            while got < fill_n:                     # untimed
+                got += len(get_bufs(NUM))
+            count += fill_n
+        if count / elapsed > best[0] / best[1]:
+            best = (count, elapsed)
+    rig.close()
+    return best[0] * chain, best[1]
 
 
 def run_full(batch: int, chain: int, seconds: float) -> tuple[int, float]:
@@ -206,8 +319,9 @@ def build_c(tmp: Path) -> Path:
     return exe
 
 
-def run_c(exe: Path, mode: str, batch: int, chain: int, seconds: float) -> tuple[int, float]:
-    res = subprocess.run([str(exe), mode, str(NUM), str(batch), str(chain), str(seconds)],
+def run_c(exe: Path, ring: str, mode: str, batch: int, chain: int,
+          seconds: float) -> tuple[int, float]:
+    res = subprocess.run([str(exe), mode, str(NUM), str(batch), str(chain), str(seconds), ring],
                          check=True, capture_output=True, text=True, timeout=60 + 10 * seconds)
     m = re.search(r"descs=(\d+) seconds=([0-9.]+)", res.stdout)
     if m is None:
@@ -215,18 +329,19 @@ def run_c(exe: Path, mode: str, batch: int, chain: int, seconds: float) -> tuple
     return int(m.group(1)), float(m.group(2))
 
 
-ROWS = [(mode, batch, chain) for mode in ("device", "full") for batch in BATCHES
-        for chain in CHAINS]
+ROWS = [(ring, mode, batch, chain) for ring in ("split", "packed") for mode in ("device", "full")
+        for batch in BATCHES for chain in CHAINS]
+RUNNERS = {("split", "device"): run_device, ("split", "full"): run_full,
+           ("packed", "device"): run_packed_device, ("packed", "full"): run_packed_full}
 
 
 def python_rows(seconds: float, console: Console) -> list[tuple[float, float]]:
     """(descriptors, seconds) of this process's pyvirtio build for every row."""
     out: list[tuple[float, float]] = []
-    for mode, batch, chain in ROWS:
-        runner = run_device if mode == "device" else run_full
-        out.append(runner(batch, chain, seconds))
+    for ring, mode, batch, chain in ROWS:
+        out.append(RUNNERS[ring, mode](batch, chain, seconds))
         d, t = out[-1]
-        console.log(f"{build_kind():11s} {mode:6s} batch {batch:3d} chain {chain}: "
+        console.log(f"{build_kind():11s} {ring:6s} {mode:6s} batch {batch:3d} chain {chain}: "
                     f"{d / t / 1e6:6.2f} M desc/s")
     return out
 
@@ -264,24 +379,25 @@ def main(argv: list[str] | None = None) -> int:
         interp: list[tuple[float, float]] | list[None] = [None] * len(ROWS)
         if build != "interpreted" and not args.no_interpreted:
             interp = interpreted_rows(args.seconds, Path(tmp))
-        for (mode, batch, chain), (pd, pt), it in zip(ROWS, mine, interp, strict=True):
-            cd, ct = run_c(exe, mode, batch, chain, args.seconds)
+        for (ring, mode, batch, chain), (pd, pt), it in zip(ROWS, mine, interp, strict=True):
+            cd, ct = run_c(exe, ring, mode, batch, chain, args.seconds)
             py, c = pd / pt, cd / ct
-            console.log(f"C           {mode:6s} batch {batch:3d} chain {chain}: "
+            console.log(f"C           {ring:6s} {mode:6s} batch {batch:3d} chain {chain}: "
                         f"{c / 1e6:6.1f} M desc/s")
-            target = TARGETS.get((mode, batch, chain))
-            rows.append(Row(mode, batch, chain, build, py, py / chain,
+            target = TARGETS.get((mode, batch, chain)) if ring == "split" else None
+            rows.append(Row(ring, mode, batch, chain, build, py, py / chain,
                             None if it is None else it[0] / it[1], c, py / c, target,
                             None if target is None else py >= target))
-    table = Table(title=f"pyvirtio ring benchmark (split ring, num={NUM}, EVENT_IDX, one core)")
-    for col in ("mode", "batch", "chain", f"pyvirtio ({build}) M desc/s", "M chains/s",
+    table = Table(title=f"pyvirtio ring benchmark (split and packed rings, num={NUM}, EVENT_IDX, "
+                        f"one core)")
+    for col in ("ring", "mode", "batch", "chain", f"pyvirtio ({build}) M desc/s", "M chains/s",
                 "interpreted M desc/s", "C M desc/s", "pyvirtio/C", "target"):
         table.add_column(col, justify="right")
     for r in rows:
         tgt = "" if r.target_desc_per_s is None else (
             f"≥ {r.target_desc_per_s / 1e6:.1f} " + ("[green]met[/]" if r.target_met
                                                     else "[red]missed[/]"))
-        table.add_row(r.mode, str(r.batch), str(r.chain), f"{r.py_desc_per_s / 1e6:.2f}",
+        table.add_row(r.ring, r.mode, str(r.batch), str(r.chain), f"{r.py_desc_per_s / 1e6:.2f}",
                       f"{r.py_chains_per_s / 1e6:.2f}",
                       "" if r.interpreted_desc_per_s is None
                       else f"{r.interpreted_desc_per_s / 1e6:.2f}",
