@@ -14,13 +14,19 @@ pyvirtio's virtio-blk driver (VIRTIO 1.2 §5.2) as the front end:
   iodepth 1, 8 and 32: a latency-bound device, where only requests in
   flight side by side raise the IOPS.
 
+With ``--packed`` pyvirtio-blk (threads engine) also runs with the front end
+on packed rings (VIRTIO 1.2 §2.8, ``BlkDriver.connect(packed=True)``) in the
+same run, next to its split-ring rows (qemu-storage-daemon's libvhost-user
+has no packed ring).
+
 Reported: IOPS, MiB/s, mean latency, kicks and interrupts per 1,000
 requests, and the back end's CPU time per request (utime + stime from
 /proc/PID/stat around the measured interval), with the ratio to
 qemu-storage-daemon on the same suite.
 
     .venv/bin/python bench/blk.py [--suite pagecache,null] [--seconds 5] [--rounds 3]
-                                  [--size 256M] [--latency-us 100] [--poll] [--json]
+                                  [--size 256M] [--latency-us 100] [--poll] [--packed]
+                                  [--json]
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ class Backend:
     workloads: list[tuple[str, str, int, int]]
     #: The back end this one's ratios are taken against.
     ref: str = QSD
+    #: The front end asks for the packed ring (§2.8).
+    packed: bool = False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,7 +119,7 @@ def measure(backend: Backend, log: Path, seconds: float, warmup: float,
     try:
         for label, rw, bs, depth in backend.workloads:
             with BlkDriver.connect(str(sock), queue_size=256, max_io=65536,
-                                   spin=spin) as drv:
+                                   spin=spin, packed=backend.packed) as drv:
                 # The image is this benchmark's own scratch file: writing over it is fine.
                 if warmup:
                     run_workload(drv, rw, bs, depth, warmup, allow_writes=True)
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
     ap.add_argument("--size", default="256M", help="image size (default 256M)")
     ap.add_argument("--poll", action="store_true", help="also run pyvirtio-blk --poll")
+    ap.add_argument("--packed", action="store_true",
+                    help="also run pyvirtio-blk (threads) with the front end on packed rings")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the back ends this many times; report the median round")
     ap.add_argument("--spin-us", type=float, default=0.0, metavar="US",
@@ -193,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                 Backend(QSD, [str(REF_BACKEND), str(img), str(s3)], s3,
                         {"CACHE_DIRECT": "off"}, WORKLOADS),
             ]
+            if args.packed:
+                s5 = work / "pyvirtio-packed.sock"
+                backends.insert(1, Backend("pyvirtio-blk packed", [*py, "--socket-path", str(s5)],
+                                           s5, {}, WORKLOADS, packed=True))
             if args.poll:
                 backends.insert(1, Backend("pyvirtio-blk --poll",
                                            [*py, "--socket-path", str(s2), "--poll"], s2, {},
@@ -206,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"latency-ns={round(lat * 1000)}",
                         "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
                         f"addr.type=unix,addr.path={n3},writable=on"]
+            if args.packed:
+                n4 = work / "null-packed.sock"
+                backends.append(Backend("pyvirtio-blk --null (threads) packed",
+                                        [*null, "--socket-path", str(n4)], n4, {},
+                                        NULL_WORKLOADS, "qsd null-co", packed=True))
             backends += [
                 Backend("pyvirtio-blk --null (threads)", [*null, "--socket-path", str(n1)],
                         n1, {}, NULL_WORKLOADS, "qsd null-co"),
