@@ -20,7 +20,9 @@ from pyvirtio.core.layout import (
     used_ring_size,
 )
 from pyvirtio.core.memory import GuestMemory
-from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1, Status
+from pyvirtio.core.packed_device import PackedDeviceQueue
+from pyvirtio.core.packed_layout import PackedLayout
+from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_PACKED, F_VERSION_1, Status
 from pyvirtio.core.split_driver import SplitDriverQueue
 from pyvirtio.io.eventfd import EventFd
 from pyvirtio.transports.device import RING_FEATURES
@@ -231,6 +233,32 @@ def test_get_vring_base_stops_the_ring_and_returns_next_avail(front: Front) -> N
     # Restart where it stopped.
     front.send(Request.SET_VRING_BASE, VringState(0, 5))
     assert front.be.rings[0].base() == (5, 5)
+
+
+def test_packed_vring_base_carries_positions_and_wrap_counters(front: Front) -> None:
+    """vhost-user.rst "Vring descriptor indices for packed virtqueues": bits 0-14 and 15
+    the available position and its wrap counter, bits 16-30 and 31 the used ones; a
+    lower half alone (DPDK's virtio_user) sets both; SET_VRING_ADDR names the
+    descriptor ring and the driver and device event areas."""
+    front.send(Request.SET_FEATURES, FEATURES | 1 << F_RING_PACKED)
+    assert front.be.packed
+    front.share()
+    num = 13  # packed rings need not be powers of two
+    desc, drv_ev, dev_ev = front.alloc(16 * num, 16), front.alloc(4, 4), front.alloc(4, 4)
+    front.send(Request.SET_VRING_NUM, VringState(0, num))
+    front.send(Request.SET_VRING_BASE, VringState(0, 5 | 0 << 15 | (3 | 1 << 15) << 16))
+    front.send(Request.SET_VRING_ADDR, VringAddr(0, 0, UADDR + desc, UADDR + dev_ev,
+                                                 UADDR + drv_ev))
+    queue = front.be.rings[0].queue
+    assert isinstance(queue, PackedDeviceQueue)
+    assert queue.get_state() == (5, 3 | 1 << 15)
+    assert queue.rings.layout == PackedLayout(num, UADDR + desc, UADDR + drv_ev, UADDR + dev_ev)
+    assert front.one(Request.GET_VRING_BASE, VringState(0, 0)) == VringState(
+        0, 5 | (3 | 1 << 15) << 16)
+    front.send(Request.SET_VRING_BASE, VringState(0, 7 | 1 << 15))  # lower half only
+    assert front.be.rings[0].base(packed=True) == (7 | 1 << 15, 7 | 1 << 15)
+    with pytest.raises(PeerError, match="outside packed ring"):
+        front.send(Request.SET_VRING_BASE, VringState(0, 13 | 1 << 15))
 
 
 def test_set_vring_base_on_started_ring_is_refused(front: Front) -> None:
