@@ -45,13 +45,15 @@ from dataclasses import dataclass, field
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import DeviceId
-from pyvirtio.core.split_device import Element
+from pyvirtio.core.split_device import Element, SplitDeviceQueue
 from pyvirtio.devices.net.spec import (
+    ETH_HLEN,
     F_MAC,
     F_MQ,
     F_MRG_RXBUF,
     F_STATUS,
     HDR_MRG,
+    MAX_TX_PACKET,
     S_LINK_UP,
     format_mac,
     hdr_size,
@@ -60,13 +62,22 @@ from pyvirtio.devices.net.spec import (
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.device import Device, VirtQueue, scatter
 
+try:  # the batched transmit path needs numpy (pyvirtio[batch]); without it, frame by frame
+    from pyvirtio.devices.net.tx_batch import (
+        BatchUplink,
+        TxBatcher,
+        drain_tx_batched,
+        per_frame_uplink,
+    )
+except ImportError:  # pragma: no cover - the test environment has numpy
+    TxBatcher = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger("pyvirtio.net")
 
-#: Largest packet after the header: a 64 KiB GSO packet plus Ethernet and VLAN
-#: headers.  A chain may name far more guest memory (the same buffer many
-#: times over); such a frame is dropped before anything is copied.
-MAX_TX_PACKET = 65536 + 18
-ETH_HLEN = 14
+#: Below this many waiting transmit chains the per-frame path is cheaper than
+#: numpy's fixed cost per array operation (a guest sends a frame or two per kick).
+TX_BATCH_MIN = 16
+
 DEFAULT_MAC = bytes.fromhex("525400123456")
 
 #: Where a transmitted frame goes; False: the port cannot take it now (retry later).
@@ -123,6 +134,10 @@ class NetDevice(Device):
         self.tx_burst = tx_burst
         #: The port: where transmitted frames go.  Loopback: :meth:`deliver`.
         self.uplink: Uplink = _no_uplink
+        #: The same port for a whole burst (tx_batch.py), if it has a batched form;
+        #: None: the burst goes to :attr:`uplink` frame by frame.
+        self.uplink_batch: BatchUplink | None = None
+        self._tx_batchers: dict[int, TxBatcher] = {}
         self.stats = NetStats()
         #: Whether the kit may suppress notifications (False: the demo's baseline).
         self.suppress = True
@@ -158,6 +173,7 @@ class NetDevice(Device):
         self._tx_blocked.clear()
         self._rx = [None] * self.pairs
         self._tx = [None] * self.pairs
+        self._tx_batchers.clear()
 
     def queue_ready(self, queue: VirtQueue) -> None:
         pair, is_tx = divmod(queue.index, 2)
@@ -170,6 +186,8 @@ class NetDevice(Device):
             queue.kicks_when_idle = False
 
     def queue_stopped(self, queue: VirtQueue) -> None:
+        # Its numpy views export the guest memory's mapping: let it go with the ring.
+        self._tx_batchers.pop(queue.index, None)
         pair, is_tx = divmod(queue.index, 2)
         ring_list = self._tx if is_tx else self._rx
         if ring_list[pair] is queue:
@@ -191,10 +209,20 @@ class NetDevice(Device):
     def _drain_tx(self, queue: VirtQueue) -> None:
         """Send up to ``tx_burst`` frames to the port (the kit loops while more wait).
 
-        The batched core calls (``pop_batch``/``fill``/``flush``) and no
-        per-frame objects: this is the path a traffic generator stresses.
+        A burst of at least :data:`TX_BATCH_MIN` chains on a split ring takes
+        the numpy path (:mod:`~pyvirtio.devices.net.tx_batch`): this is the
+        path a traffic generator stresses.  Fewer, or a packed ring, take the
+        batched core calls (``pop_batch``/``fill``/``flush``) frame by frame.
         """
         ring = queue.ring
+        if (TxBatcher is not None and type(ring) is SplitDeviceQueue
+                and ring.available() >= TX_BATCH_MIN):
+            tx = self._tx_batchers.get(queue.index)
+            if tx is None or tx.ring is not ring:  # a remapped ring is a new object
+                tx = self._tx_batchers[queue.index] = TxBatcher(ring)
+            send = self.uplink_batch or per_frame_uplink(self.uplink)
+            drain_tx_batched(self, tx, send, lambda: self._tx_blocked.add(queue))
+            return
         batch = ring.pop_batch(self.tx_burst)
         if not batch:
             return

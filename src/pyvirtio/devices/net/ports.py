@@ -26,9 +26,16 @@ import functools
 import logging
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import CallerError
 from pyvirtio.devices.net.device import NetDevice
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from pyvirtio.devices.net.tx_batch import FrameBatch
 from pyvirtio.io.loop import EventLoop
 
 __all__ = ["Switch", "TapPort"]
@@ -40,9 +47,19 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
+#: The group (multicast/broadcast) bit of a MAC address as a 48-bit integer.
+_GROUP = 1 << 40
 _READ_SIZE = 65536 + 64
 #: Frames read from the TAP per loop round, so one busy port cannot starve the rest.
 _READ_BUDGET = 256
+
+
+def _distinct(keys: npt.NDArray[np.uint64]) -> list[int]:
+    """The distinct values of ``keys`` (a burst usually has one or a few senders)."""
+    first = keys[0]
+    if bool((keys == first).all()):
+        return [int(first)]
+    return list(set(keys.tolist()))
 
 
 class Switch:
@@ -51,13 +68,14 @@ class Switch:
     def __init__(self, name: str = "switch") -> None:
         self.name = name
         self.ports: list[NetDevice] = []
-        #: Learned MAC address -> port.
-        self.table: dict[bytes, NetDevice] = {}
+        #: Learned MAC address (a big-endian 48-bit integer) -> port.
+        self.table: dict[int, NetDevice] = {}
         self.flooded = 0
 
     def add(self, port: NetDevice) -> NetDevice:
         self.ports.append(port)
         port.uplink = functools.partial(self.forward, port)
+        port.uplink_batch = functools.partial(self.forward_batch, port)
         return port
 
     def forget(self, port: NetDevice) -> None:
@@ -67,20 +85,47 @@ class Switch:
 
     def forward(self, source: NetDevice, frame: bytes) -> bool:
         """Forward one frame that ``source`` transmitted; never refuses (drops are counted)."""
-        dst = frame[:6]
-        src = frame[6:12]
-        if not src[0] & 1:
+        src = int.from_bytes(frame[6:12], "big")
+        if not src & _GROUP:
             self.table[src] = source
-        out = None if dst[0] & 1 else self.table.get(dst)
-        if out is not None:
-            if out is not source:
-                out.deliver(frame)
-            return True
-        self.flooded += 1
-        for port in self.ports:
-            if port is not source:
-                port.deliver(frame)
+        dst = int.from_bytes(frame[:6], "big")
+        if dst & _GROUP or dst not in self.table:
+            self.flooded += 1
+        for port in self._targets(source, dst):
+            port.deliver(frame)
         return True
+
+    def forward_batch(self, source: NetDevice, batch: FrameBatch) -> int:
+        """:meth:`forward` for a transmit burst, in order; a frame is copied out of
+        guest memory only if some port takes it (a sink's never are)."""
+        import numpy as np  # only bursts from tx_batch, which needs numpy, come here
+
+        table = self.table
+        for src in _distinct(batch.src):  # learned once per address, not per frame
+            if not src & _GROUP:
+                table[src] = source
+        dsts, counts = np.unique(batch.dst, return_counts=True)
+        targets: dict[int, list[NetDevice]] = {}
+        for dst, count in zip(dsts.tolist(), counts.tolist(), strict=True):
+            if dst & _GROUP or dst not in table:
+                self.flooded += count
+            targets[dst] = self._targets(source, dst)
+        if any(targets.values()):  # else nowhere to go: a sink, or a switch of one
+            for i, dst in enumerate(batch.dst.tolist()):
+                ports = targets[dst]
+                if ports:
+                    frame = batch.frame(i)
+                    for port in ports:
+                        port.deliver(frame)
+        return len(batch)
+
+    def _targets(self, source: NetDevice, dst: int) -> list[NetDevice]:
+        """The ports a frame from ``source`` to ``dst`` goes to: the learned one, else all
+        others (a flood)."""
+        out = None if dst & _GROUP else self.table.get(dst)
+        if out is not None:
+            return [] if out is source else [out]
+        return [port for port in self.ports if port is not source]
 
 
 def _open_tap(name: str) -> int:

@@ -86,6 +86,14 @@ class NetHdr:
         return cls(*HDR_LEGACY.unpack_from(data))
 
 
+#: Ethernet header: destination, source, type.
+ETH_HLEN = 14
+#: Largest packet after the header: a 64 KiB GSO packet plus Ethernet and VLAN
+#: headers.  A chain may name far more guest memory (the same buffer many
+#: times over); such a frame is dropped before anything is copied.
+MAX_TX_PACKET = 65536 + 18
+
+
 def net_config(mac: bytes, status: int = S_LINK_UP, max_pairs: int | None = None) -> bytes:
     """The device configuration (§5.1.4): ``mac[6]``, ``le16 status``
     and, with ``VIRTIO_NET_F_MQ``, ``le16 max_virtqueue_pairs``."""

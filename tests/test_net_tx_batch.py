@@ -1,0 +1,170 @@
+"""The batched transmit path (devices/net/tx_batch.py) against the per-frame one.
+
+Both paths must give the same result for the same ring: the same frames to
+the same ports in the same order, the same drops, the same used ring, the
+same broken queue at the same chain, the same back-pressure.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pyvirtio.core.memory import BumpAllocator, GuestMemory
+from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1, bit
+from pyvirtio.devices.net import device as net_device
+from pyvirtio.devices.net.device import NetDevice
+from pyvirtio.devices.net.ports import Switch
+from pyvirtio.devices.net.spec import MAX_TX_PACKET, RX_QUEUE, TX_QUEUE
+from pyvirtio.transports.device import VirtQueue
+from pyvirtio.transports.inprocess import InProcessTransport
+
+MEM = 8 << 20
+HDR = 12
+FEATURES = bit(F_VERSION_1) | bit(F_RING_EVENT_IDX)
+A, B, C = (bytes.fromhex(m) for m in ("525400000001", "525400000002", "525400000003"))
+BCAST = b"\xff" * 6
+
+
+@dataclass
+class Port:
+    """One NetDevice with its rings in process memory; frames for it are recorded."""
+
+    dev: NetDevice
+    t: InProcessTransport
+    alloc: BumpAllocator
+    mem: GuestMemory
+    vqs: list[VirtQueue]
+    broken: list[str]
+    got: list[bytes]
+
+    def chain(self, readable: list[bytes], writable: int = 0) -> None:
+        """Make one transmit chain available: readable buffers (+ a writable one)."""
+        outs = []
+        for data in readable:
+            gpa = self.alloc.alloc(max(1, len(data)), 16)
+            self.mem.translate(gpa, len(data))[:] = data
+            outs.append((gpa, len(data)))
+        ins = [(self.alloc.alloc(writable, 16), writable)] if writable else []
+        self.t.driver(TX_QUEUE).add(outs, ins, token=len(outs))
+
+    def used(self) -> list[tuple[int, int]]:
+        return [(int(h), n) for h, n in self.t.driver(TX_QUEUE).get_bufs()]  # type: ignore[call-overload]
+
+
+def make_port(name: str, switch: Switch | None, qsize: int = 256) -> Port:
+    mem = GuestMemory.anonymous(MEM)
+    alloc = BumpAllocator(0x1000, MEM)
+    t = InProcessTransport(mem, alloc, [qsize, qsize], FEATURES)
+    dev = NetDevice(name=name, queue_size=qsize, tx_burst=256)
+    dev.set_features(FEATURES)
+    broken: list[str] = []
+    vqs = [VirtQueue(q, t.device(q), dev, functools.partial(t.notify_driver, q),
+                     on_broken=lambda vq, why: broken.append(why)) for q in (RX_QUEUE, TX_QUEUE)]
+    got: list[bytes] = []
+    if switch is not None:
+        switch.add(dev)
+    # What reaches this port, recorded instead of written into receive buffers.
+    dev.deliver = lambda frame: got.append(bytes(frame)) or True  # type: ignore[method-assign]
+    dev.queue_ready(vqs[1])  # transmit only: deliver() above stands in for receive
+    return Port(dev, t, alloc, mem, vqs, broken, got)
+
+
+def eth(dst: bytes, src: bytes, n: int, size: int = 64) -> bytes:
+    body = dst + src + b"\x08\x00" + n.to_bytes(4, "big")
+    return body + bytes(size - len(body))
+
+
+@pytest.fixture(params=["batched", "per-frame"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if request.param == "per-frame":
+        monkeypatch.setattr(net_device, "TX_BATCH_MIN", 1 << 30)
+    yield request.param
+
+
+def run_switch(seed: int) -> tuple[list[list[bytes]], list[list[tuple[int, int]]], list[dict[str, object]], int, list[list[str]]]:
+    rng = random.Random(seed)
+    sw = Switch()
+    ports = [make_port(n, sw) for n in ("a", "b", "c")]
+    macs = [A, B, C]
+    # Everyone announces itself first, so later unicasts are switched, not flooded.
+    for p, mac in zip(ports, macs, strict=True):
+        p.chain([bytes(HDR) + eth(BCAST, mac, 0)])
+        p.vqs[1].run()
+    sent = 0
+    for _round in range(4):
+        for p, mac in zip(ports, macs, strict=True):
+            for _ in range(rng.randrange(20, 60)):
+                sent += 1
+                kind = rng.random()
+                dst = rng.choice([*macs, BCAST, bytes.fromhex("525400999999")])
+                frame = eth(dst, mac, sent, rng.choice([60, 64, 200, 1514]))
+                if kind < 0.05:
+                    p.chain([bytes(HDR) + frame[:10]])                       # runt
+                elif kind < 0.08:
+                    p.chain([bytes(HDR) + frame, bytes(MAX_TX_PACKET)])     # oversize
+                elif kind < 0.2:
+                    p.chain([bytes(HDR), frame[:5], frame[5:]])             # header apart, split MAC
+                else:
+                    p.chain([bytes(HDR) + frame])
+            p.vqs[1].run()
+    return ([p.got for p in ports], [p.used() for p in ports],
+            [p.dev.stats.as_dict() for p in ports], sw.flooded, [p.broken for p in ports])
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_switch_forwards_the_same_with_and_without_batching(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    batched = run_switch(seed)
+    monkeypatch.setattr(net_device, "TX_BATCH_MIN", 1 << 30)
+    per_frame = run_switch(seed)
+    assert batched == per_frame
+    got, used, stats, flooded, broken = batched
+    assert all(not b for b in broken)
+    assert sum(len(g) for g in got) > 100 and flooded > 0
+    assert all(s["drops"] for s in stats)  # runts and oversize frames were counted
+    assert all(n == 0 for u in used for _h, n in u)  # transmit buffers come back with length 0
+
+
+def test_a_writable_buffer_breaks_the_queue_after_the_frames_before_it(mode: str) -> None:
+    sw = Switch()
+    a, b = make_port("a", sw), make_port("b", sw)
+    for i in range(40):
+        if i == 25:
+            a.chain([bytes(HDR) + eth(BCAST, A, i)], writable=64)
+        else:
+            a.chain([bytes(HDR) + eth(BCAST, A, i)])
+    a.vqs[1].run()
+    assert len(a.broken) == 1 and "device-writable" in a.broken[0]
+    assert [int.from_bytes(f[14:18], "big") for f in b.got] == list(range(25))
+    assert len(a.used()) == 25 and a.dev.stats.tx_buffers == 25
+
+
+def test_a_full_port_leaves_the_rest_in_the_ring(mode: str) -> None:
+    """Back-pressure (loopback with a full receive side): the frames a port refuses stay
+    available, and are sent, in order, when it takes them again."""
+    port = make_port("a", None)
+    room = [10]
+    taken: list[bytes] = []
+
+    def uplink(frame: bytes) -> bool:
+        if room[0] == 0:
+            return False
+        room[0] -= 1
+        taken.append(frame)
+        return True
+
+    port.dev.uplink = uplink
+    for i in range(30):
+        port.chain([bytes(HDR) + eth(B, A, i)])
+    port.vqs[1].run()
+    assert len(taken) == 10 and len(port.used()) == 10
+    assert port.vqs[1].ring.available() == 20
+    room[0] = 100
+    port.vqs[1].run()
+    assert [int.from_bytes(f[14:18], "big") for f in taken] == list(range(30))
+    assert port.dev.stats.tx_frames == 30 and not port.broken
