@@ -48,7 +48,10 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
                      help="serve a null disk of SIZE (512M, 4G...) instead of a file: reads "
                           "return zeros, writes are dropped (qemu-storage-daemon's null-co)")
     blk.add_argument("--latency-us", type=float, default=0.0, metavar="US",
-                     help="with --null: every request takes this long (null-co latency-ns)")
+                     help="with --null: every request takes this long (null-co latency-ns); "
+                          "with --blk-file and --aio threads: every read and write takes this "
+                          "long in a worker (a slow disk: requests stay in flight, for restart "
+                          "tests)")
     blk.add_argument("--aio", choices=("threads", "sync"), default="sync",
                      help="sync: each request in the event loop, in order (safe across a "
                           "back-end restart: QEMU resumes from the used index); threads: many "
@@ -80,8 +83,8 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         program.error("--blk-file is required: the disk image to serve (or --null SIZE)")
     if args.blk_file and args.null is not None:
         program.error("--blk-file and --null exclude each other")
-    if args.latency_us < 0 or (args.latency_us and args.null is None):
-        program.error("--latency-us takes a latency of 0 or more, with --null")
+    if args.latency_us < 0 or (args.latency_us and args.null is None and args.aio != "threads"):
+        program.error("--latency-us takes a latency of 0 or more, with --null or --aio threads")
     if args.null is not None and args.null < 512:
         program.error(f"--null {args.null}: a disk has at least one 512-byte sector")
     if args.aio_workers < 1:
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
 
     from pyvirtio.devices.blk.device import BlkDevice
     from pyvirtio.devices.blk.engine import ThreadEngine
-    from pyvirtio.devices.blk.file_store import DirectIOUnsupported, FileStore
+    from pyvirtio.devices.blk.file_store import DirectIOUnsupported, FileStore, SlowFileStore
     from pyvirtio.devices.blk.null_store import NullStore
     from pyvirtio.devices.blk.store import Store
 
@@ -106,8 +109,10 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         if args.null is not None:
             store = NullStore(args.null, args.latency_us / 1e6)
         else:
-            store = FileStore(args.blk_file, read_only=args.read_only,
-                              direct=args.cache == "none")
+            store = (SlowFileStore(args.blk_file, args.latency_us / 1e6, args.read_only,
+                                   direct=args.cache == "none") if args.latency_us else
+                     FileStore(args.blk_file, read_only=args.read_only,
+                               direct=args.cache == "none"))
     except DirectIOUnsupported as exc:
         return program.fail(str(exc.strerror))
     except OSError as exc:

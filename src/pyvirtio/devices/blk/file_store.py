@@ -25,7 +25,11 @@
 * :meth:`FileStore.try_read` / :meth:`FileStore.try_write` are the
   asynchronous engine's fast path: ``preadv2``/``pwritev2`` with
   ``RWF_NOWAIT`` answer at once what the page cache holds and say "would
-  block" for the rest, which the engine then hands to a worker.
+  block" for the rest, which the engine then hands to a worker;
+* :class:`SlowFileStore` is the same file answering like a slow disk (every
+  read and write takes ``latency`` seconds in a worker): ``pyvirtio-blk
+  --blk-file --aio threads --latency-us N``, so requests really are in flight
+  when a test kills the back end.
 
 Every method returns a :class:`Status`; host I/O errors never propagate as
 exceptions into the device loop.
@@ -39,6 +43,7 @@ import errno
 import logging
 import mmap
 import os
+import time
 
 from pyvirtio.devices.blk.spec import SECTOR_SHIFT, SECTOR_SIZE, Status
 
@@ -311,6 +316,35 @@ class FileStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SlowFileStore(FileStore):
+    """A :class:`FileStore` whose reads and writes each take ``latency`` seconds.
+
+    The wait happens in the asynchronous engine's worker, as on a slow disk
+    (the engine keeps many in flight); nothing is answered from the page cache
+    on the loop.  For tests and demonstrations of requests in flight.
+    """
+
+    def __init__(self, path: str, latency: float, read_only: bool = False, *,
+                 direct: bool = False) -> None:
+        super().__init__(path, read_only, direct=direct)
+        self.latency = latency
+
+    def read(self, sector: int, views: list[memoryview],
+             total: int | None = None) -> tuple[Status, int]:
+        time.sleep(self.latency)
+        return super().read(sector, views, total)
+
+    def write(self, sector: int, views: list[memoryview], total: int | None = None) -> Status:
+        time.sleep(self.latency)
+        return super().write(sector, views, total)
+
+    def try_read(self, sector: int, views: list[memoryview], total: int) -> int:
+        return WOULD_BLOCK
+
+    def try_write(self, sector: int, views: list[memoryview], total: int) -> int:
+        return WOULD_BLOCK
 
 
 def _address(view: memoryview) -> int:

@@ -692,6 +692,8 @@ class VhostUserFrontend:
                 time.sleep(0.02)
         self._sock = sock
         self.path = target
+        # A new back end: nothing is negotiated yet (REPLY_ACK included).
+        self.protocol_features = 0
         self._handshake()
         if self.features & ~self.device_features:
             raise PeerError(f"reconnect: the back end no longer offers "

@@ -389,7 +389,10 @@ class VhostUserServer:
                 if outcome.channel:
                     self._watch_channel()
                 for index in outcome.start:
-                    session.run_ring(index)
+                    res = session.run_ring(index)
+                    if res.resubmitted:
+                        self.log.info("vhost-user: ring %d: resubmitting %d requests that were "
+                                      "in flight (inflight region)", index, res.resubmitted)
             if not decoder.pending:
                 self._cancel_stall()
             elif completed or self._stall is None:

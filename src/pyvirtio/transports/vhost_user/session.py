@@ -236,6 +236,8 @@ class RunResult:
     published: int = 0
     #: The ring broke during this run, for this reason (``on_broken`` was called).
     broken: str | None = None
+    #: The ring started with this many requests from its inflight region (resubmitted).
+    resubmitted: int = 0
 
 
 def _no_signal(fd: int) -> None:
@@ -294,6 +296,8 @@ class VhostUserSession:
         #: by GET_INFLIGHT_FD (kept open until replaced: its fd goes out in the reply).
         self.inflight: InflightRegion | None = None
         self._inflight_offer: InflightRegion | None = None
+        # Requests a ring found in flight when it started, until run_ring reports them.
+        self._resubmitted: dict[int, int] = {}
         self._handlers: dict[Request, Callable[[Message], Payload | _NoReply | _WithFds]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -947,7 +951,7 @@ class VhostUserSession:
             assert queue is not None
             if isinstance(queue, InflightSplitQueue):
                 try:
-                    queue.recover()
+                    self._resubmitted[ring.index] = queue.recover()
                 except PeerError as exc:
                     self._vq_broken_index(ring.index, str(exc))
                     return None
@@ -967,6 +971,7 @@ class VhostUserSession:
         """
         res = RunResult()
         vq = self.virtqueue(index)
+        res.resubmitted = self._resubmitted.pop(index, 0)
         if vq is None:
             return res
         res.published = vq.run(poll)
