@@ -347,5 +347,8 @@ def test_the_counters_and_state_the_stats_read(any_pair: Callable[..., Any]) -> 
     assert total["batched_entries"] == 12 and total["batches"][1] == 4
     state = doc["state"]
     assert isinstance(state, dict) and state["in_flight"] == 0 and state["kicks_wanted"] == 1
+    # Every gauge the Prometheus exporter reads is there on both rings.
+    from pyvirtio.transports.metrics import GAUGES
+    assert all(isinstance(state[key], int) for _name, key, _text in GAUGES)
     trace = kit.vq.ring.trace
     assert trace is not None and {r[1] for r in trace} >= {1, 3, 4, 5}  # irq, kick, on, off

@@ -229,11 +229,12 @@ class PackedDeviceQueue(Breakable):
 
         ``avail_event`` / ``used_event`` are the device's and the driver's
         ``off_wrap`` (-1 without EVENT_IDX), the flags their event flags:
-        the split ring's names for the same roles.
+        the split ring's names for the same roles; ``avail_idx`` is -1 (a
+        packed ring has none).
         """
         device = self._device16
         driver = self._driver32[0]
-        return {"packed": 1,
+        return {"packed": 1, "avail_idx": -1,
                 "last_avail_idx": self.last_avail_idx,
                 "last_avail_wrap_counter": self.last_avail_wrap_counter,
                 "used_idx": self.used_idx, "used_wrap_counter": self.used_wrap_counter,
