@@ -63,14 +63,16 @@ from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.device import Device, VirtQueue, scatter
 
 try:  # the batched transmit path needs numpy (pyvirtio[batch]); without it, frame by frame
-    from pyvirtio.devices.net.tx_batch import (
+    from pyvirtio.devices.net.bursts import (
         BatchUplink,
-        TxBatcher,
+        FrameBatch,
+        PerFrameUplink,
+        RingBatcher,
         drain_tx_batched,
-        per_frame_uplink,
+        receive_batched,
     )
 except ImportError:  # pragma: no cover - the test environment has numpy
-    TxBatcher = None  # type: ignore[assignment,misc]
+    RingBatcher = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("pyvirtio.net")
 
@@ -134,10 +136,11 @@ class NetDevice(Device):
         self.tx_burst = tx_burst
         #: The port: where transmitted frames go.  Loopback: :meth:`deliver`.
         self.uplink: Uplink = _no_uplink
-        #: The same port for a whole burst (tx_batch.py), if it has a batched form;
+        #: The same port for a whole burst (bursts.py), if it has a batched form;
         #: None: the burst goes to :attr:`uplink` frame by frame.
         self.uplink_batch: BatchUplink | None = None
-        self._tx_batchers: dict[int, TxBatcher] = {}
+        #: Batched ring state by queue index (bursts.py), for the ring object it was made for.
+        self._batchers: dict[int, RingBatcher] = {}
         self.stats = NetStats()
         #: Whether the kit may suppress notifications (False: the demo's baseline).
         self.suppress = True
@@ -167,13 +170,18 @@ class NetDevice(Device):
         # No offloads: a received header is all zero but num_buffers (1 here).
         self._header1 = bytes(10) + (b"\x01\x00" if self.hdr_len == HDR_MRG.size else b"")
 
+    @property
+    def rx_header(self) -> bytes:
+        """The virtio_net_hdr of a frame received in one buffer."""
+        return self._header1
+
     def reset(self) -> None:
         super().reset()
         self._backlog.clear()
         self._tx_blocked.clear()
         self._rx = [None] * self.pairs
         self._tx = [None] * self.pairs
-        self._tx_batchers.clear()
+        self._batchers.clear()
 
     def queue_ready(self, queue: VirtQueue) -> None:
         pair, is_tx = divmod(queue.index, 2)
@@ -187,7 +195,7 @@ class NetDevice(Device):
 
     def queue_stopped(self, queue: VirtQueue) -> None:
         # Its numpy views export the guest memory's mapping: let it go with the ring.
-        self._tx_batchers.pop(queue.index, None)
+        self._batchers.pop(queue.index, None)
         pair, is_tx = divmod(queue.index, 2)
         ring_list = self._tx if is_tx else self._rx
         if ring_list[pair] is queue:
@@ -210,17 +218,19 @@ class NetDevice(Device):
         """Send up to ``tx_burst`` frames to the port (the kit loops while more wait).
 
         A burst of at least :data:`TX_BATCH_MIN` chains on a split ring takes
-        the numpy path (:mod:`~pyvirtio.devices.net.tx_batch`): this is the
+        the numpy path (:mod:`~pyvirtio.devices.net.bursts`): this is the
         path a traffic generator stresses.  Fewer, or a packed ring, take the
         batched core calls (``pop_batch``/``fill``/``flush``) frame by frame.
         """
         ring = queue.ring
-        if (TxBatcher is not None and type(ring) is SplitDeviceQueue
+        if (RingBatcher is not None and type(ring) is SplitDeviceQueue
                 and ring.available() >= TX_BATCH_MIN):
-            tx = self._tx_batchers.get(queue.index)
-            if tx is None or tx.ring is not ring:  # a remapped ring is a new object
-                tx = self._tx_batchers[queue.index] = TxBatcher(ring)
-            send = self.uplink_batch or per_frame_uplink(self.uplink)
+            tx = self._batcher(queue)
+            assert tx is not None
+            if self.uplink == self.loopback:
+                send: BatchUplink = self._loopback_batch
+            else:
+                send = self.uplink_batch or PerFrameUplink(self.uplink)
             drain_tx_batched(self, tx, send, lambda: self._tx_blocked.add(queue))
             return
         batch = ring.pop_batch(self.tx_burst)
@@ -267,6 +277,16 @@ class NetDevice(Device):
             stats.tx_bytes += sent_bytes
             stats.tx_buffers += done
 
+    def _batcher(self, queue: VirtQueue) -> RingBatcher | None:
+        """The batched state of ``queue``'s ring (None: not a plain split ring)."""
+        ring = queue.ring
+        if RingBatcher is None or type(ring) is not SplitDeviceQueue:
+            return None
+        b = self._batchers.get(queue.index)
+        if b is None or b.ring is not ring:  # a remapped ring is a new object
+            b = self._batchers[queue.index] = RingBatcher(ring)
+        return b
+
     def _resume_tx(self) -> None:
         blocked = list(self._tx_blocked)
         self._tx_blocked.clear()
@@ -292,10 +312,6 @@ class NetDevice(Device):
             return ready[0]
         # One flow (source and destination MAC) stays on one queue: in order.
         return ready[zlib.crc32(frame[:12]) % len(ready)]
-
-    def can_accept(self) -> bool:
-        """Whether :meth:`deliver` would take a frame now (for ports with back-pressure)."""
-        return self._rx_queue(b"") is not None and len(self._backlog) < max(1, self.backlog_limit)
 
     def deliver(self, frame: bytes) -> bool:
         """A frame for the driver; True when it was taken (delivered or waiting).
@@ -326,10 +342,52 @@ class NetDevice(Device):
         return True
 
     def loopback(self, frame: bytes) -> bool:
-        """The loopback port: a transmitted frame comes back on receive; waits when full."""
-        if not self.can_accept():
+        """The loopback port: a transmitted frame comes back on receive.
+
+        While the receive queue has no buffer for it, the frame waits in the
+        transmit ring (False: the device retries when buffers come): the ring
+        is the loopback's queue, no backlog copy is needed.
+        """
+        queue = self._rx_queue(frame)
+        if queue is None:
             return False
-        return self.deliver(frame)
+        if self._backlog:
+            return self.deliver(frame)
+        try:
+            return self._put(queue, frame)
+        except PeerError as exc:
+            queue.fail(str(exc))  # the receive ring broke, not the sender's transmit ring
+            self.stats.drops["rx_queue_broken"] += 1
+            return True
+
+    def _loopback_batch(self, frames: FrameBatch) -> int:
+        """:meth:`loopback` for a transmit burst: as many frames as receive buffers
+        take go back in one receive burst; the rest wait in the transmit ring
+        (it is the loopback's queue) until the driver posts buffers."""
+        rxq = self._rx[0] if self.pairs == 1 else None
+        rx = None if rxq is None or not rxq.ready or self._backlog else self._batcher(rxq)
+        if rx is None or rxq is None:
+            return PerFrameUplink(self.loopback)(frames)
+        done = 0
+        total = len(frames)
+        while done < total:
+            try:
+                n = receive_batched(self, rxq, rx, frames, done)
+            except PeerError as exc:
+                rxq.fail(str(exc))  # the receive ring broke, not the sender's transmit ring
+                return done
+            if n:
+                done += n
+            elif rxq.ring.available():
+                # A buffer that cannot hold the next frame alone: that frame per frame.
+                if not self.loopback(frames.frame(done)):
+                    return done
+                done += 1
+                if self._backlog:
+                    return done + PerFrameUplink(self.loopback)(frames, done)
+            elif not rxq.need_buffers():
+                return done  # kicks on for receive buffers; the rest stays in the ring
+        return done
 
     def _put(self, queue: VirtQueue, frame: bytes) -> bool:
         """Write one frame into receive buffers; False (nothing taken) if there are too few."""

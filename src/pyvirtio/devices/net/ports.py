@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from pyvirtio.devices.net.tx_batch import FrameBatch
+    from pyvirtio.devices.net.bursts import FrameBatch
 from pyvirtio.io.loop import EventLoop
 
 __all__ = ["Switch", "TapPort"]
@@ -98,7 +98,7 @@ class Switch:
     def forward_batch(self, source: NetDevice, batch: FrameBatch) -> int:
         """:meth:`forward` for a transmit burst, in order; a frame is copied out of
         guest memory only if some port takes it (a sink's never are)."""
-        import numpy as np  # only bursts from tx_batch, which needs numpy, come here
+        import numpy as np  # only bursts.py, which needs numpy,, come here
 
         table = self.table
         for src in _distinct(batch.src):  # learned once per address, not per frame

@@ -1,4 +1,5 @@
-"""The batched transmit path of virtio-net (VIRTIO 1.2 §5.1.6.2), with numpy.
+"""The batched paths of virtio-net: transmit (VIRTIO 1.2 §5.1.6.2) and loopback receive
+(§5.1.6.3), with numpy.
 
 A traffic generator fills the transmit ring with hundreds of small frames
 per kick.  Taking them one :class:`~pyvirtio.core.split_device.Element` at a
@@ -15,9 +16,18 @@ copy one frame out.  The rules are those of the per-frame path in
 :mod:`pyvirtio.devices.net.device` — the same drops (``tx_runt``,
 ``tx_oversize``), the same broken queue for a device-writable buffer, the
 same back-pressure (a port that stops taking frames leaves the rest in the
-ring) — and ``tests/test_net_tx_batch.py`` checks both paths give the same
-result.  Used only where numpy is installed (``pyvirtio[batch]``) and the
-ring is a plain split ring; everything else takes the per-frame path.
+ring) — and ``tests/test_net_bursts.py`` checks both paths give the same
+result.
+
+The loopback port takes a burst the same way (:func:`receive_batched`):
+receive buffers are popped as one batch, header and frame written into each
+(one numpy scatter for a burst of equal small frames, else a slice copy per
+frame from the transmit buffer, so a frame is copied once), and published
+with one used-index store and one interrupt decision.  A frame that needs
+more than one receive buffer (``MRG_RXBUF``) goes the per-frame way.
+
+Used only where numpy is installed (``pyvirtio[batch]``) and the ring is a
+plain split ring; everything else takes the per-frame path.
 """
 
 from __future__ import annotations
@@ -35,8 +45,9 @@ from pyvirtio.devices.net.spec import ETH_HLEN, MAX_TX_PACKET
 
 if TYPE_CHECKING:
     from pyvirtio.devices.net.device import NetDevice
+    from pyvirtio.transports.device import VirtQueue
 
-__all__ = ["BatchUplink", "FrameBatch", "drain_tx_batched", "per_frame_uplink"]
+__all__ = ["BatchUplink", "FrameBatch", "PerFrameUplink", "drain_tx_batched"]
 
 #: Where a burst goes; returns how many frames (from the first) the port took.
 BatchUplink = Callable[["FrameBatch"], int]
@@ -73,6 +84,19 @@ class FrameBatch:
     def __len__(self) -> int:
         return len(self._idx)
 
+    def view(self, i: int) -> memoryview | bytes:
+        """Frame ``i`` in place in guest memory when it is one buffer, else a copy."""
+        c = self._chains
+        ci = int(self._idx[i])
+        a = int(c.seg_start[ci])
+        if int(c.seg_start[ci + 1]) - a != 1:
+            return self.frame(i)
+        views = self._views
+        if views is None:
+            views = self._views = [r.view for r in c.regions]
+        off = int(c.seg_offset[a])
+        return views[int(c.seg_region[a])][off + self._hdr:off + int(c.seg_len[a])]
+
     def frame(self, i: int) -> bytes:
         """Frame ``i`` (header stripped), copied out of guest memory."""
         c = self._chains
@@ -91,14 +115,22 @@ class FrameBatch:
         return data[hdr:]
 
 
-def per_frame_uplink(uplink: Callable[[bytes], bool]) -> BatchUplink:
+class PerFrameUplink:
     """A port that takes frames one at a time, as a :data:`BatchUplink`."""
-    def send(batch: FrameBatch) -> int:
-        for i in range(len(batch)):
+
+    __slots__ = ("uplink",)
+
+    def __init__(self, uplink: Callable[[bytes], bool]) -> None:
+        self.uplink = uplink
+
+    def __call__(self, batch: FrameBatch, start: int = 0) -> int:
+        """Frames ``start``, ... one by one until the port refuses one; returns how many
+        were taken from the first (``start`` included)."""
+        uplink = self.uplink
+        for i in range(start, len(batch)):
             if not uplink(batch.frame(i)):
                 return i
         return len(batch)
-    return send
 
 
 def _mac_keys(chains: Chains, idx: npt.NDArray[np.intp], hdr_len: int,
@@ -147,7 +179,7 @@ class _RegionArrays:
         return self.arrays
 
 
-class TxBatcher:
+class RingBatcher:
     """The batched transmit state of one ring object (a remapped ring gets a new one)."""
 
     __slots__ = ("batch", "regions", "ring")
@@ -158,7 +190,7 @@ class TxBatcher:
         self.regions = _RegionArrays()
 
 
-def drain_tx_batched(device: NetDevice, tx: TxBatcher, uplink: BatchUplink,
+def drain_tx_batched(device: NetDevice, tx: RingBatcher, uplink: BatchUplink,
                      blocked: Callable[[], None]) -> None:
     """Pop up to ``device.tx_burst`` chains, hand the frames to ``uplink``, push what was
     taken (used length 0) and give back the rest (back-pressure: ``blocked`` is called,
@@ -214,3 +246,59 @@ def drain_tx_batched(device: NetDevice, tx: TxBatcher, uplink: BatchUplink,
         stats.tx_buffers += taken
     if bad is not None:
         raise PeerError(bad)
+
+
+def receive_batched(device: NetDevice, vq: VirtQueue, rx: RingBatcher, frames: FrameBatch,
+                    start: int) -> int:
+    """Write frames ``start``, ``start + 1``, ... into receive buffers of ``vq``, one
+    buffer each, as one burst; returns how many were delivered (0: no buffer, or the
+    next buffer cannot hold the next frame alone — the caller goes per frame)."""
+    ring = rx.ring
+    want = min(len(frames) - start, ring.available())
+    if want <= 0:
+        return 0
+    vq.publish()  # completions made one by one go first: the push below follows them
+    chains = rx.batch.pop(want)
+    m = len(chains)
+    if not m:
+        return 0
+    hdr_len = device.hdr_len
+    sizes = frames.sizes[start:start + m]
+    single = len(chains.seg_len) == m
+    if single:
+        fits = chains.seg_writable & (chains.seg_len >= sizes + hdr_len)
+        cut = m if bool(fits.all()) else int(np.argmin(fits))
+    else:
+        cut = 0
+    if cut < m:
+        # From here on the per-frame path: it merges buffers, drops or breaks the ring.
+        ring.unpop(m - cut)
+    if not cut:
+        return 0
+    offs = chains.seg_offset[:cut].astype(np.int64)
+    arrays = rx.regions.of(chains)
+    sz = sizes[:cut]
+    size0 = int(sz[0])
+    header = np.frombuffer(device.rx_header, np.uint8)
+    if len(arrays) == 1 and size0 <= 256 and bool((sz == size0).all()):
+        # A burst of equal small frames (a traffic generator's): two scatters.
+        dst = arrays[0]
+        dst[offs[:, None] + np.arange(hdr_len)] = header
+        src = np.frombuffer(b"".join(frames.view(start + i) for i in range(cut)), np.uint8)
+        dst[offs[:, None] + (hdr_len + np.arange(size0))] = src.reshape(cut, size0)
+    else:
+        views = [r.view for r in chains.regions]
+        regions = chains.seg_region[:cut].tolist()
+        hdr = device.rx_header
+        for i, (ri, off) in enumerate(zip(regions, offs.tolist(), strict=True)):
+            frame = frames.view(start + i)
+            view = views[ri]
+            view[off:off + hdr_len] = hdr
+            view[off + hdr_len:off + hdr_len + len(frame)] = frame
+    rx.batch.push(chains.heads[:cut], sz + hdr_len)
+    stats = device.stats
+    stats.rx_frames += cut
+    stats.rx_bytes += int(sz.sum())
+    stats.rx_buffers += cut
+    vq.publish()
+    return cut

@@ -1,4 +1,4 @@
-"""The batched transmit path (devices/net/tx_batch.py) against the per-frame one.
+"""The batched transmit path (devices/net/bursts.py) against the per-frame one.
 
 Both paths must give the same result for the same ring: the same frames to
 the same ports in the same order, the same drops, the same used ring, the
@@ -56,7 +56,8 @@ class Port:
         return [(int(h), n) for h, n in self.t.driver(TX_QUEUE).get_bufs()]  # type: ignore[call-overload]
 
 
-def make_port(name: str, switch: Switch | None, qsize: int = 256) -> Port:
+def make_port(name: str, switch: Switch | None, qsize: int = 256,
+              loopback: bool = False) -> Port:
     mem = GuestMemory.anonymous(MEM)
     alloc = BumpAllocator(0x1000, MEM)
     t = InProcessTransport(mem, alloc, [qsize, qsize], FEATURES)
@@ -68,9 +69,16 @@ def make_port(name: str, switch: Switch | None, qsize: int = 256) -> Port:
     got: list[bytes] = []
     if switch is not None:
         switch.add(dev)
-    # What reaches this port, recorded instead of written into receive buffers.
-    dev.deliver = lambda frame: got.append(bytes(frame)) or True  # type: ignore[method-assign]
-    dev.queue_ready(vqs[1])  # transmit only: deliver() above stands in for receive
+    if loopback:
+        dev.uplink = dev.loopback
+        dev.queue_ready(vqs[0])
+    else:
+        def record(frame: bytes) -> bool:
+            got.append(bytes(frame))
+            return True
+        # What reaches this port, recorded instead of written into receive buffers.
+        dev.deliver = record  # type: ignore[method-assign]
+    dev.queue_ready(vqs[1])
     return Port(dev, t, alloc, mem, vqs, broken, got)
 
 
@@ -86,7 +94,11 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield request.param
 
 
-def run_switch(seed: int) -> tuple[list[list[bytes]], list[list[tuple[int, int]]], list[dict[str, object]], int, list[list[str]]]:
+Outcome = tuple[list[list[bytes]], list[list[tuple[int, int]]], list[dict[str, object]], int,
+                list[list[str]]]
+
+
+def run_switch(seed: int) -> Outcome:
     rng = random.Random(seed)
     sw = Switch()
     ports = [make_port(n, sw) for n in ("a", "b", "c")]
@@ -108,7 +120,7 @@ def run_switch(seed: int) -> tuple[list[list[bytes]], list[list[tuple[int, int]]
                 elif kind < 0.08:
                     p.chain([bytes(HDR) + frame, bytes(MAX_TX_PACKET)])     # oversize
                 elif kind < 0.2:
-                    p.chain([bytes(HDR), frame[:5], frame[5:]])             # header apart, split MAC
+                    p.chain([bytes(HDR), frame[:5], frame[5:]])  # header apart, MAC split
                 else:
                     p.chain([bytes(HDR) + frame])
             p.vqs[1].run()
@@ -168,3 +180,51 @@ def test_a_full_port_leaves_the_rest_in_the_ring(mode: str) -> None:
     port.vqs[1].run()
     assert [int.from_bytes(f[14:18], "big") for f in taken] == list(range(30))
     assert port.dev.stats.tx_frames == 30 and not port.broken
+
+
+def run_loopback(sizes: list[int], rx_bufs: list[int], mergeable: bool) -> tuple[object, ...]:
+    """Frames of ``sizes`` sent in one burst on a loopback port with receive buffers of
+    ``rx_bufs`` bytes posted; returns everything the driver can see."""
+    port = make_port("lo", None, loopback=True)
+    if not mergeable:
+        port.dev.set_features(bit(F_VERSION_1))  # header 12 bytes, one buffer per frame
+    rx = port.t.driver(RX_QUEUE)
+    bufs: list[tuple[int, int]] = []
+    for n in rx_bufs:
+        gpa = port.alloc.alloc(n, 16)
+        port.mem.translate(gpa, n)[:] = b"\xee" * n  # what the device must not touch stays
+        rx.add([], [(gpa, n)], token=len(bufs))
+        bufs.append((gpa, n))
+    for i, size in enumerate(sizes):
+        port.chain([bytes(HDR) + eth(B, A, i, size)])
+    port.vqs[1].run()
+    used = rx.get_bufs()
+    memory = [bytes(port.mem.translate(g, n)) for g, n in bufs]
+    return (used, memory, port.used(), port.vqs[1].ring.available(),
+            port.dev.stats.as_dict(), port.broken)
+
+
+@pytest.mark.parametrize(("sizes", "rx_bufs", "mergeable"), [
+    ([64] * 40, [2048] * 64, True),                    # equal small frames: the scatter
+    ([60, 64, 1514, 200] * 10, [2048] * 64, True),     # mixed sizes: a copy per frame
+    ([64] * 60, [2048] * 25, True),                    # 25 buffers for 60 frames: back-pressure
+    ([64, 300] * 20, [128] * 120, True),               # 300 B frames span 3 buffers (merged)
+    ([64, 300] * 20, [128] * 120, False),              # ... or do not fit: dropped, counted
+    ([64] * 30, [2048] * 10 + [8] + [2048] * 30, True),  # a buffer shorter than the header
+])
+def test_loopback_bursts_as_frame_by_frame(sizes: list[int], rx_bufs: list[int],
+                                           mergeable: bool,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    batched = run_loopback(sizes, rx_bufs, mergeable)
+    monkeypatch.setattr(net_device, "TX_BATCH_MIN", 1 << 30)
+    per_frame = run_loopback(sizes, rx_bufs, mergeable)
+    assert batched == per_frame
+    used, memory, tx_used, left, stats, broken = batched
+    assert isinstance(used, list) and isinstance(memory, list) and isinstance(stats, dict)
+    assert isinstance(tx_used, list) and used and stats["rx_frames"]
+    # Frames that found no receive buffer wait in the transmit ring, not in a copy.
+    assert isinstance(left, int) and len(tx_used) + left == len(sizes)
+    assert not broken or "shorter than" in str(broken)
+    # Frames came back in order, each after its header.
+    first = memory[used[0][0]]
+    assert first[HDR:HDR + 6] == B and first[HDR + 14:HDR + 18] == (0).to_bytes(4, "big")
