@@ -568,8 +568,11 @@ class VhostUserSession:
         else:
             queue = SplitDeviceQueue(views, mem, self.virtio_features)
         queue.set_state(*ring.base())
-        if isinstance(old, SplitDeviceQueue):
-            queue.carry_counters(old)  # the same ring: its statistics go on
+        # A running ring remapped (new memory table, new features) is the same
+        # ring: its statistics go on.  A stopped one's were handed to the
+        # statistics when it stopped (carried again, they would count twice).
+        if isinstance(old, SplitDeviceQueue) and ring.vq is not None:
+            queue.carry_counters(old)
             # Requests the device still holds stay in flight on the new mapping
             # (same guest pages), so it can complete them.
             queue.inuse = old.inuse
@@ -595,7 +598,7 @@ class VhostUserSession:
             queue.set_state(*ring.base(packed=True))
         except CallerError as exc:
             raise PeerError(str(exc)) from None
-        if isinstance(old, PackedDeviceQueue):
+        if isinstance(old, PackedDeviceQueue) and ring.vq is not None:  # as _map_ring
             queue.carry_counters(old)
             queue.carry_in_flight(old)
             if old.broken is not None:
