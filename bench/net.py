@@ -60,8 +60,12 @@ class Backend:
     mode: str  # "sink" or "loop"
 
 
-BACKENDS = [Backend("pyvirtio-net --switch", "sink"), Backend("DPDK net_vhost rxonly", "sink"),
-            Backend("pyvirtio-net --loopback", "loop"), Backend("DPDK net_vhost io", "loop")]
+# --poll: the rings are polled, as net_vhost polls them (a whole core each);
+# without it pyvirtio-net sleeps until a kick.
+BACKENDS = [Backend("pyvirtio-net --switch", "sink"), Backend("pyvirtio-net --switch --poll", "sink"),
+            Backend("DPDK net_vhost rxonly", "sink"),
+            Backend("pyvirtio-net --loopback", "loop"),
+            Backend("pyvirtio-net --loopback --poll", "loop"), Backend("DPDK net_vhost io", "loop")]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -119,8 +123,10 @@ def start_backend(be: Backend, sock: Path, work: Path) -> subprocess.Popen[bytes
         if be.name.startswith("pyvirtio"):
             kind = "--switch=bench" if be.mode == "sink" else "--loopback"
             # CPU 1: testpmd's virtio_user forwards on lcore 0 (its main lcore 1 sleeps).
+            poll = ["--poll"] if be.name.endswith("--poll") else []
             proc = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-m",
-                                     "pyvirtio.cli.net", "--socket-path", str(sock), kind],
+                                     "pyvirtio.cli.net", "--socket-path", str(sock), kind,
+                                     *poll],
                                     stdout=out, stderr=subprocess.STDOUT)
         else:
             env = dict(os.environ, ROLE="vhost", FWD="rxonly" if be.mode == "sink" else "io",
