@@ -62,7 +62,8 @@ class Backend:
 
 # --poll: the rings are polled, as net_vhost polls them (a whole core each);
 # without it pyvirtio-net sleeps until a kick.
-BACKENDS = [Backend("pyvirtio-net --switch", "sink"), Backend("pyvirtio-net --switch --poll", "sink"),
+BACKENDS = [Backend("pyvirtio-net --switch", "sink"),
+            Backend("pyvirtio-net --switch --poll", "sink"),
             Backend("DPDK net_vhost rxonly", "sink"),
             Backend("pyvirtio-net --loopback", "loop"),
             Backend("pyvirtio-net --loopback --poll", "loop"), Backend("DPDK net_vhost io", "loop")]
