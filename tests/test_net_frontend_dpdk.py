@@ -122,7 +122,11 @@ def test_io_frames_come_back_intact_and_in_order(testpmd: VhostPeer, ring: str) 
     assert stats["bytes_sent"] == stats["bytes_received"] == total
     assert stats["rx_dropped"] == 0 and stats["tx_reclaimed"] == len(frames)
     # The first receive waits for an interrupt: the driver never polls blindly.
-    assert stats["interrupts_rx"] >= 1 and stats["kicks_rx"] >= 1
+    assert stats["interrupts_rx"] >= 1
+    # A packed ring's device can switch kicks off outright (DISABLE), and DPDK's
+    # vhost PMD does while it polls; the split driver with EVENT_IDX still kicks
+    # when it crosses avail_event.
+    assert stats["kicks_rx"] >= 1 or packed
     assert result.rx_packets == result.tx_packets == len(frames)
     assert result.tx_dropped == 0
 
