@@ -10,7 +10,7 @@ import pytest
 
 from pyvirtio.core.errors import PeerError
 from pyvirtio.core.memory import BumpAllocator, GuestMemory
-from pyvirtio.core.spec import F_RING_EVENT_IDX, F_VERSION_1, bit
+from pyvirtio.core.spec import F_RING_EVENT_IDX, F_RING_PACKED, F_VERSION_1, bit
 from pyvirtio.demo.frames import check_frame, make_frame
 from pyvirtio.devices.net import NetDevice, NetDriver, NetHdr, hdr_size
 from pyvirtio.devices.net.spec import F_MRG_RXBUF, RX_QUEUE, TX_QUEUE, net_config
@@ -105,6 +105,10 @@ class Loop:
     (bit(F_RING_EVENT_IDX), True, 2048),
     (bit(F_MRG_RXBUF), True, 2048),
     (bit(F_MRG_RXBUF) | bit(F_RING_EVENT_IDX), True, 300),  # frames span several buffers
+    # The same over packed rings (VIRTIO 1.2 §2.8): the in-process transport builds them.
+    (bit(F_RING_PACKED), False, 2048),
+    (bit(F_RING_PACKED) | bit(F_RING_EVENT_IDX), True, 2048),
+    (bit(F_RING_PACKED) | bit(F_MRG_RXBUF) | bit(F_RING_EVENT_IDX), True, 300),
 ])
 def test_loopback_frames_intact_in_order(features: int, suppress: bool, rx_buf: int) -> None:
     loop = Loop(features, suppress, rx_buf_size=rx_buf)
