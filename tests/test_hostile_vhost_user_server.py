@@ -21,6 +21,7 @@ socket with real SCM_RIGHTS (QEMU docs/interop/vhost-user.rst "Communication"):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import logging
 import os
@@ -61,6 +62,7 @@ from pyvirtio.transports.vhost_user.frontend import (
     FrontendQueue,
     VhostUserFrontend,
 )
+from pyvirtio.transports.vhost_user.inflight import InflightRegion
 from pyvirtio.transports.vhost_user.messages import (
     FLAG_NEED_REPLY,
     HEADER,
@@ -588,6 +590,61 @@ def test_bad_memory_tables_are_refused_without_leaks(served: Served, case: str) 
     check_io(served)
     served.settle()
     assert fd_count() == before
+
+
+_INFLIGHT = struct.Struct("<QQHH4x")
+
+
+def _sealed_memfd(size: int, seal: bool = True) -> int:
+    fd = os.memfd_create("hostile-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+@pytest.mark.parametrize("case", ["set_without_fd", "set_unsealed", "set_too_small",
+                                  "set_giant", "set_unaligned_offset", "set_past_end",
+                                  "set_pipe", "get_no_queue", "get_odd_size", "get_short"])
+def test_hostile_inflight_messages_cost_only_their_connection(served: Served,
+                                                               case: str) -> None:
+    """GET/SET_INFLIGHT_FD with hostile sizes, offsets and fds: one log line, the
+    connection dropped, no fd left behind, the next front end served."""
+    before = fd_count()
+    sock = raw_connect(served.path)
+    for data in (frame(Request.SET_OWNER), frame(Request.SET_PROTOCOL_FEATURES, _U64.pack(
+            1 << ProtocolFeature.INFLIGHT_SHMFD))):
+        assert send(sock, data)
+    need = InflightRegion.size_for(2, 128)  # what GET_INFLIGHT_FD would have answered
+    fds: list[int] = []
+    if case.startswith("get"):
+        body = {"get_no_queue": _INFLIGHT.pack(0, 0, 0, 128),
+                "get_odd_size": _INFLIGHT.pack(0, 0, 1, 100),
+                "get_short": _INFLIGHT.pack(0, 0, 1, 128)[:20]}[case]
+        msg = frame(Request.GET_INFLIGHT_FD, body)
+    else:
+        size, offset, make = {
+            "set_without_fd": (need, 0, None),
+            "set_unsealed": (need, 0, lambda: _sealed_memfd(need, seal=False)),
+            "set_too_small": (need - 64, 0, lambda: _sealed_memfd(need)),
+            "set_giant": (1 << 62, 0, lambda: _sealed_memfd(need)),
+            "set_unaligned_offset": (need, 100, lambda: _sealed_memfd(2 * need)),
+            "set_past_end": (need, 4096, lambda: _sealed_memfd(need)),
+            "set_pipe": (need, 0, lambda: make_fd("pipe_r")),
+        }[case]
+        fds = [make()] if make is not None else []
+        msg = frame(Request.SET_INFLIGHT_FD, _INFLIGHT.pack(size, offset, 2, 128))
+    assert send(sock, msg, fds)
+    for fd in fds:
+        os.close(fd)
+    assert hung_up(sock)
+    sock.close()
+    served.settle()
+    assert fd_count() == before
+    check_io(served)
+    served.settle()
+    assert fd_count() == before
+    assert not served.log.internal_errors()
 
 
 def test_memory_slots_beyond_the_limit(served: Served) -> None:
