@@ -222,14 +222,10 @@ def test_crash_at_each_completion_step(rig: Rig, step: str) -> None:
     region = q.region
     real_pre, real_post = region.pre_put, region.post_put
     if step == "pre_put":  # died after linking the first head, before used.idx moved
-        calls = [0]
-
-        def pre(head: int) -> None:
-            calls[0] += 1
-            if calls[0] == 2:
-                raise Crash
-            real_pre(head)
-        _patch(region, "pre_put", pre)
+        def pre(heads: list[int]) -> None:
+            real_pre(heads[0])
+            raise Crash
+        _patch(region, "pre_put_all", pre)
     elif step == "publish":  # used.idx moved, nothing of the batch cleared
         def post(heads: list[int], used_idx: int) -> None:
             raise Crash
@@ -503,3 +499,16 @@ def test_reset_unmaps_the_buffer(inflight_front: Front) -> None:
         os.fstat(held)
     os.close(fd)
 
+
+
+def test_a_used_entry_rewritten_before_publication_stays_inside_the_region(rig: Rig) -> None:
+    rig.offer(3, 4)
+    q = rig.q
+    assert len(q.pop_batch(8)) == 2
+    q.fill(3, 4, 0)
+    q.fill(4, 4, 1)
+    rig.pair.device.rings.used32[1] = 0xFFFF  # a hostile driver rewrites entry 0
+    q.flush(2)
+    # Only the head still named in the used ring is cleared; nothing beyond the ring is touched.
+    assert q.region.inflight(4) == 0 and q.region.inflight(3) == 1
+    assert q.region.used_idx == 2

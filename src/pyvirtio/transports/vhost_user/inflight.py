@@ -81,6 +81,9 @@ _H_USED_IDX = 7
 #: turn our stores into SIGBUS (libvhost-user seals its memfd the same way).
 _SEALS: Final = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
+# Marks a resubmitted head in InflightSplitQueue's unpop record (heads are < 2**15).
+_RESUBMITTED: Final = 1 << 16
+
 
 def queue_region_size(queue_size: int) -> int:
     """Bytes one queue's region takes in the buffer (header + entries, 64-byte aligned)."""
@@ -155,6 +158,17 @@ class QueueRegion:
         self.counter += 1
         self._b[QUEUE_HEADER.size + DESC_STATE.size * head] = 1
 
+    def get_all(self, heads: list[int]) -> None:
+        """:meth:`get` for each of ``heads``, in order (one call per batch popped)."""
+        b = self._b
+        q = self._q
+        c = self.counter
+        for head in heads:
+            q[3 + 2 * head] = c
+            c += 1
+            b[16 + 16 * head] = 1
+        self.counter = c
+
     def unget(self, head: int) -> None:
         """Undo :meth:`get` (the head went back to the available ring unprocessed)."""
         self._b[QUEUE_HEADER.size + DESC_STATE.size * head] = 0
@@ -165,6 +179,20 @@ class QueueRegion:
         h = self._h
         h[8 + 8 * head + 3] = h[_H_LAST_BATCH]
         h[_H_LAST_BATCH] = head
+
+    def pre_put_all(self, heads: list[int]) -> None:
+        """:meth:`pre_put` for each of ``heads``, in order.
+
+        ``last_batch_head`` is stored once, after every ``next`` of the batch:
+        it is read back only once the used ring's idx has moved, which comes
+        after this.
+        """
+        h = self._h
+        last = h[_H_LAST_BATCH]
+        for head in heads:
+            h[11 + 8 * head] = last
+            last = head
+        h[_H_LAST_BATCH] = last
 
     def post_put(self, heads: list[int], used_idx: int) -> None:
         """The batch is published (used.idx = ``used_idx``): clear it, then record the index."""
@@ -319,8 +347,8 @@ class InflightSplitQueue(SplitDeviceQueue):
 
     Same API and results as :class:`SplitDeviceQueue`; in addition the heads
     found in flight by :meth:`recover` are popped first, in the order they
-    were made available.  ``fill`` offsets must count up from 0 for each
-    ``flush`` (as every caller's do).
+    were made available.  The per-request calls are not overridden (``fill``)
+    or cost one list entry (pops): the region is written once per batch.
     """
 
     def __init__(self, rings: RingViews, memory: GuestMemory, features: int,
@@ -332,23 +360,19 @@ class InflightSplitQueue(SplitDeviceQueue):
         self.region = region
         #: Heads to hand out again, oldest first.
         self.resubmit: deque[int] = deque()
-        # Heads of the entries filled since the last flush, by fill offset.
-        self._filled_heads: list[int] = []
-        # Heads popped lately, newest last, and whether they were resubmitted (for unpop).
-        self._recent: list[tuple[int, bool]] = []
+        # Heads popped lately, newest last (for unpop); resubmitted ones | _RESUBMITTED.
+        self._recent: list[int] = []
         self._batching = False
 
     def carry_counters(self, old: SplitDeviceQueue) -> None:
         super().carry_counters(old)
         if isinstance(old, InflightSplitQueue) and old.region is self.region:
             self.resubmit = old.resubmit
-            self._filled_heads = old._filled_heads
             self._recent = old._recent
 
     def set_state(self, last_avail_idx: int, used_idx: int | None = None) -> None:
         super().set_state(last_avail_idx, used_idx)
         self.resubmit.clear()
-        self._filled_heads.clear()
         self._recent.clear()
 
     def recover(self) -> int:
@@ -372,14 +396,13 @@ class InflightSplitQueue(SplitDeviceQueue):
         super().set_state((used + len(heads)) & 0xFFFF, used)
         self.inuse = len(heads)
         self.resubmit = deque(heads)
-        self._filled_heads = []
         self._recent = []
         return len(heads)
 
     # ------------------------------------------------------------------ pop
-    def _note(self, head: int, resubmitted: bool) -> None:
+    def _note(self, head: int) -> None:
         recent = self._recent
-        recent.append((head, resubmitted))
+        recent.append(head)
         if len(recent) > 2 * self.num:
             # unpop gives back at most what is in flight: the ring size bounds it.
             del recent[:len(recent) - self.num]
@@ -395,7 +418,7 @@ class InflightSplitQueue(SplitDeviceQueue):
         except PeerError:
             self.resubmit.appendleft(head)
             raise
-        self._note(head, True)
+        self._note(head | _RESUBMITTED)
         for v in readable:
             self.readable_bytes += len(v)
         return Element(head, readable, writable)
@@ -408,7 +431,7 @@ class InflightSplitQueue(SplitDeviceQueue):
         elem = super().pop()
         if elem is not None:
             self.region.get(elem.head)
-            self._note(elem.head, False)
+            self._note(elem.head)
         return elem
 
     def pop_head(self) -> int | None:
@@ -417,7 +440,7 @@ class InflightSplitQueue(SplitDeviceQueue):
         head = super().pop_head()
         if head is not None:
             self.region.get(head)
-            self._note(head, False)
+            self._note(head)
         return head
 
     def pop_batch(self, max_n: int = 0x10000) -> list[Element]:
@@ -430,11 +453,14 @@ class InflightSplitQueue(SplitDeviceQueue):
                 fresh = super().pop_batch(max_n - len(out))
             finally:
                 self._batching = False
-            get = self.region.get
-            for elem in fresh:
-                get(elem.head)
-                self._note(elem.head, False)
-            out += fresh
+            if fresh:
+                heads = [elem.head for elem in fresh]
+                self.region.get_all(heads)
+                recent = self._recent
+                recent += heads
+                if len(recent) > 2 * self.num:
+                    del recent[:len(recent) - self.num]
+                out += fresh
         return out
 
     def pop_window(self, max_n: int) -> int:
@@ -450,7 +476,7 @@ class InflightSplitQueue(SplitDeviceQueue):
             head = avail[2 + ((last + i) & self._mask)]
             if head < self.num:  # (pyvirtio.batch checked it; a changed entry is not tracked)
                 self.region.get(head)
-                self._note(head, False)
+                self._note(head)
         super().commit_pops(count)
 
     def unpop(self, count: int = 1) -> None:
@@ -459,9 +485,9 @@ class InflightSplitQueue(SplitDeviceQueue):
         fresh = 0
         recent = self._recent
         for _ in range(count):
-            head, resubmitted = recent.pop()
-            if resubmitted:
-                self.resubmit.appendleft(head)
+            head = recent.pop()
+            if head & _RESUBMITTED:
+                self.resubmit.appendleft(head & ~_RESUBMITTED)
             else:
                 self.region.unget(head)
                 fresh += 1
@@ -469,25 +495,21 @@ class InflightSplitQueue(SplitDeviceQueue):
             super().unpop(fresh)
 
     # ----------------------------------------------------------------- used
-    def fill(self, head: int, length: int, offset: int = 0) -> None:
-        super().fill(head, length, offset)
-        heads = self._filled_heads
-        if offset < len(heads):
-            heads[offset] = head
-        else:
-            heads.append(head)
-
     def flush(self, count: int) -> None:
-        self._check_usable()
-        if count > self.inuse:
-            raise CallerError(f"flush of {count} entries with only {self.inuse} in use")
-        heads = self._filled_heads[:count]
+        # The heads of the batch, from the used entries ``fill`` wrote (not
+        # tracked per fill: that would cost every request a Python call).  A
+        # driver that rewrites them before they are published only misleads
+        # its own recovery; a head beyond the ring is not tracked.
+        used32 = self._used32
+        mask = self._mask
+        num = self.num
+        start = self.used_idx
+        heads = [h for i in range(count) if (h := used32[1 + 2 * ((start + i) & mask)]) < num]
         region = self.region
-        for head in heads:
-            region.pre_put(head)
-        super().flush(count)
+        # Linked before used.idx moves (a refused flush leaves only links nobody reads).
+        region.pre_put_all(heads)
+        SplitDeviceQueue.flush(self, count)
         region.post_put(heads, self.used_idx)
-        del self._filled_heads[:count]
 
     def push(self, head: int, length: int) -> None:
         self.region.pre_put(head)
