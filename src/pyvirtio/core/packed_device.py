@@ -29,10 +29,12 @@
 Public names are :class:`SplitDeviceQueue`'s where the idea is the same:
 both satisfy :class:`pyvirtio.core.queue.DeviceQueue`, the interface the
 device kit, the statistics and the devices use, including the counters
-(``COUNTERS``) and the trace records of docs/stats.md.  In a packed trace
-record the indices are positions with their wrap counter in bit 15
-(``used_idx | used_wrap_counter << 15``, the driver's ``off_wrap``) and the
-flags are the event suppression flags of the other side.
+(``COUNTERS``) and the trace records of docs/stats.md.  In a packed kick
+record the indices are positions with their wrap counter in bit 15 and the
+flags are the event suppression flags of the other side; an interrupt
+decision's record has ring positions and the driver's event moved one ring
+back when it lies in the other lap (as ``vring_packed_need_event`` takes it),
+so ``new - event`` means what it means on a split ring.
 ``last_avail_idx`` and ``used_idx`` are ring positions (0..num-1) with their
 wrap counters beside them, as in QEMU; ``inuse`` counts ring positions in
 flight (a chain takes one per descriptor, an indirect table one), also as
@@ -556,10 +558,16 @@ class PackedDeviceQueue(Breakable):
         if not notify:
             self.interrupts_suppressed += 1
         if self.trace is not None:
-            wrap = self.used_wrap_counter << 15
+            # The event as vring_packed_need_event sees it (one ring back when it
+            # lies in the other lap), so new - event is the split ring's distance.
+            event = -1
+            if self.event_idx:
+                ev = off_wrap & OFF_MASK
+                if off_wrap >> 15 != self.used_wrap_counter:
+                    ev -= self.num
+                event = ev & 0xFFFF
             self._record(TRACE_IRQ if notify else TRACE_IRQ_SUPPRESSED,
-                         old | wrap if valid else -1, new | wrap,
-                         off_wrap if self.event_idx else -1, flags)
+                         old if valid else -1, new, event, flags)
         return notify
 
     # ----------------------------------------------------------------- kicks
