@@ -512,3 +512,16 @@ def test_a_used_entry_rewritten_before_publication_stays_inside_the_region(rig: 
     # Only the head still named in the used ring is cleared; nothing beyond the ring is touched.
     assert q.region.inflight(4) == 0 and q.region.inflight(3) == 1
     assert q.region.used_idx == 2
+
+
+def test_reset_device_drops_the_buffer(inflight_front: Front) -> None:
+    f = inflight_front
+    f.send(Request.SET_PROTOCOL_FEATURES, INFLIGHT_PROTO | 1 << ProtocolFeature.RESET_DEVICE)
+    desc, fd = _get_inflight(f, 1, 128)
+    f.send(Request.SET_INFLIGHT_FD, desc, (os.dup(fd),))
+    assert f.be.inflight is not None
+    f.send(Request.RESET_DEVICE)
+    # New rings after a reset are not the ones the marks name: untracked until the
+    # front end hands a buffer again.
+    assert f.be.inflight is None
+    os.close(fd)

@@ -490,12 +490,19 @@ class VhostUserFrontend:
         self._send(Request.SET_STATUS, status)
 
     def reset_device(self) -> None:
-        """RESET_DEVICE: the back end forgets rings and features (memory stays)."""
+        """RESET_DEVICE: the back end forgets rings and features (memory stays).
+
+        The inflight buffer goes too (it describes the old rings): call
+        :meth:`setup_inflight` again before new rings, as QEMU does after a reset.
+        """
         self._send(Request.RESET_DEVICE)
         for fq in self.queues.values():
             fq.close()
         self.queues.clear()
         self.features = 0
+        if self.inflight_fd >= 0:
+            close_all([self.inflight_fd])
+        self.inflight, self.inflight_fd = None, -1
 
     # ----------------------------------------------------------------- rings
     def setup_queue(self, index: int, size: int, *, indirect_per_head: int = 0,

@@ -767,6 +767,9 @@ class VhostUserSession:
     def _reset_device(self, msg: Message) -> _NoReply:
         self._has_protocol(ProtocolFeature.RESET_DEVICE, msg.request)
         self._reset_rings()
+        # The rings that follow are new: marks left in the buffer do not name
+        # their requests (QEMU frees its buffer on a reset and asks for another).
+        self._drop_inflight()
         self.features = 0
         self.status = 0
         self.device.reset()
