@@ -13,11 +13,13 @@ refused by the session):
   gives, so a buffer allocated by either back end reads the same);
 * when a head is taken from the available ring its ``counter`` is set from
   the queue's global counter and then ``inflight`` to 1
-  (:meth:`QueueRegion.get`, before the device sees the request);
+  (:meth:`QueueRegion.get` / ``get_all``, before the device sees the request);
 * when used entries are supplied, each head is linked into the last-batch
   list (``next`` = ``last_batch_head``, ``last_batch_head`` = head), the used
   ring's ``idx`` is moved, then every ``inflight`` of the batch is cleared and
-  ``used_idx`` set to the used ring's ``idx`` (:meth:`QueueRegion.pre_put`,
+  ``used_idx`` set to the used ring's ``idx`` (:meth:`QueueRegion.pre_put_all`,
+  which stores ``last_batch_head`` once after the batch's ``next`` links —
+  it is only read after the used ``idx`` moved —, and
   :meth:`QueueRegion.post_put`);
 * on reconnect, a region whose ``used_idx`` differs from the used ring's
   ``idx`` was interrupted after the batch was published: the batch (as many
