@@ -304,3 +304,19 @@ def test_qemu_guest_survives_backend_sigkill(tmp_path: Path) -> None:
     # Requests were in flight at every kill: each restart resubmitted them (none
     # lost: above).
     assert text.count("resubmitting") == KILLS, text[-3000:]
+
+
+def test_packed_ring_runs_untracked(tmp_path: Path) -> None:
+    """Inflight tracking is split-only: on a packed ring GET_INFLIGHT_FD answers no
+    buffer and the front end goes on without one (as QEMU does)."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "blk.sock"
+    proc = start_pyvirtio_blk(img, sock, "--aio", "threads")
+    try:
+        with BlkDriver.connect(str(sock), queue_size=64, inflight=True, packed=True) as drv:
+            assert drv.frontend is not None and drv.frontend.inflight is None
+            drv.write(4096, pattern(1))
+            assert drv.read(4096, BLOCK) == pattern(1)
+    finally:
+        assert stop(proc) == 0

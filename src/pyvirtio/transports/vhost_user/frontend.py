@@ -633,11 +633,14 @@ class VhostUserFrontend:
 
     # ------------------------------------------------------------- inflight
     def setup_inflight(self, num_queues: int, queue_size: int) -> bool:
-        """GET_INFLIGHT_FD once, then SET_INFLIGHT_FD; False without INFLIGHT_SHMFD.
+        """GET_INFLIGHT_FD once, then SET_INFLIGHT_FD; False without tracking.
 
         Call it after :meth:`negotiate` and before the rings start (QEMU's
         ``vhost_user_blk_start`` does the same); the buffer is kept for
-        :meth:`reconnect`.
+        :meth:`reconnect`.  False without INFLIGHT_SHMFD, or when the back end
+        answers with no buffer (``mmap_size`` 0, as for a packed ring): the
+        rings then run untracked, as QEMU's ``vhost_user_get_inflight_fd``
+        lets them.
         """
         if not self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             return False
@@ -646,10 +649,16 @@ class VhostUserFrontend:
                                 InflightDesc(0, 0, num_queues, queue_size)))
             msg = self._read_reply_msg(Request.GET_INFLIGHT_FD)
             desc = msg.payload
-            if (not isinstance(desc, InflightDesc) or desc.mmap_size == 0
-                    or len(msg.fds) != 1):
+            if not isinstance(desc, InflightDesc):
                 msg.close_fds()
-                raise VhostUserRefused(f"GET_INFLIGHT_FD: no buffer ({desc!r})")
+                raise PeerError(f"GET_INFLIGHT_FD: reply is not an inflight description: "
+                                f"{desc!r}")
+            if desc.mmap_size == 0:
+                msg.close_fds()
+                return False
+            if len(msg.fds) != 1:
+                msg.close_fds()
+                raise PeerError("GET_INFLIGHT_FD: a buffer without its fd")
             self.inflight, self.inflight_fd = desc, msg.fds[0]
         self._send(Request.SET_INFLIGHT_FD, self.inflight, (self.inflight_fd,))
         return True
