@@ -5,6 +5,11 @@ The back-end program conventions (``--socket-path``/``--fd``,
 "blk-file", SIGTERM) come from
 :class:`~pyvirtio.transports.vhost_user.program.BackendProgram`; the
 vhost-user-blk options ``--blk-file`` and ``--read-only`` are QEMU's.
+A vhost-user socket serves one front end, so one process serves several
+disks by repeating ``--socket-path`` (or ``--fd``) with one ``--blk-file``
+each, paired in order (or one ``--null SIZE``: a null disk per socket); the
+other options apply to every disk, and every disk is a device of its own
+(its own store and engine) on the one event loop.
 Wiring only: the device is :class:`pyvirtio.devices.blk.device.BlkDevice`.
 """
 
@@ -18,14 +23,17 @@ from pyvirtio.cli.common import backend_main, register_backend
 from pyvirtio.core.errors import CallerError
 from pyvirtio.devices.blk.engine import DEFAULT_WORKERS
 from pyvirtio.devices.blk.workload import parse_size
-from pyvirtio.transports.vhost_user.program import BackendProgram
+from pyvirtio.transports.vhost_user.program import BackendProgram, Endpoint
 
 DESCRIPTION = "vhost-user-blk back end in Python (pyvirtio): serve a disk image to a VM"
-EPILOG = """example:
+EPILOG = """examples:
   pyvirtio-blk --socket-path /tmp/blk.sock --blk-file disk.img
   qemu-system-x86_64 -m 512 -object memory-backend-memfd,id=mem,size=512M,share=on \\
       -numa node,memdev=mem -chardev socket,id=c0,path=/tmp/blk.sock \\
       -device vhost-user-blk-pci,chardev=c0 ...
+  # several disks from one process: --blk-file pairs with --socket-path, in order
+  pyvirtio-blk --socket-path /tmp/a.sock --blk-file a.img \\
+      --socket-path /tmp/b.sock --blk-file b.img --aio threads
 """
 CAPABILITIES = ("read-only", "blk-file")
 SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
@@ -40,13 +48,16 @@ def _size(text: str) -> int:
 
 def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> BackendProgram:
     program = BackendProgram(prog, DESCRIPTION, "block", CAPABILITIES, epilog=EPILOG,
-                             binary="pyvirtio-blk", parser=parser)
+                             binary="pyvirtio-blk", parser=parser, several_sockets=True)
     p = program.parser
     blk = p.add_argument_group("vhost-user-blk")
-    blk.add_argument("--blk-file", metavar="PATH", help="disk image or block device to serve")
+    blk.add_argument("--blk-file", metavar="PATH", action="append",
+                     help="disk image or block device to serve; repeat it with --socket-path "
+                          "(or --fd): the Nth image is served on the Nth socket")
     blk.add_argument("--null", metavar="SIZE", type=_size,
                      help="serve a null disk of SIZE (512M, 4G...) instead of a file: reads "
-                          "return zeros, writes are dropped (qemu-storage-daemon's null-co)")
+                          "return zeros, writes are dropped (qemu-storage-daemon's null-co); "
+                          "one per socket")
     blk.add_argument("--latency-us", type=float, default=0.0, metavar="US",
                      help="with --null: every request takes this long (null-co latency-ns); "
                           "with --blk-file and --aio threads: every read and write takes this "
@@ -83,6 +94,10 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         program.error("--blk-file is required: the disk image to serve (or --null SIZE)")
     if args.blk_file and args.null is not None:
         program.error("--blk-file and --null exclude each other")
+    places = program.endpoints_of(args)
+    if args.blk_file and len(args.blk_file) != len(places):
+        program.error(f"{len(args.blk_file)} --blk-file for {len(places)} socket(s): give one "
+                      f"--blk-file per --socket-path/--fd, paired in order")
     if args.latency_us < 0 or (args.latency_us and args.null is None and args.aio != "threads"):
         program.error("--latency-us takes a latency of 0 or more, with --null or --aio threads")
     if args.null is not None and args.null < 512:
@@ -104,33 +119,41 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
     from pyvirtio.devices.blk.null_store import NullStore
     from pyvirtio.devices.blk.store import Store
 
-    store: Store
+    devices: list[BlkDevice] = []
+    stores: list[Store] = []
     try:
-        if args.null is not None:
-            store = NullStore(args.null, args.latency_us / 1e6)
-        else:
-            store = (SlowFileStore(args.blk_file, args.latency_us / 1e6, args.read_only,
-                                   direct=args.cache == "none") if args.latency_us else
-                     FileStore(args.blk_file, read_only=args.read_only,
-                               direct=args.cache == "none"))
-    except DirectIOUnsupported as exc:
-        return program.fail(str(exc.strerror))
-    except OSError as exc:
-        hint = ""
-        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and not args.read_only:
-            hint = "; to serve it read-only use --read-only"
-        return program.fail(f"cannot open {args.blk_file}: {exc.strerror}{hint}")
-    if store.capacity == 0:
-        store.close()
-        return program.fail(f"{args.blk_file} is smaller than one 512-byte sector: "
-                             f"give it a size first (truncate -s 64M {args.blk_file})")
-    engine = ThreadEngine(args.aio_workers) if args.aio == "threads" else None
-    device = BlkDevice(store, num_queues=args.num_queues, queue_size=args.queue_size,
-                       serial=args.serial, batch=args.batch, engine=engine)
-    try:
-        return program.serve(device, args)
+        for blk_file in args.blk_file or [None] * len(places):
+            store: Store
+            try:
+                if args.null is not None:
+                    store = NullStore(args.null, args.latency_us / 1e6)
+                else:
+                    store = (SlowFileStore(blk_file, args.latency_us / 1e6, args.read_only,
+                                           direct=args.cache == "none") if args.latency_us else
+                             FileStore(blk_file, read_only=args.read_only,
+                                       direct=args.cache == "none"))
+            except DirectIOUnsupported as exc:
+                return program.fail(str(exc.strerror))
+            except OSError as exc:
+                hint = ""
+                if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and not args.read_only:
+                    hint = "; to serve it read-only use --read-only"
+                return program.fail(f"cannot open {blk_file}: {exc.strerror}{hint}")
+            stores.append(store)
+            if store.capacity == 0:
+                return program.fail(f"{blk_file} is smaller than one 512-byte sector: "
+                                    f"give it a size first (truncate -s 64M {blk_file})")
+            # Each disk its own engine: a slow disk's workers never hold up another's.
+            engine = ThreadEngine(args.aio_workers) if args.aio == "threads" else None
+            devices.append(BlkDevice(store, num_queues=args.num_queues,
+                                     queue_size=args.queue_size, serial=args.serial,
+                                     batch=args.batch, engine=engine))
+        endpoints: list[Endpoint] = [(device, path, fd) for device, (path, fd)
+                                     in zip(devices, places, strict=True)]
+        return program.serve_all(endpoints, args)
     finally:
-        store.close()
+        for store in stores:
+            store.close()
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
