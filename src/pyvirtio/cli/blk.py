@@ -65,9 +65,11 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
                           "tests)")
     blk.add_argument("--aio", choices=("threads", "sync"), default="sync",
                      help="sync: each request in the event loop, in order (safe across a "
-                          "back-end restart: QEMU resumes from the used index); threads: many "
-                          "requests in flight in a pool of workers (QEMU aio=threads), for "
-                          "slow storage, completed out of order")
+                          "back-end restart even for a front end without inflight tracking: "
+                          "it resumes from the used index); threads: many requests in flight "
+                          "in a pool of workers (QEMU aio=threads), for slow storage, completed "
+                          "out of order (safe across a restart with inflight tracking, which "
+                          "QEMU's vhost-user-blk uses)")
     blk.add_argument("--aio-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                      help=f"worker threads of --aio threads (default {DEFAULT_WORKERS})")
     blk.add_argument("--cache", choices=("writeback", "none"), default="writeback",
