@@ -13,13 +13,15 @@ A :class:`~pyvirtio.transports.device.Device`:
   buffers (data + the status byte, §2.7.8), publishing each batch with one
   used-index move; the kit then decides on the interrupt.
 
-With an ``engine`` (:class:`~pyvirtio.devices.blk.engine.ThreadEngine`)
+With an ``engine`` (:class:`~pyvirtio.devices.blk.engine.ThreadEngine` or
+:class:`~pyvirtio.devices.blk.uring_engine.UringEngine`)
 :meth:`BlkDevice.process` takes the asynchronous path instead: every popped
 request is first tried without blocking (``RWF_NOWAIT``: what the page cache
 holds is answered at once, on the loop, at the speed of the synchronous
-path) and otherwise handed to a worker, which runs :meth:`BlkDevice.execute`
-— the same code — while the loop pops the next one.  Many requests are then
-in flight and complete out of order; the kit publishes them in batches.
+path) and otherwise handed to the engine — a worker, which runs
+:meth:`BlkDevice.execute` (the same code), or the kernel's io_uring — while
+the loop pops the next one.  Many requests are then in flight and complete
+out of order; the kit publishes them in batches.
 A FLUSH needs no barrier for that: a write is completed for the driver only
 after its ``pwritev`` returned, so the ``fdatasync`` the FLUSH's worker
 starts afterwards covers every write completed before it (§5.2.6.2).
@@ -40,7 +42,7 @@ from pyvirtio.core.queue import DeviceQueue
 from pyvirtio.core.spec import DeviceId
 from pyvirtio.core.split_device import Element
 from pyvirtio.devices.blk.delay import DelayLine
-from pyvirtio.devices.blk.engine import ThreadEngine
+from pyvirtio.devices.blk.engine import AsyncEngine
 from pyvirtio.devices.blk.request import id_bytes, parse_request, parse_segments
 from pyvirtio.devices.blk.spec import (
     CONFIG_SIZE,
@@ -90,14 +92,14 @@ class BlkDevice(Device):
     """A virtio-blk device on a :class:`Store` (a file, or the null store).
 
     ``engine``: None runs every request in the loop (the synchronous engine),
-    a :class:`ThreadEngine` keeps many in flight.
+    an :class:`AsyncEngine` (threads or io_uring) keeps many in flight.
     """
 
     device_id = int(DeviceId.BLOCK)
 
     def __init__(self, store: Store, num_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, serial: str = "pyvirtio-blk",
-                 batch: int = 0, engine: ThreadEngine | None = None) -> None:
+                 batch: int = 0, engine: AsyncEngine | None = None) -> None:
         if not 1 <= num_queues <= 256:
             raise CallerError(f"num_queues {num_queues} must be in 1..256")
         if batch < 0:
@@ -202,20 +204,20 @@ class BlkDevice(Device):
         else:
             self.process_async(queue, self.engine)
 
-    def process_async(self, queue: VirtQueue, engine: ThreadEngine) -> None:
-        """Answer what the page cache holds now, hand the rest to ``engine``'s workers.
+    def process_async(self, queue: VirtQueue, engine: AsyncEngine) -> None:
+        """Answer what the page cache holds now, hand the rest to ``engine``.
 
-        Everything available is popped: the workers, not the ring, bound what
+        Everything available is popped: the engine, not the ring, bounds what
         is in flight.  Completions made here are published by the kit when
-        this returns; the workers' come back through the engine in batches.
+        this returns; the engine's come back through it in batches (io_uring
+        submits the whole pass with one system call, at the end).
         """
         ring = queue.ring
         complete = queue.complete if self._delay is None else partial(self._delay.add, queue)
         # Answered here and now: one latency sample per batch (the delay line
         # measures its own, the engine each request it ran).
         latency = self.stats.latency if self._delay is None else None
-        submit = engine.submit
-        execute = self.execute
+        start = engine.start
         store = self.store
         while batch := ring.pop_batch(ring.num):
             t0 = perf_counter_ns()
@@ -249,11 +251,13 @@ class BlkDevice(Device):
                                         last[-1] = _OK
                                         complete(elem, 1)
                                         continue
-                    submit(partial(execute, elem), queue, elem)
+                    start(self, queue, elem)
             except BaseException:
                 if left:
                     ring.unpop(left)
+                engine.push()  # what the batch handed over before must still start
                 raise
+            engine.push()
             if latency is not None and (answered := len(batch) - engine.submitted + submitted):
                 latency.add(perf_counter_ns() - t0, answered)
 
