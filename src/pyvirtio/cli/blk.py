@@ -63,13 +63,15 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
                           "with --blk-file and --aio threads: every read and write takes this "
                           "long in a worker (a slow disk: requests stay in flight, for restart "
                           "tests)")
-    blk.add_argument("--aio", choices=("threads", "sync"), default="sync",
+    blk.add_argument("--aio", choices=("threads", "io_uring", "sync"), default="sync",
                      help="sync: each request in the event loop, in order (safe across a "
                           "back-end restart even for a front end without inflight tracking: "
                           "it resumes from the used index); threads: many requests in flight "
                           "in a pool of workers (QEMU aio=threads), for slow storage, completed "
                           "out of order (safe across a restart with inflight tracking, which "
-                          "QEMU's vhost-user-blk uses)")
+                          "QEMU's vhost-user-blk uses); io_uring: many in flight in the "
+                          "kernel's io_uring (QEMU aio=io_uring; needs pyvirtio[uring]), "
+                          "completed out of order like threads")
     blk.add_argument("--aio-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                      help=f"worker threads of --aio threads (default {DEFAULT_WORKERS})")
     blk.add_argument("--cache", choices=("writeback", "none"), default="writeback",
@@ -104,6 +106,9 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         program.error("--latency-us takes a latency of 0 or more, with --null or --aio threads")
     if args.null is not None and args.null < 512:
         program.error(f"--null {args.null}: a disk has at least one 512-byte sector")
+    if args.aio == "io_uring" and args.null is not None:
+        program.error("--aio io_uring serves a --blk-file (a null disk has no file to read: "
+                      "use --aio threads)")
     if args.aio_workers < 1:
         program.error(f"--aio-workers {args.aio_workers}: use 1 or more")
     if not 1 <= args.num_queues <= 256:
@@ -116,10 +121,11 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
         program.error(f"--batch {args.batch}: use 0 (everything at once) or more")
 
     from pyvirtio.devices.blk.device import BlkDevice
-    from pyvirtio.devices.blk.engine import ThreadEngine
+    from pyvirtio.devices.blk.engine import AsyncEngine, ThreadEngine
     from pyvirtio.devices.blk.file_store import DirectIOUnsupported, FileStore, SlowFileStore
     from pyvirtio.devices.blk.null_store import NullStore
     from pyvirtio.devices.blk.store import Store
+    from pyvirtio.devices.blk.uring_engine import UringEngine, UringUnavailable
 
     devices: list[BlkDevice] = []
     stores: list[Store] = []
@@ -146,7 +152,14 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
                 return program.fail(f"{blk_file} is smaller than one 512-byte sector: "
                                     f"give it a size first (truncate -s 64M {blk_file})")
             # Each disk its own engine: a slow disk's workers never hold up another's.
-            engine = ThreadEngine(args.aio_workers) if args.aio == "threads" else None
+            engine: AsyncEngine | None = None
+            if args.aio == "threads":
+                engine = ThreadEngine(args.aio_workers)
+            elif args.aio == "io_uring":
+                try:
+                    engine = UringEngine()
+                except UringUnavailable as exc:
+                    return program.fail(str(exc))
             devices.append(BlkDevice(store, num_queues=args.num_queues,
                                      queue_size=args.queue_size, serial=args.serial,
                                      batch=args.batch, engine=engine))
