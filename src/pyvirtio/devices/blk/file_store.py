@@ -347,11 +347,39 @@ class SlowFileStore(FileStore):
         return WOULD_BLOCK
 
 
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (the buffer protocol, part of the stable ABI since 3.11)."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
 def _address(view: memoryview) -> int:
-    """The address of ``view``'s first byte (a read-only view counts as unaligned)."""
-    if view.readonly:
-        return 1
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    """The address of ``view``'s first byte.
+
+    Through the buffer protocol rather than ``ctypes.c_char.from_buffer``,
+    which refuses read-only views: an OUT request's data (device-readable
+    guest memory) is read-only, and its address decides whether O_DIRECT
+    can take it without a bounce buffer.
+    """
+    buf = _PyBuffer()
+    _get_buffer(view, ctypes.byref(buf), 0)  # PyBUF_SIMPLE; raises if it fails
+    try:
+        return buf.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(buf))
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:
