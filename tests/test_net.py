@@ -228,3 +228,36 @@ def test_tx_chain_naming_gigabytes_is_dropped_without_a_copy() -> None:
     loop.deliver()
     loop.drv.napi_poll(64)
     assert [check_frame(f, 1, MAC) for f in loop.frames] == [None]
+
+
+def test_offloads_only_where_the_port_carries_the_header() -> None:
+    """CSUM/TSO are offered only with a port that carries virtio_net_hdr (a TAP with
+    IFF_VNET_HDR); a port's header reaches the driver only if it took GUEST_CSUM."""
+    from pyvirtio.devices.net.ports import Switch
+    from pyvirtio.devices.net.spec import F_GUEST_CSUM, OFFLOAD_FEATURES
+    from test_net_bursts import make_port
+
+    assert NetDevice().device_features & OFFLOAD_FEATURES == 0
+    sw = Switch()
+    assert sw.add(NetDevice()).device_features & OFFLOAD_FEATURES == 0
+    port = make_port("tap-like", None, loopback=True)
+    dev = port.dev
+    dev.offer_offloads()
+    assert dev.device_features & OFFLOAD_FEATURES == OFFLOAD_FEATURES and dev.port_headers
+    rx = port.t.driver(RX_QUEUE)
+    gpa = port.alloc.alloc(4096, 16)
+    offload = bytes([1, 1]) + (54).to_bytes(2, "little") + (1448).to_bytes(2, "little") + \
+        (34).to_bytes(2, "little") + (16).to_bytes(2, "little")  # NEEDS_CSUM, TCPv4
+    frame = make_frame(0, MAC)
+    for guest_csum, expect in ((False, bytes(10)), (True, offload)):
+        seen: list[int] = []
+        dev.feature_hooks[:] = [seen.append]
+        features = bit(F_VERSION_1) | (bit(F_GUEST_CSUM) if guest_csum else 0)
+        dev.set_features(features)
+        assert seen == [features]  # the port learns the driver's choice
+        rx.add([], [(gpa, 4096)], token=1)
+        assert dev.deliver(frame, offload)
+        port.vqs[0].publish()
+        ((_tok, n),) = rx.get_bufs()
+        data = bytes(port.mem.translate(gpa, n))
+        assert data[:10] == expect and data[10:12] == b"\x01\x00" and data[12:] == frame

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import os
+import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -86,11 +89,39 @@ listen /tmp/a2
 reach 10.0.0.3; pings 10.0.0.3 B2; done_to 10.0.0.3; wait_done /tmp/a2
 """
 
+# After the pings: the features the driver accepted, then 4 MiB each way over TCP
+# (segmentation offload in both directions when it was negotiated).
 GUEST_TAP = PRELUDE + """
 up 10.0.1.2
 reach 10.0.1.1; pings 10.0.1.1 T
 cat /sys/class/net/eth0/address
+echo "FEATURES $(cat /sys/bus/virtio/devices/virtio0/features)"
+wget -q -O /tmp/down http://10.0.1.1:8000/blob; echo "DOWN $(sha256sum /tmp/down)"
+dd if=/dev/urandom of=/tmp/up bs=64k count=64 2>/dev/null; echo "UP $(sha256sum /tmp/up)"
+nc 10.0.1.1 5001 </tmp/up >/tmp/ack; echo "ACK $(cat /tmp/ack)"
 """
+BLOB = 4 << 20
+# In the namespace: an HTTP server with the blob, and a TCP sink that reads BLOB
+# bytes, answers their SHA-256 and closes (so the guest's nc ends).
+NS_SERVERS = f"""
+import hashlib, http.server, os, socket, sys, threading
+os.chdir(sys.argv[1])
+httpd = http.server.ThreadingHTTPServer(("10.0.1.1", 8000), http.server.SimpleHTTPRequestHandler)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+srv = socket.create_server(("10.0.1.1", 5001))
+conn, _ = srv.accept()
+h, n = hashlib.sha256(), 0
+while n < {BLOB}:
+    data = conn.recv(1 << 16)
+    if not data:
+        break
+    h.update(data); n += len(data)
+conn.sendall(h.hexdigest().encode() + b"\\n"); conn.close()
+print("received", n, h.hexdigest(), flush=True)
+threading.Event().wait()
+"""
+OFFLOAD_BITS = {"CSUM": 0, "GUEST_CSUM": 1, "GUEST_TSO4": 7, "GUEST_TSO6": 8, "HOST_TSO4": 11,
+                "HOST_TSO6": 12}
 
 ALL_ANSWERED = f"{PINGS} packets transmitted, {PINGS} packets received"
 
@@ -225,12 +256,18 @@ def test_guest_on_a_tap_in_a_namespace_pings_it(initramfs: Path, netns: str,
     sock = tmp_path / "tap.sock"
     assert in_ns(netns, "ip", "link", "show", "tap0").returncode != 0
     backend = NetBackend([sock], ["--tap", "tap0"], prefix=["ip", "netns", "exec", netns])
+    blob = os.urandom(BLOB)
+    (tmp_path / "blob").write_bytes(blob)
     guest: Guest | None = None
+    servers: subprocess.Popen[str] | None = None
     try:
         for cmd in (["ip", "addr", "add", "10.0.1.1/24", "dev", "tap0"],
                     ["ip", "link", "set", "tap0", "up"]):
             res = in_ns(netns, *cmd)
             assert res.returncode == 0, res.stderr
+        servers = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c",
+                                    NS_SERVERS, str(tmp_path)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
         guest = boot_on(initramfs, sock, "52:54:00:00:01:02", GUEST_TAP)
         log = finished(guest, "T")
         assert "52:54:00:00:01:02" in log
@@ -242,6 +279,20 @@ def test_guest_on_a_tap_in_a_namespace_pings_it(initramfs: Path, netns: str,
         if guest is not None:
             guest.kill()
         backend.kill()
+        if servers is not None:
+            servers.kill()
+    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in log.splitlines()
+             if ln.split(" ", 1)[0] in ("FEATURES", "DOWN", "UP", "ACK") and " " in ln}
+    features = lines["FEATURES"].strip()
+    # The driver took the offloads the TAP carries (sysfs: one character per bit).
+    assert all(features[bit] == "1" for bit in OFFLOAD_BITS.values()), features
+    # 4 MiB each way arrived intact.
+    assert lines["DOWN"].split()[0] == hashlib.sha256(blob).hexdigest(), lines
+    assert lines["ACK"].split()[0] == lines["UP"].split()[0], lines
+    # ... in segments larger than the MTU, both ways through the TAP's virtio_net_hdr.
+    m = re.search(r"segmentation offload packets: tx (\d+), rx (\d+)", backend.log)
+    assert m is not None and int(m.group(1)) > 0 and int(m.group(2)) > 0, backend.log
+    print(f"TAP: {m.group(0)}; port {port}")  # pytest -s shows it
     assert port.tx_frames >= PINGS and port.rx_frames >= PINGS, port
     # The namespace's own IPv6 chatter may reach the port before the guest's driver is up.
     assert set(port.drops) <= {"rx_no_frontend"}, port

@@ -73,7 +73,7 @@ def make_port(name: str, switch: Switch | None, qsize: int = 256,
         dev.uplink = dev.loopback
         dev.queue_ready(vqs[0])
     else:
-        def record(frame: bytes) -> bool:
+        def record(frame: bytes, offload: bytes | None = None) -> bool:
             got.append(bytes(frame))
             return True
         # What reaches this port, recorded instead of written into receive buffers.

@@ -48,7 +48,12 @@ def _program(prog: str, parser: argparse.ArgumentParser | None = None) -> Backen
                       help="join every port of this process with a learning switch")
     kind.add_argument("--tap", metavar="IFNAME",
                       help="bridge the (one) port to this TAP interface; created if missing "
-                           "and then gone at exit, an existing one is left as it was")
+                           "and then gone at exit, an existing one is left as it was; "
+                           "checksum and TSO offloads are offered and passed through the "
+                           "TAP's virtio_net_hdr (IFF_VNET_HDR)")
+    net.add_argument("--no-offloads", action="store_true",
+                     help="with --tap: no virtio_net_hdr on the TAP and no offloads offered "
+                          "(the switch and loopback never offer them)")
     net.add_argument("--mac", default="52:54:00:12:34:56",
                      help="MAC address of the first port; port N adds N to the last byte")
     net.add_argument("--num-queues", type=int, default=1, metavar="N",
@@ -70,6 +75,8 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
     if args.backlog < 0:
         program.error(f"--backlog {args.backlog}: use 0 or more")
     places = program.endpoints_of(args)
+    if args.no_offloads and not args.tap:
+        program.error("--no-offloads applies to --tap only (switch and loopback offer none)")
     if args.tap and len(places) != 1:
         program.error("--tap serves exactly one port: give one --socket-path or --fd")
 
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
     switch: Switch | None = None
     if args.tap:
         try:
-            tap = TapPort(args.tap, devices[0])
+            tap = TapPort(args.tap, devices[0], offloads=not args.no_offloads)
         except CallerError as exc:
             return program.fail(str(exc))
     elif args.switch:
@@ -115,6 +122,9 @@ def run(args: argparse.Namespace, program: BackendProgram) -> int:
             log.info("port %s: tx %d frames %d bytes, rx %d frames %d bytes, drops %s",
                      dev.name, st.tx_frames, st.tx_bytes, st.rx_frames, st.rx_bytes,
                      dict(st.drops) or "none")
+            if dev.port_headers:
+                log.info("port %s: segmentation offload packets: tx %d, rx %d",
+                         dev.name, st.tx_gso, st.rx_gso)
 
     endpoints: list[Endpoint] = [(dev, path, fd) for dev, (path, fd) in zip(devices, places,
                                                                              strict=True)]

@@ -78,7 +78,8 @@ class FrameBatch:
         self.arrays = arrays
         self._hdr = hdr_len
         self._views: list[memoryview] | None = None
-        #: Frame sizes without the virtio_net_hdr.
+        #: Sizes of the frames as :meth:`frame` returns them (without the virtio_net_hdr,
+        #: unless the port takes it: ``NetDevice.port_headers``).
         self.sizes = sizes
         #: Destination and source MAC of each frame, big-endian 48-bit integers.
         self.dst = dst
@@ -240,7 +241,9 @@ def drain_tx_batched(device: NetDevice, tx: RingBatcher, uplink: BatchUplink,
     taken = n
     if len(idx):
         dst, src = _mac_keys(chains, idx, hdr_len, tx.regions.of(chains))
-        frames = FrameBatch(chains, idx, sizes[idx] - hdr_len, hdr_len, dst, src,
+        # A port that carries virtio_net_hdr itself (a TAP) gets the frames with it.
+        strip = 0 if device.port_headers else hdr_len
+        frames = FrameBatch(chains, idx, sizes[idx] - strip, strip, dst, src,
                             tx.regions.of(chains))
         took = uplink(frames)
         if took < len(idx):
@@ -250,7 +253,7 @@ def drain_tx_batched(device: NetDevice, tx: RingBatcher, uplink: BatchUplink,
             ring.unpop(n - taken)
         if took:
             stats.tx_frames += took
-            stats.tx_bytes += int(frames.sizes[:took].sum())  # sizes without the header
+            stats.tx_bytes += int(frames.sizes[:took].sum()) - (hdr_len - strip) * took
     if taken:
         if any_dropped:
             drops = stats.drops

@@ -42,18 +42,21 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.spec import DeviceId
 from pyvirtio.core.split_device import Element, SplitDeviceQueue
 from pyvirtio.devices.net.spec import (
     ETH_HLEN,
+    F_GUEST_CSUM,
     F_MAC,
     F_MQ,
     F_MRG_RXBUF,
     F_STATUS,
     HDR_MRG,
     MAX_TX_PACKET,
+    OFFLOAD_FEATURES,
     S_LINK_UP,
     format_mac,
     hdr_size,
@@ -62,17 +65,13 @@ from pyvirtio.devices.net.spec import (
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.device import Device, VirtQueue, scatter
 
-try:  # the batched transmit path needs numpy (pyvirtio[batch]); without it, frame by frame
-    from pyvirtio.devices.net.bursts import (
-        BatchUplink,
-        FrameBatch,
-        PerFrameUplink,
-        RingBatcher,
-        drain_tx_batched,
-        receive_batched,
-    )
-except ImportError:  # pragma: no cover - the test environment has numpy
-    RingBatcher = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from pyvirtio.devices.net.bursts import BatchUplink, FrameBatch, RingBatcher
+
+#: Set once the batched paths (bursts.py) turned out to lack numpy (``pyvirtio[batch]``):
+#: frame by frame from then on.  Imported on first use, not at start: numpy takes a
+#: while to import and a guest sending a frame at a time never needs it.
+_NO_BURSTS = False
 
 log = logging.getLogger("pyvirtio.net")
 
@@ -97,13 +96,18 @@ class NetStats:
     rx_frames: int = 0
     rx_bytes: int = 0
     rx_buffers: int = 0
+    #: Segmentation offload packets (virtio_net_hdr gso_type set) through a port that
+    #: carries the header (a TAP with IFF_VNET_HDR): to it, and from it.
+    tx_gso: int = 0
+    rx_gso: int = 0
     drops: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
         return {"tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
                 "tx_buffers": self.tx_buffers,
                 "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
-                "rx_buffers": self.rx_buffers, "drops": dict(self.drops)}
+                "rx_buffers": self.rx_buffers, "tx_gso": self.tx_gso, "rx_gso": self.rx_gso,
+                "drops": dict(self.drops)}
 
 
 def _no_uplink(frame: bytes) -> bool:
@@ -146,13 +150,22 @@ class NetDevice(Device):
         self.suppress = True
         self._rx: list[VirtQueue | None] = [None] * pairs
         self._tx: list[VirtQueue | None] = [None] * pairs
-        self._backlog: deque[bytes] = deque()
+        #: Frames waiting for receive buffers, each with its offload header (None: none).
+        self._backlog: deque[tuple[bytes, bytes | None]] = deque()
         self._tx_blocked: set[VirtQueue] = set()
         self.hdr_len = HDR_MRG.size
         self.mergeable = True
         self._header1 = bytes(10) + b"\x01\x00"
         #: Called with the serving loop when the device is attached (a TAP registers its fd).
         self.attach_hooks: list[Callable[[EventLoop], None]] = []
+        #: Called with the negotiated features (a TAP sets its header size and offloads).
+        self.feature_hooks: list[Callable[[int], None]] = []
+        #: The port carries virtio_net_hdr itself (a TAP with IFF_VNET_HDR): transmitted
+        #: frames go to :attr:`uplink` with their header, received ones may bring one.
+        self.port_headers = False
+        #: The driver takes partially checksummed packets (GUEST_CSUM): a port's header
+        #: flags are passed on; without it they are cleared (§5.1.6.3.1).
+        self.guest_csum = False
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, mac={format_mac(self.mac)}, pairs={self.pairs})"
@@ -163,12 +176,21 @@ class NetDevice(Device):
         for hook in self.attach_hooks:
             hook(loop)
 
+    def offer_offloads(self) -> None:
+        """The port carries virtio_net_hdr (a TAP with IFF_VNET_HDR): offer checksum and
+        segmentation offload both ways (§5.1.3); never offered where it would be dropped."""
+        self.port_headers = True
+        self.device_features |= OFFLOAD_FEATURES
+
     def set_features(self, features: int) -> None:
         super().set_features(features)
         self.hdr_len = hdr_size(features)
         self.mergeable = bool(features >> F_MRG_RXBUF & 1)
-        # No offloads: a received header is all zero but num_buffers (1 here).
+        self.guest_csum = bool(features >> F_GUEST_CSUM & 1)
+        # A header of our own is all zero but num_buffers (1 here).
         self._header1 = bytes(10) + (b"\x01\x00" if self.hdr_len == HDR_MRG.size else b"")
+        for hook in self.feature_hooks:
+            hook(features)
 
     @property
     def rx_header(self) -> bytes:
@@ -223,10 +245,11 @@ class NetDevice(Device):
         batched core calls (``pop_batch``/``fill``/``flush``) frame by frame.
         """
         ring = queue.ring
-        if (RingBatcher is not None and type(ring) is SplitDeviceQueue
-                and ring.available() >= TX_BATCH_MIN):
-            tx = self._batcher(queue)
-            assert tx is not None
+        strip = 0 if self.port_headers else self.hdr_len
+        tx = self._batcher(queue) if ring.available() >= TX_BATCH_MIN else None
+        if tx is not None:
+            from pyvirtio.devices.net.bursts import PerFrameUplink, drain_tx_batched
+
             if self.uplink == self.loopback:
                 send: BatchUplink = self._loopback_batch
             else:
@@ -257,8 +280,8 @@ class NetDevice(Device):
                 elif size > max_size:
                     drops["tx_oversize"] += 1
                 else:
-                    frame = (views[0][hdr_len:].tobytes() if len(views) == 1
-                             else b"".join(views)[hdr_len:])
+                    frame = (views[0][strip:].tobytes() if len(views) == 1
+                             else b"".join(views)[strip:])
                     if not uplink(frame):
                         # The port is full: the frame stays in the ring for later.
                         self._tx_blocked.add(queue)
@@ -279,8 +302,14 @@ class NetDevice(Device):
 
     def _batcher(self, queue: VirtQueue) -> RingBatcher | None:
         """The batched state of ``queue``'s ring (None: not a plain split ring)."""
+        global _NO_BURSTS
         ring = queue.ring
-        if RingBatcher is None or type(ring) is not SplitDeviceQueue:
+        if _NO_BURSTS or type(ring) is not SplitDeviceQueue:
+            return None
+        try:
+            from pyvirtio.devices.net.bursts import RingBatcher
+        except ImportError:  # pragma: no cover - the test environment has numpy
+            _NO_BURSTS = True
             return None
         b = self._batchers.get(queue.index)
         if b is None or b.ring is not ring:  # a remapped ring is a new object
@@ -298,7 +327,7 @@ class NetDevice(Device):
         """The driver added receive buffers: move waiting frames into them."""
         backlog = self._backlog
         while backlog:
-            if not self._put(queue, backlog[0]):
+            if not self._put(queue, *backlog[0]):
                 return
             backlog.popleft()
         if self._tx_blocked:
@@ -313,12 +342,14 @@ class NetDevice(Device):
         # One flow (source and destination MAC) stays on one queue: in order.
         return ready[zlib.crc32(frame[:12]) % len(ready)]
 
-    def deliver(self, frame: bytes) -> bool:
+    def deliver(self, frame: bytes, offload: bytes | None = None) -> bool:
         """A frame for the driver; True when it was taken (delivered or waiting).
 
         Frames wait in order while the receive queue has no buffers, up to
         ``backlog`` of them; beyond that, or without a front end, they are
-        dropped and counted.
+        dropped and counted.  ``offload``: the first 10 bytes of a
+        virtio_net_hdr the port supplied (flags, GSO type and sizes, checksum
+        start and offset: a TAP's), passed on to the driver.
         """
         queue = self._rx_queue(frame)
         drops = self.stats.drops
@@ -327,7 +358,7 @@ class NetDevice(Device):
             return False
         if not self._backlog:
             try:
-                if self._put(queue, frame):
+                if self._put(queue, frame, offload):
                     return True
             except PeerError as exc:
                 # This port's driver broke its receive ring: that ring breaks
@@ -338,7 +369,7 @@ class NetDevice(Device):
         if len(self._backlog) >= self.backlog_limit:
             drops["rx_no_buffer"] += 1
             return False
-        self._backlog.append(frame)
+        self._backlog.append((frame, offload))
         return True
 
     def loopback(self, frame: bytes) -> bool:
@@ -352,7 +383,7 @@ class NetDevice(Device):
         if queue is None:
             return False
         if self._backlog:
-            return self.deliver(frame)
+            return self.deliver(frame)  # loopback frames bring no offload header
         try:
             return self._put(queue, frame)
         except PeerError as exc:
@@ -364,6 +395,8 @@ class NetDevice(Device):
         """:meth:`loopback` for a transmit burst: as many frames as receive buffers
         take go back in one receive burst; the rest wait in the transmit ring
         (it is the loopback's queue) until the driver posts buffers."""
+        from pyvirtio.devices.net.bursts import PerFrameUplink, receive_batched
+
         rxq = self._rx[0] if self.pairs == 1 else None
         rx = None if rxq is None or not rxq.ready or self._backlog else self._batcher(rxq)
         if rx is None or rxq is None:
@@ -389,10 +422,12 @@ class NetDevice(Device):
                 return done  # kicks on for receive buffers; the rest stays in the ring
         return done
 
-    def _put(self, queue: VirtQueue, frame: bytes) -> bool:
+    def _put(self, queue: VirtQueue, frame: bytes, offload: bytes | None = None) -> bool:
         """Write one frame into receive buffers; False (nothing taken) if there are too few."""
         hdr_len = self.hdr_len
         need = hdr_len + len(frame)
+        if offload is not None and not self.guest_csum:
+            offload = None  # the driver takes only fully checksummed packets: flags 0
         elem = queue.pop_element()
         if elem is not None and not elem.readable:
             views = elem.writable
@@ -400,6 +435,8 @@ class NetDevice(Device):
                 # The common case: one buffer holds header and frame.
                 view = views[0]
                 view[:hdr_len] = self._header1
+                if offload is not None:
+                    view[:10] = offload
                 view[hdr_len:need] = frame
                 queue.complete(elem, need)
                 stats = self.stats
@@ -416,7 +453,7 @@ class NetDevice(Device):
                         break  # more than the whole ring could hold: never deliverable
                     queue.ring.unpop(len(elems))
                     if queue.need_buffers():
-                        return self._put(queue, frame)
+                        return self._put(queue, frame, offload)
                     return False
                 elems.append(elem)
                 if elem.readable:
@@ -441,6 +478,8 @@ class NetDevice(Device):
             queue.ring.unpop(len(elems))
             return True
         header = bytearray(hdr_len)
+        if offload is not None:
+            header[:10] = offload
         if hdr_len == HDR_MRG.size:
             header[10:12] = len(elems).to_bytes(2, "little")
         data = memoryview(bytes(header) + frame)

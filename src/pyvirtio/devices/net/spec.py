@@ -28,6 +28,10 @@ F_CSUM = 0
 F_GUEST_CSUM = 1
 F_MTU = 3
 F_MAC = 5
+F_GUEST_TSO4 = 7
+F_GUEST_TSO6 = 8
+F_HOST_TSO4 = 11
+F_HOST_TSO6 = 12
 F_MRG_RXBUF = 15
 F_STATUS = 16
 F_CTRL_VQ = 17
@@ -37,6 +41,12 @@ F_MQ = 22
 HDR_F_NEEDS_CSUM = 1
 HDR_F_DATA_VALID = 2
 GSO_NONE = 0
+
+#: The checksum and segmentation offloads a TAP with IFF_VNET_HDR carries
+#: (§5.1.3: a device may send partially checksummed and TSO packets only with
+#: GUEST_CSUM / GUEST_TSO4/6, and takes them with CSUM / HOST_TSO4/6).
+OFFLOAD_FEATURES = (1 << F_CSUM | 1 << F_GUEST_CSUM | 1 << F_GUEST_TSO4 | 1 << F_GUEST_TSO6
+                    | 1 << F_HOST_TSO4 | 1 << F_HOST_TSO6)
 
 # Config status bits, §5.1.4.
 S_LINK_UP = 1
