@@ -152,7 +152,7 @@ def guest_rows(work: Path) -> list[Row]:
                                  timeout=300)
         finally:
             stop(proc)
-        m = re.search(r"RESULT pktgen (\d+)pps", res.stdout)
+        m = re.search(r"RESULT pktgen\s+(\d+)pps", res.stdout)
         if m is None:
             raise RuntimeError(f"no pktgen result from the guest:\n{res.stdout[-2000:]}")
         pps = int(m.group(1))
