@@ -3,11 +3,18 @@
 Two suites, each over vhost-user (QEMU docs/interop/vhost-user.rst) with
 pyvirtio's virtio-blk driver (VIRTIO 1.2 §5.2) as the front end:
 
-* ``pagecache``: pyvirtio-blk on both engines (``--aio threads``, the
-  default, and ``--aio sync``) and qemu-storage-daemon serve the same
-  page-cached raw image (one after the other: qemu-storage-daemon locks
-  it).  Workloads: 4K random read at iodepth 1 and 32, 64K sequential read
-  (iodepth 8), 4K random write (iodepth 32).
+* ``pagecache``: pyvirtio-blk on every engine (``--aio sync``, the
+  default, ``--aio threads`` and ``--aio io_uring``) and
+  qemu-storage-daemon serve the same page-cached raw image (one after the
+  other: qemu-storage-daemon locks it).  Workloads: 4K random read at
+  iodepth 1 and 32, 64K sequential read (iodepth 8), 4K random write
+  (iodepth 32).
+* ``direct``: the same image with the page cache bypassed (O_DIRECT:
+  pyvirtio-blk ``--cache none``, qemu-storage-daemon ``cache.direct=on``),
+  so every request reaches the host's disk: pyvirtio-blk on its three
+  engines, qemu-storage-daemon with ``aio=threads`` and ``aio=io_uring``;
+  each pyvirtio-blk row's ratio is to qemu-storage-daemon on the same kind
+  of engine (sync and threads to ``aio=threads``).
 * ``null``: a simulated device with 100 µs per request — pyvirtio-blk
   ``--null --latency-us 100`` (both engines) against qemu-storage-daemon's
   ``null-co`` driver with ``latency-ns=100000`` — at 4K random read,
@@ -58,6 +65,7 @@ WORKLOADS = [
     ("64K read QD8", "read", 65536, 8),
     ("4K randwrite QD32", "randwrite", 4096, 32),
 ]
+DIRECT_WORKLOADS = [(f"direct {label}", rw, bs, depth) for label, rw, bs, depth in WORKLOADS]
 NULL_WORKLOADS = [
     ("null 4K randread QD1", "randread", 4096, 1),
     ("null 4K randread QD8", "randread", 4096, 8),
@@ -142,7 +150,7 @@ def median_rows(runs: list[Row], names: list[str]) -> list[Row]:
     """Per (back end, workload): the round with the median IOPS (all rounds kept in it)."""
     out: list[Row] = []
     for name in names:
-        for label, *_ in WORKLOADS + NULL_WORKLOADS:
+        for label, *_ in WORKLOADS + DIRECT_WORKLOADS + NULL_WORKLOADS:
             same = sorted((r for r in runs if r["backend"] == name and r["workload"] == label),
                           key=lambda r: float(r["iops"]))
             if same:
@@ -175,16 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spin-us", type=float, default=0.0, metavar="US",
                     help="front end busy-polls completions this long before sleeping")
     ap.add_argument("--suite", default="pagecache,null",
-                    help="comma-separated: pagecache (image in the page cache), null "
-                         "(null store with --latency-us); default both")
+                    help="comma-separated: pagecache (image in the page cache), direct "
+                         "(the image with O_DIRECT), null (null store with --latency-us); "
+                         "default pagecache,null")
     ap.add_argument("--latency-us", type=float, default=100.0,
                     help="per-request latency of the null suite (default 100)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     suites = set(args.suite.split(","))
-    if not suites <= {"pagecache", "null"}:
-        ap.error(f"--suite {args.suite}: pagecache and/or null")
+    if not suites <= {"pagecache", "direct", "null"}:
+        ap.error(f"--suite {args.suite}: pagecache, direct and/or null")
 
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
         work = Path(tmp)
@@ -196,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             make_image(img, size)
             s1, s2, s3 = work / "pyvirtio.sock", work / "pyvirtio-poll.sock", work / "qsd.sock"
             s4 = work / "pyvirtio-sync.sock"
+            s6, s7 = work / "pyvirtio-threads.sock", work / "pyvirtio-uring.sock"
             backends += [
                 Backend("pyvirtio-blk", [*py, "--socket-path", str(s1)], s1, {}, WORKLOADS),
                 Backend("pyvirtio-blk --aio sync", [*py, "--socket-path", str(s4), "--aio",
                                                     "sync"], s4, {}, WORKLOADS),
+                Backend("pyvirtio-blk --aio threads", [*py, "--socket-path", str(s6), "--aio",
+                                                       "threads"], s6, {}, WORKLOADS),
+                Backend("pyvirtio-blk --aio io_uring", [*py, "--socket-path", str(s7), "--aio",
+                                                        "io_uring"], s7, {}, WORKLOADS),
                 Backend(QSD, [str(REF_BACKEND), str(img), str(s3)], s3,
                         {"CACHE_DIRECT": "off"}, WORKLOADS),
             ]
@@ -211,6 +225,25 @@ def main(argv: list[str] | None = None) -> int:
                 backends.insert(1, Backend("pyvirtio-blk --poll",
                                            [*py, "--socket-path", str(s2), "--poll"], s2, {},
                                            WORKLOADS))
+        if "direct" in suites:
+            if not img.exists():
+                make_image(img, size)
+            direct = [*py, "--cache", "none"]
+            qsd_ref = {"threads": "qsd direct aio=threads", "io_uring": "qsd direct aio=io_uring"}
+            for aio in ("sync", "threads", "io_uring"):
+                sock = work / f"direct-{aio}.sock"
+                backends.append(Backend(f"pyvirtio-blk --cache none --aio {aio}",
+                                        [*direct, "--socket-path", str(sock), "--aio", aio],
+                                        sock, {}, DIRECT_WORKLOADS,
+                                        qsd_ref.get(aio, qsd_ref["threads"])))
+            for aio, name in qsd_ref.items():
+                sock = work / f"qsd-direct-{aio}.sock"
+                backends.append(Backend(name, [
+                    QSD, "--blockdev",
+                    f"driver=file,node-name=file0,filename={img},cache.direct=on,aio={aio}",
+                    "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                    "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                    f"addr.path={sock},writable=on"], sock, {}, DIRECT_WORKLOADS, name))
         if "null" in suites:
             lat = args.latency_us
             null = [*blk, "--null", str(size), "--latency-us", f"{lat:g}"]
@@ -257,14 +290,15 @@ def main(argv: list[str] | None = None) -> int:
                           "cpus": os.cpu_count(), "results": rows}, indent=2))
         return 0
     table = Table(title=f"vhost-user-blk back ends, pyvirtio front end, {args.seconds:g} s each, "
-                        f"median of {args.rounds} round(s), {size >> 20} MiB page-cached image "
+                        f"median of {args.rounds} round(s), {size >> 20} MiB image (page-cached; "
+                        f"'direct' rows: O_DIRECT) "
                         f"and null disk with {args.latency_us:g} us latency, "
                         f"{os.cpu_count()} CPUs"
                         + (f", front end spins {args.spin_us:g} us" if args.spin_us else ""))
     for col in ("workload", "back end", "IOPS", "MiB/s", "lat avg us", "p99 us",
                 "kicks/1k", "irqs/1k", "back-end CPU us/req", "IOPS ratio", "CPU ratio"):
         table.add_column(col, justify="left" if col in ("workload", "back end") else "right")
-    for label, *_ in WORKLOADS + NULL_WORKLOADS:
+    for label, *_ in WORKLOADS + DIRECT_WORKLOADS + NULL_WORKLOADS:
         for r in rows:
             if r["workload"] != label:
                 continue

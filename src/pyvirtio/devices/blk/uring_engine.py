@@ -306,4 +306,6 @@ class UringEngine(AsyncEngine):
             self._open = False
             self._lib.io_uring_queue_exit(self._ring)
             self._ops.clear()
+            log.info("io_uring engine: %d requests went through the ring, %d ran on the loop",
+                     self.in_ring, self.run_here)
         super().close()
