@@ -153,42 +153,49 @@ class UringEngine(AsyncEngine):
         """Put ``elem`` in the ring (or run it now); :meth:`push` submits."""
         self._started(vq)
         store = device.store
-        if not isinstance(store, FileStore):
-            self._run_here(device, vq, elem)
-            return
+        op = self._ring_op(store, vq, elem) if isinstance(store, FileStore) else None
+        if op is not None:
+            try:
+                self._queue(op)
+                return
+            except (OSError, RuntimeError) as exc:  # the request is answered all the same
+                log.warning("io_uring: cannot queue a request (%s); running it here", exc)
+        self._run_here(device, vq, elem)
+
+    def _ring_op(self, store: FileStore, vq: VirtQueue, elem: Element) -> _Op | None:
+        """What the ring does for ``elem``, or None: it is run on the loop."""
         try:
             req = parse_request(elem)
         except PeerError:
-            self._run_here(device, vq, elem)  # execute raises it again: the ring breaks
-            return
+            return None  # execute raises it again: the ring breaks
         rtype = req.type
-        if rtype <= _OUT:
-            nbytes = req.data_len
-            sector = req.sector
-            capacity = store.capacity
-            if (not nbytes or nbytes & 511 or sector > capacity
-                    or nbytes >> 9 > capacity - sector or (rtype == _OUT and store.read_only)):
-                self._run_here(device, vq, elem)  # answered at once, as execute does
-                return
-            offset = sector << SECTOR_SHIFT
-            views = req.data
-            fd = store.fd
-            if store.direct:
-                fd, bounce = store._direct_path(offset, views, nbytes)
-                if bounce is not None:  # unaligned guest memory: the store bounces it
-                    bounce.close()
-                    self._run_here(device, vq, elem)
-                    return
-            if len(views) > 1:
-                views = [v for v in views if len(v)]  # an iovec has no empty entries
-            op = _Op(_READ if rtype == _IN else _WRITE, vq, elem, req.status, fd, offset,
-                     views, nbytes, self._lib.iovec(views))
-            self._queue(op)
-            return
-        if rtype == _FLUSH and not store.read_only:
-            self._queue(_Op(_FSYNC, vq, elem, req.status, store.fd, 0, [], 0, None))
-            return
-        self._run_here(device, vq, elem)
+        if rtype == _FLUSH:
+            return (None if store.read_only else
+                    _Op(_FSYNC, vq, elem, req.status, store.fd, 0, [], 0, None))
+        if rtype > _OUT:
+            return None
+        nbytes = req.data_len
+        sector = req.sector
+        capacity = store.capacity
+        if (not nbytes or nbytes & 511 or sector > capacity
+                or nbytes >> 9 > capacity - sector or (rtype == _OUT and store.read_only)):
+            return None  # answered at once by execute
+        offset = sector << SECTOR_SHIFT
+        views = req.data
+        fd = store.fd
+        if store.direct:
+            fd, bounce = store._direct_path(offset, views, nbytes)
+            if bounce is not None:  # unaligned guest memory: the store bounces it
+                bounce.close()
+                return None
+        if len(views) > 1:
+            views = [v for v in views if len(v)]  # an iovec has no empty entries
+        try:
+            iov = self._lib.iovec(views)
+        except (OverflowError, ValueError):  # more buffers than IOV_MAX: execute answers
+            return None
+        return _Op(_READ if rtype == _IN else _WRITE, vq, elem, req.status, fd, offset,
+                   views, nbytes, iov)
 
     def _queue(self, op: _Op) -> None:
         lib = self._lib
@@ -287,8 +294,11 @@ class UringEngine(AsyncEngine):
                 op.done = done
                 op.iov = self._lib.iovec(_skip(op.views, done))
                 op.offset += res
-                self._queue(op)
-                return
+                try:
+                    self._queue(op)
+                    return
+                except (OSError, RuntimeError) as exc:
+                    log.warning("io_uring: cannot queue the rest of a short write: %s", exc)
             status = _OK if done == op.nbytes else _IOERR
         else:
             status = _OK
