@@ -14,8 +14,8 @@ call; no thread of ours waits on the disk.  The binding is the PyPI package
   until the completion, so the memory stays mapped).  With ``--cache none``
   a request goes to the O_DIRECT descriptor when its buffers are aligned,
   to the buffered one when its range is not (as
-  :class:`~pyvirtio.devices.blk.file_store.FileStore` decides); one that
-  would need a bounce buffer is run synchronously by the store.
+  :class:`~pyvirtio.devices.blk.file_store.FileStore` decides); one whose
+  memory is not aligned is run on the loop by the store (bounced).
 * FLUSH becomes ``IORING_OP_FSYNC`` with ``IORING_FSYNC_DATASYNC``
   (fdatasync).  §5.2.6.2 asks a FLUSH to make the writes *completed* before
   it stable.  A write is completed when its used entry is published, which
@@ -24,7 +24,7 @@ call; no thread of ours waits on the disk.  The binding is the PyPI package
   after that, so it covers it.  Writes still in the ring when the FLUSH is
   submitted are not completed yet and need no covering, so the fsync is not
   ordered after them (no ``IOSQE_IO_DRAIN``): a FLUSH does not wait for
-  unrelated writes in flight, as in QEMU.
+  writes that are still in flight.
 * Everything else (GET_ID, DISCARD, WRITE_ZEROES, a bounced O_DIRECT
   request, a store without a descriptor) runs synchronously on the loop via
   :meth:`BlkDevice.execute <pyvirtio.devices.blk.device.BlkDevice.execute>`
@@ -36,7 +36,7 @@ call; no thread of ours waits on the disk.  The binding is the PyPI package
   decision per batch).  A negative result is ``VIRTIO_BLK_S_IOERR``; so is
   a short read (the file ended early: the rest of the buffer would be stale
   guest memory); a short write is submitted again for the rest, as
-  ``pwritev`` callers do, and fails only when the kernel makes no progress.
+  ``pwritev`` callers do, and is IOERR when the kernel refuses the rest.
 """
 
 from __future__ import annotations
