@@ -390,9 +390,10 @@ class VhostUserServer:
                     self._watch_channel()
                 for index in outcome.start:
                     res = session.run_ring(index)
-                    if res.resubmitted:
-                        self.log.info("vhost-user: ring %d: resubmitting %d requests that were "
-                                      "in flight (inflight region)", index, res.resubmitted)
+                    if res.resubmitted is not None:
+                        self.log.info("vhost-user: ring %d started from its inflight region: "
+                                      "resubmitting %d requests that were in flight", index,
+                                      res.resubmitted)
             if not decoder.pending:
                 self._cancel_stall()
             elif completed or self._stall is None:

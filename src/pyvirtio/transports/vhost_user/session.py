@@ -236,8 +236,9 @@ class RunResult:
     published: int = 0
     #: The ring broke during this run, for this reason (``on_broken`` was called).
     broken: str | None = None
-    #: The ring started with this many requests from its inflight region (resubmitted).
-    resubmitted: int = 0
+    #: The ring started from its inflight region with this many requests to resubmit
+    #: (None: it did not start now, or has no region).
+    resubmitted: int | None = None
 
 
 def _no_signal(fd: int) -> None:
@@ -977,7 +978,7 @@ class VhostUserSession:
         """
         res = RunResult()
         vq = self.virtqueue(index)
-        res.resubmitted = self._resubmitted.pop(index, 0)
+        res.resubmitted = self._resubmitted.pop(index, None)
         if vq is None:
             return res
         res.published = vq.run(poll)
