@@ -153,3 +153,12 @@ def test_null_disk_per_socket(tmp_path: Path) -> None:
                 assert drv.config.capacity == 2048 and drv.read(0, 512) == bytes(512)
     finally:
         assert stop(proc) == 0
+
+
+def test_latency_on_an_image_needs_the_thread_engine(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    res = run("--socket-path", str(tmp_path / "s"), "--blk-file", str(img),
+              "--latency-us", "100")
+    assert res.returncode == 2 and "--aio threads" in res.stderr
+    assert "Traceback" not in res.stderr
