@@ -525,3 +525,17 @@ def test_reset_device_drops_the_buffer(inflight_front: Front) -> None:
     # front end hands a buffer again.
     assert f.be.inflight is None
     os.close(fd)
+
+
+def test_fresh_buffer_keeps_the_vring_base(ring_pair: Pair) -> None:
+    pair = ring_pair(num=NUM)
+    region = InflightRegion.create(1, NUM)
+    try:
+        q = InflightSplitQueue(pair.device.rings, pair.mem, pair.features, region.queues[0])
+        q.set_state(5, 5)  # SET_VRING_BASE of a ring that has run before
+        pair.device.rings.used16[1] = 5
+        assert q.recover() == 0
+        assert q.get_state() == (5, 5) and q.region.version == INFLIGHT_VERSION
+        assert q.region.used_idx == 5
+    finally:
+        region.close()

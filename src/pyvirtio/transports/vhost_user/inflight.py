@@ -383,9 +383,17 @@ class InflightSplitQueue(SplitDeviceQueue):
         ``used_idx`` is the used ring's ``idx``; ``last_avail_idx`` is that
         plus the heads in flight (whatever SET_VRING_BASE said: after a crash
         QEMU sends the used index); those heads are popped first.  Returns
-        how many.  PeerError (queue broken) for a region that cannot be right.
+        how many.  A fresh buffer (version 0) is initialized and the ring
+        keeps the position SET_VRING_BASE gave.  PeerError (queue broken) for
+        a region that cannot be right.
         """
         used = self._used16[1]
+        if self.region.version == 0:
+            # A fresh buffer knows nothing of this ring: SET_VRING_BASE stands
+            # (libvhost-user's vu_check_queue_inflights leaves it too).
+            self.region.recover(used)
+            self.resubmit.clear()
+            return 0
         try:
             heads = self.region.recover(used)
             if len(heads) > self.num:
