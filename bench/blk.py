@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.packed:
                 s5 = work / "pyvirtio-packed.sock"
-                backends.insert(1, Backend("pyvirtio-blk packed", [*py, "--socket-path", str(s5)],
+                backends.insert(1, Backend("pyvirtio-blk packed",
+                                           [*py, "--socket-path", str(s5), "--aio", "threads"],
                                            s5, {}, WORKLOADS, packed=True))
             if args.poll:
                 backends.insert(1, Backend("pyvirtio-blk --poll",
@@ -256,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.packed:
                 n4 = work / "null-packed.sock"
                 backends.append(Backend("pyvirtio-blk --null (threads) packed",
-                                        [*null, "--socket-path", str(n4)], n4, {},
-                                        NULL_WORKLOADS, "qsd null-co", packed=True))
+                                        [*null, "--socket-path", str(n4), "--aio", "threads"],
+                                        n4, {}, NULL_WORKLOADS, "qsd null-co", packed=True))
             backends += [
-                Backend("pyvirtio-blk --null (threads)", [*null, "--socket-path", str(n1)],
+                Backend("pyvirtio-blk --null (threads)",
+                        [*null, "--socket-path", str(n1), "--aio", "threads"],
                         n1, {}, NULL_WORKLOADS, "qsd null-co"),
                 Backend("pyvirtio-blk --null --aio sync",
                         [*null, "--socket-path", str(n2), "--aio", "sync"], n2, {},
