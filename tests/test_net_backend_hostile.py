@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.core.spec import F_VERSION_1, Status
-from pyvirtio.devices.net.device import MAX_TX_PACKET, NetDevice
+from pyvirtio.devices.net.device import NetDevice
 from pyvirtio.devices.net.ports import Switch
-from pyvirtio.devices.net.spec import F_MRG_RXBUF
+from pyvirtio.devices.net.spec import F_MRG_RXBUF, MAX_TX_PACKET
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.vhost_user.frontend import (
     FRONTEND_PROTOCOL_FEATURES,

@@ -13,16 +13,16 @@ from __future__ import annotations
 import json
 
 from conftest import EVENT_IDX, RingPair, pair_ctx
-from pyvirtio.core.spec import VRING_AVAIL_F_NO_INTERRUPT, DeviceId
-from pyvirtio.core.split_device import (
+from pyvirtio.core.ring_stats import (
     COUNTERS,
     TRACE_IRQ,
     TRACE_IRQ_SUPPRESSED,
     TRACE_KICK,
     TRACE_KICKS_OFF,
     TRACE_KICKS_ON,
-    Element,
 )
+from pyvirtio.core.spec import VRING_AVAIL_F_NO_INTERRUPT, DeviceId
+from pyvirtio.core.split_device import Element
 from pyvirtio.transports.device import BATCH_BUCKETS, Device, Request, VirtQueue
 from pyvirtio.transports.stats import SCHEMA, SCHEMA_VERSION, DeviceStats, snapshot
 

@@ -30,6 +30,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pyvirtio.core.packed_device",
     "pyvirtio.core.packed_driver",
     "pyvirtio.core.packed_layout",
+    "pyvirtio.core.ring_stats",
     "pyvirtio.core.split_device",
     "pyvirtio.core.split_driver",
 )

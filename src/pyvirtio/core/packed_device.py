@@ -55,14 +55,13 @@ here: a notification is a decision returned to the caller.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from mypy_extensions import mypyc_attr
 
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import indirect_hop_limit
-from pyvirtio.core.errors import Breakable, CallerError, PeerError, QueueBrokenError
+from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.packed_layout import (
     AVAIL_USED_MASK,
@@ -84,6 +83,14 @@ from pyvirtio.core.packed_layout import (
     unpack_packed_desc,
     unpack_vring_base,
 )
+from pyvirtio.core.ring_stats import (
+    TRACE_IRQ,
+    TRACE_IRQ_SUPPRESSED,
+    TRACE_KICK,
+    TRACE_KICKS_OFF,
+    TRACE_KICKS_ON,
+    RingCounters,
+)
 from pyvirtio.core.spec import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -91,23 +98,15 @@ from pyvirtio.core.spec import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-from pyvirtio.core.split_device import (
-    TRACE_IRQ,
-    TRACE_IRQ_SUPPRESSED,
-    TRACE_KICK,
-    TRACE_KICKS_OFF,
-    TRACE_KICKS_ON,
-    TRACE_LIMIT,
-    Element,
-    TraceRecord,
-)
+from pyvirtio.core.split_device import Element
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
-class PackedDeviceQueue(Breakable):
+class PackedDeviceQueue(RingCounters):
     """The device's view of one packed virtqueue."""
 
     def __init__(self, rings: PackedRingViews, memory: GuestMemory, features: int = 0) -> None:
+        super().__init__()
         self.rings = rings
         self.memory = memory
         self.num = rings.num
@@ -137,23 +136,12 @@ class PackedDeviceQueue(Breakable):
         # fill() slots until flush() (QEMU used_elems): id (-1: empty) and length.
         self._fill_ids: list[int] = [-1] * self.num
         self._fill_lens: list[int] = [0] * self.num
-        #: Buffers popped and pushed since the queue was made (they only grow):
-        #: the free-running counts (ring positions wrap at ``num``).
-        self.buffers_popped = 0
-        self.buffers_pushed = 0
+        # buffers_popped and buffers_pushed (RingCounters) are the free-running
+        # counts here: ring positions wrap at ``num``.
         #: Buffers popped plus those seen waiting, mod 2^16: the packed ring has
         #: no avail.idx; this plays its role in the kit's re-check
         #: (core/queue.py).
         self.shadow_avail_idx = 0
-        # Statistics (docs/stats.md), as SplitDeviceQueue keeps them.
-        self.readable_bytes = 0
-        self.used_bytes = 0
-        self.notifications_enabled = 0
-        self.notifications_disabled = 0
-        self.interrupts_suppressed = 0
-        #: A list while a trace runs; None otherwise.
-        self.trace: list[TraceRecord] | None = None
-        self.trace_dropped = 0
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> tuple[int, int]:
@@ -199,32 +187,17 @@ class PackedDeviceQueue(Breakable):
         return len(self._inflight)
 
     # ----------------------------------------------------------- statistics
-    def carry_counters(self, old: PackedDeviceQueue) -> None:
+    def carry_counters(self, old: RingCounters) -> None:
         """Continue ``old``'s statistics and trace (the same ring, mapped anew)."""
-        self.buffers_popped = old.buffers_popped
-        self.buffers_pushed = old.buffers_pushed
-        self.shadow_avail_idx = old.shadow_avail_idx
-        self.readable_bytes = old.readable_bytes
-        self.used_bytes = old.used_bytes
-        self.notifications_enabled = old.notifications_enabled
-        self.notifications_disabled = old.notifications_disabled
-        self.interrupts_suppressed = old.interrupts_suppressed
-        self.trace = old.trace
-        self.trace_dropped = old.trace_dropped
+        super().carry_counters(old)
+        if isinstance(old, PackedDeviceQueue):
+            self.shadow_avail_idx = old.shadow_avail_idx
 
     def carry_in_flight(self, old: PackedDeviceQueue) -> None:
         """Keep ``old``'s buffers in flight (the same ring mapped anew: the device
         still holds them and completes them on this object)."""
         self._inflight = dict(old._inflight)
         self.inuse = old.inuse
-
-    def counters(self) -> dict[str, int]:
-        """The statistics counters by name (split_device.COUNTERS)."""
-        return {"buffers_popped": self.buffers_popped, "buffers_pushed": self.buffers_pushed,
-                "readable_bytes": self.readable_bytes, "used_bytes": self.used_bytes,
-                "notifications_enabled": self.notifications_enabled,
-                "notifications_disabled": self.notifications_disabled,
-                "interrupts_suppressed": self.interrupts_suppressed}
 
     def ring_state(self) -> dict[str, int]:
         """The ring's positions and event suppression structures now (read live).
@@ -246,15 +219,6 @@ class PackedDeviceQueue(Breakable):
                 "signalled_used": self.signalled_used,
                 "signalled_used_valid": int(self.signalled_used_valid),
                 "in_flight": self.inuse, "kicks_wanted": int(self.notification)}
-
-    def _record(self, kind: int, old: int, new: int, event: int, flags: int) -> None:
-        trace = self.trace
-        if trace is None:
-            return
-        if len(trace) < TRACE_LIMIT:
-            trace.append((time.monotonic_ns(), kind, old, new, event, flags))
-        else:
-            self.trace_dropped += 1
 
     def trace_kick(self) -> None:
         """Record a kick the transport received (while tracing)."""

@@ -36,7 +36,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pyvirtio.core.errors import PeerError
-from pyvirtio.core.split_device import Element, TraceRecord
+from pyvirtio.core.ring_stats import TraceRecord
+from pyvirtio.core.split_device import Element
 from pyvirtio.core.split_driver import Segment
 
 __all__ = ["DeviceQueue", "DriverQueue"]

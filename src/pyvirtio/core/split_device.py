@@ -30,16 +30,23 @@ decision and kick-suppression change is appended to it with its inputs.
 
 from __future__ import annotations
 
-import time
 from typing import Final
 
 from mypy_extensions import mypyc_attr
 
 from pyvirtio.core.barrier import full_fence
 from pyvirtio.core.chain import iter_chain
-from pyvirtio.core.errors import Breakable, CallerError, PeerError, QueueBrokenError
+from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.layout import DESC_SIZE, RingViews, unpack_desc
 from pyvirtio.core.memory import GuestMemory, Region
+from pyvirtio.core.ring_stats import (
+    TRACE_IRQ,
+    TRACE_IRQ_SUPPRESSED,
+    TRACE_KICK,
+    TRACE_KICKS_OFF,
+    TRACE_KICKS_ON,
+    RingCounters,
+)
 from pyvirtio.core.spec import (
     F_NOTIFY_ON_EMPTY,
     F_RING_EVENT_IDX,
@@ -52,24 +59,6 @@ from pyvirtio.core.spec import (
 )
 
 _NEXT_OR_INDIRECT: Final = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
-
-# Trace record kinds: (monotonic ns, kind, old, new, event index, flags).  Interrupt
-# decisions carry QEMU virtio_should_notify's inputs (old = signalled_used, new =
-# used.idx, event = used_event; flags = avail.flags); kicks and kick-suppression
-# changes the avail side's (old = the avail.idx the device had seen, new = avail.idx,
-# event = avail_event; flags = used.flags).  event is -1 without EVENT_IDX.
-TRACE_IRQ: Final = 1
-TRACE_IRQ_SUPPRESSED: Final = 2
-TRACE_KICK: Final = 3
-TRACE_KICKS_ON: Final = 4
-TRACE_KICKS_OFF: Final = 5
-#: Records a queue keeps at most while tracing; later ones are counted in trace_dropped.
-TRACE_LIMIT: Final = 65536
-TraceRecord = tuple[int, int, int, int, int, int]
-
-#: The queue's counters, in the order docs/stats.md lists them.
-COUNTERS: Final = ("buffers_popped", "buffers_pushed", "readable_bytes", "used_bytes",
-                   "notifications_enabled", "notifications_disabled", "interrupts_suppressed")
 
 def _jumped_over_signalled(new: int, old: int, signalled: int) -> bool:
     """Whether moving used.idx from ``old`` to ``new`` passed the last signalled index.
@@ -117,10 +106,11 @@ class Element:
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
-class SplitDeviceQueue(Breakable):
+class SplitDeviceQueue(RingCounters):
     """The device's view of one split virtqueue."""
 
     def __init__(self, rings: RingViews, memory: GuestMemory, features: int = 0) -> None:
+        super().__init__()
         self.rings = rings
         self.memory = memory
         self.num = rings.num
@@ -144,23 +134,6 @@ class SplitDeviceQueue(Breakable):
         self.broken: str | None = None
         self._ro_region: Region | None = None
         self._ro_view = memoryview(b"")
-        # Statistics: bumped where the work happens, read by the stats layer on the
-        # same thread; they only ever grow (a remapped ring carries them over).
-        self.buffers_popped = 0
-        self.buffers_pushed = 0
-        #: Bytes of device-readable buffers popped (chains walked by pyvirtio.batch
-        #: count as buffers only).
-        self.readable_bytes = 0
-        #: Used lengths filled (§2.7.8: bytes the device wrote).
-        self.used_bytes = 0
-        #: Kicks asked for again / turned off (transitions of ``notification``).
-        self.notifications_enabled = 0
-        self.notifications_disabled = 0
-        #: should_notify said no.
-        self.interrupts_suppressed = 0
-        #: A list while a trace runs (see TRACE_*); None otherwise (one check per decision).
-        self.trace: list[TraceRecord] | None = None
-        self.trace_dropped = 0
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> tuple[int, int]:
@@ -177,26 +150,6 @@ class SplitDeviceQueue(Breakable):
         self.inuse = 0
         self.broken = None
 
-    def carry_counters(self, old: SplitDeviceQueue) -> None:
-        """Continue ``old``'s statistics and trace (the same ring, mapped anew)."""
-        self.buffers_popped = old.buffers_popped
-        self.buffers_pushed = old.buffers_pushed
-        self.readable_bytes = old.readable_bytes
-        self.used_bytes = old.used_bytes
-        self.notifications_enabled = old.notifications_enabled
-        self.notifications_disabled = old.notifications_disabled
-        self.interrupts_suppressed = old.interrupts_suppressed
-        self.trace = old.trace
-        self.trace_dropped = old.trace_dropped
-
-    def counters(self) -> dict[str, int]:
-        """The statistics counters by name (COUNTERS)."""
-        return {"buffers_popped": self.buffers_popped, "buffers_pushed": self.buffers_pushed,
-                "readable_bytes": self.readable_bytes, "used_bytes": self.used_bytes,
-                "notifications_enabled": self.notifications_enabled,
-                "notifications_disabled": self.notifications_disabled,
-                "interrupts_suppressed": self.interrupts_suppressed}
-
     def ring_state(self) -> dict[str, int]:
         """The ring's indices and flags now, read live from the rings (QEMU's
         ``x-query-virtio-queue-status`` shows the same); event indices are -1
@@ -211,15 +164,6 @@ class SplitDeviceQueue(Breakable):
                 "signalled_used": self.signalled_used,
                 "signalled_used_valid": int(self.signalled_used_valid),
                 "in_flight": self.inuse, "kicks_wanted": int(self.notification)}
-
-    def _record(self, kind: int, old: int, new: int, event: int, flags: int) -> None:
-        trace = self.trace
-        if trace is None:
-            return
-        if len(trace) < TRACE_LIMIT:
-            trace.append((time.monotonic_ns(), kind, old, new, event, flags))
-        else:
-            self.trace_dropped += 1
 
     def trace_kick(self) -> None:
         """Record a kick the transport received (while tracing) with the avail side's state."""

@@ -28,8 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import Final
 
-from pyvirtio.core.spec import DeviceId
-from pyvirtio.core.split_device import (
+from pyvirtio.core.ring_stats import (
     COUNTERS,
     TRACE_IRQ,
     TRACE_IRQ_SUPPRESSED,
@@ -38,6 +37,7 @@ from pyvirtio.core.split_device import (
     TRACE_KICKS_ON,
     TraceRecord,
 )
+from pyvirtio.core.spec import DeviceId
 from pyvirtio.transports.device import BATCH_BUCKETS, DeviceProtocol, VirtQueue
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "TRACE_KINDS", "TRACE_SCHEMA", "DeviceStats",

@@ -58,6 +58,7 @@ from typing import Final
 from pyvirtio.core.errors import CallerError, PeerError, QueueBrokenError
 from pyvirtio.core.layout import RingViews
 from pyvirtio.core.memory import GuestMemory
+from pyvirtio.core.ring_stats import RingCounters
 from pyvirtio.core.spec import MAX_QUEUE_SIZE
 from pyvirtio.core.split_device import Element, SplitDeviceQueue
 
@@ -366,7 +367,7 @@ class InflightSplitQueue(SplitDeviceQueue):
         self._recent: list[int] = []
         self._batching = False
 
-    def carry_counters(self, old: SplitDeviceQueue) -> None:
+    def carry_counters(self, old: RingCounters) -> None:
         super().carry_counters(old)
         if isinstance(old, InflightSplitQueue) and old.region is self.region:
             self.resubmit = old.resubmit
