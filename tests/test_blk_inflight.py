@@ -1,4 +1,6 @@
-"""Crash-safe restart of pyvirtio-blk: inflight tracking with real peers (QEMU docs/interop/vhost-user.rst "Inflight I/O tracking").
+"""Crash-safe restart of pyvirtio-blk: inflight tracking with real peers.
+
+QEMU docs/interop/vhost-user.rst "Inflight I/O tracking".
 
 ``pyvirtio-blk --aio threads`` on a slow store (``--latency-us``: every
 completion is held back, so dozens of requests are in flight) is killed with
