@@ -1,8 +1,10 @@
 """Soak: one pyvirtio-blk serving four disks for minutes, reconnected and SIGKILLed on schedule.
 
-Issue #11 §5.  One ``pyvirtio-blk --aio threads`` process (a slow file
-store, ``--latency-us``, so requests are in flight at every kill) serves
-four disks on four vhost-user sockets (QEMU docs/interop/vhost-user.rst):
+One ``pyvirtio-blk --aio threads`` process (a slow file store,
+``--latency-us``, so requests are in flight at every kill) serves four
+virtio-blk disks (VIRTIO 1.2 §5.2) on four vhost-user sockets (QEMU
+docs/interop/vhost-user.rst, "Inflight I/O tracking" for what survives a
+kill):
 
 * two Linux guests in QEMU (TCG) on ``-chardev socket,...,reconnect=1`` and
   ``-device vhost-user-blk-pci``, each writing a pattern of its own per pass
