@@ -1,9 +1,10 @@
 """What a completed FLUSH guarantees, and read-only images failing closed (VIRTIO 1.2 §5.2.6.2).
 
-* many writes in flight on the thread engine, a FLUSH, and the back end is
-  SIGKILLed the moment the flush completes: every write completed before
-  the flush is in the image (the FLUSH ran ``fdatasync`` after them, see
-  devices/blk/device.py), with the page cache and with O_DIRECT;
+* many writes in flight on the thread or io_uring engine, a FLUSH, and the
+  back end is SIGKILLed the moment the flush completes: every write
+  completed before the flush is in the image (the FLUSH ran ``fdatasync``
+  after them, see devices/blk/device.py and uring_engine.py), with the page
+  cache and with O_DIRECT;
 * an image the back end may not write (immutable, ``chattr +i``: root
   ignores permission bits) is refused at start-up with a one-line error
   naming ``--read-only``; with ``--read-only`` it is served, writes, discards
@@ -31,11 +32,12 @@ SIZE = 8 << 20
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-def test_sigkill_right_after_flush_loses_nothing(tmp_path: Path, cache: str) -> None:
+@pytest.mark.parametrize("aio", ["threads", "io_uring"])
+def test_sigkill_right_after_flush_loses_nothing(tmp_path: Path, cache: str, aio: str) -> None:
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(SIZE))
     sock = tmp_path / "blk.sock"
-    proc = start_pyvirtio_blk(img, sock, "--aio", "threads", "--cache", cache)
+    proc = start_pyvirtio_blk(img, sock, "--aio", aio, "--cache", cache)
     blocks = {i * 40 + (i % 3): os.urandom(4096 * (1 + i % 4)) for i in range(48)}
     try:
         with BlkDriver.connect(str(sock), timeout=30) as drv:
@@ -79,7 +81,7 @@ def test_unwritable_image_is_refused_without_read_only(tmp_path: Path,
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("aio", ["threads", "sync"])
+@pytest.mark.parametrize("aio", ["threads", "io_uring", "sync"])
 def test_read_only_fails_closed(tmp_path: Path, immutable_img: Path, aio: str) -> None:
     before = immutable_img.read_bytes()
     sock = tmp_path / "ro.sock"
