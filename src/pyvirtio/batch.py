@@ -464,6 +464,13 @@ class DeviceBatch:
         The same as ``fill(heads[i], lengths[i], i)`` for each ``i`` then
         ``flush(len(heads))`` (§2.7.8): entries first, then the index.
         """
+        n = self.fill(heads, lengths)
+        self.q.flush(n)
+
+    def fill(self, heads: npt.ArrayLike, lengths: npt.ArrayLike, offset: int = 0) -> int:
+        """Write used elements ``offset``, ``offset + 1``, ... past ``used.idx`` without
+        publishing them (the queue's ``fill`` for many heads); returns how many.  They go
+        out with the queue's next ``flush`` of ``offset`` + that many."""
         q = self.q
         h = np.asarray(heads)
         ln = np.asarray(lengths)
@@ -475,11 +482,10 @@ class DeviceBatch:
         if n < PUSH_THRESHOLD:
             fill = q.fill
             for i, (hh, ll) in enumerate(zip(h.tolist(), ln.tolist(), strict=True)):
-                fill(hh, ll, i)
-            q.flush(n)
-            return
+                fill(hh, ll, offset + i)
+            return n
         num = self.num
-        s1, s2 = _ring_slices(q.used_idx & (num - 1), n, num)
+        s1, s2 = _ring_slices((q.used_idx + offset) & (num - 1), n, num)
         uid, ulen = self._used_id, self._used_len
         if s2 is None:
             uid[s1] = h
@@ -490,7 +496,7 @@ class DeviceBatch:
             ulen[s1] = ln[:k]
             uid[s2] = h[k:]
             ulen[s2] = ln[k:]
-        q.flush(n)
+        return n
 
     def push_chains(self, chains: Chains, lengths: npt.ArrayLike) -> None:
         """Push every chain of a popped batch with its written length."""

@@ -292,6 +292,10 @@ class VirtQueue:
         #: it wants kicks only when it runs out of buffers (:meth:`need_buffers`),
         #: as QEMU's virtio-net does (``virtio_net_has_buffers``).
         self.kicks_when_idle = True
+        #: The transport polls this ring (``--poll``): every pass is one pass and
+        #: kicks stay off, also for passes the device asks for (:meth:`kick`) and
+        #: when it runs out of buffers (:meth:`need_buffers`) — the poller comes back.
+        self.polled = False
         # Statistics (docs/stats.md): plain integers bumped as the kit works,
         # read by the stats layer on the loop's thread; the ring's own are on
         # the core queue (ring.buffers_popped, ...).
@@ -366,13 +370,29 @@ class VirtQueue:
         if not self._dispatching:
             self._publish_soon()
 
+    @property
+    def filled(self) -> int:
+        """Used entries filled (:meth:`complete`) and not yet published."""
+        return self._filled
+
+    def add_filled(self, count: int) -> None:
+        """``count`` more used entries were written after the :attr:`filled` ones by a
+        batched writer (``pyvirtio.batch.DeviceBatch.fill``): publish them with the
+        rest, soon — as :meth:`complete` does for one."""
+        if not self.ready:
+            self.completions_dropped += count
+            return
+        self._filled += count
+        if not self._dispatching:
+            self._publish_soon()
+
     def need_buffers(self) -> bool:
         """The device found no buffer: ask for the driver's next kick; True if one is there.
 
         Kicks are enabled, then the ring is read again (the re-check): a
         buffer made available meanwhile is reported rather than lost.
         """
-        if self.notifications:
+        if self.notifications and not self.polled:
             return self.ring.enable_notification()
         return self.ring.available() > 0
 
@@ -440,6 +460,7 @@ class VirtQueue:
         """
         if not self.ready:
             return 0
+        poll = poll or self.polled
         ring = self.ring
         start = ring.buffers_pushed
         self._dispatching = True

@@ -981,6 +981,8 @@ class VhostUserSession:
         res.resubmitted = self._resubmitted.pop(index, None)
         if vq is None:
             return res
+        if poll:
+            vq.polled = True  # its own later passes (VirtQueue.kick) stay polling passes
         res.published = vq.run(poll)
         res.broken = vq.broken
         return res
