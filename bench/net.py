@@ -93,14 +93,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_one(be: Backend, size: int, seconds: float, work: Path) -> Row:
+def run_one(be: Backend, size: int, seconds: float, work: Path, burst: int = 32) -> Row:
     sock = work / "net.sock"
     proc = start_backend(be, sock, work)
     try:
         cpu0 = cpu_seconds(proc.pid)
         env = dict(os.environ, ROLE="virtio-user", FWD="txonly" if be.mode == "sink" else "io",
                    TXFIRST="0" if be.mode == "sink" else "1", LCORES="0,1", MAIN="1",
-                   TESTPMD_EXTRA=f"--txpkts={size}", LOG=str(work / "virtio-user.log"),
+                   TESTPMD_EXTRA=f"--txpkts={size} --burst={burst}",
+                   LOG=str(work / "virtio-user.log"),
                    STATS="1")
         res = subprocess.run(["bash", str(TESTPMD), str(sock), str(int(seconds))],
                              capture_output=True, text=True, env=env, timeout=seconds + 60)
@@ -110,7 +111,7 @@ def run_one(be: Backend, size: int, seconds: float, work: Path) -> Row:
     stats = result_line(res.stdout)
     pps = stats["tx_pps_median"] if be.mode == "sink" else stats["rx_pps_median"]
     packets = stats["tx_packets"] if be.mode == "sink" else stats["rx_packets"]
-    row: Row = {"backend": be.name, "mode": be.mode, "size": size, "pps": pps,
+    row: Row = {"backend": be.name, "mode": be.mode, "size": size, "burst": burst, "pps": pps,
                 "gbit_s": pps * size * 8 / 1e9, "packets": packets, "testpmd": stats}
     if be.name.startswith("pyvirtio") and packets:
         row["backend_cpu_us_per_packet"] = (cpu1 - cpu0) * 1e6 / packets
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the back ends this many times; report the median round")
     ap.add_argument("--sizes", default="64,1500", help="frame sizes (default 64,1500)")
+    ap.add_argument("--burst", type=int, default=32,
+                    help="testpmd's burst (default 32, its own default); the io loop keeps one "
+                         "burst in flight, so a loop's rate is burst / round-trip time")
     ap.add_argument("--guest", action="store_true",
                     help="also a TCG guest's pktgen transmit rate into each sink")
     ap.add_argument("--frontends", action="store_true",
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for size in sizes:
                 for be in BACKENDS if rnd % 2 == 0 else BACKENDS[::-1]:
-                    row = run_one(be, size, args.seconds, Path(tmp))
+                    row = run_one(be, size, args.seconds, Path(tmp), args.burst)
                     row["round"] = rnd
                     runs.append(row)
         if args.guest:
