@@ -37,6 +37,14 @@ call; no thread of ours waits on the disk.  The binding is the PyPI package
   a short read (the file ended early: the rest of the buffer would be stale
   guest memory); a short write is submitted again for the rest, as
   ``pwritev`` callers do, and is IOERR when the kernel refuses the rest.
+
+Where it pays: with ``--cache none`` every request reaches the device and
+the kernel keeps them in flight at a fraction of the thread engine's CPU per
+request.  On a page-cached image on a file system without asynchronous
+buffered writes (ext4 here: ``RWF_NOWAIT`` writes are refused), io_uring
+hands each write to its kernel worker pool, which runs the writes to one
+file one at a time (they are hashed by inode, Linux io_uring
+``io_prep_async_work``): there the thread engine writes faster.
 """
 
 from __future__ import annotations
