@@ -20,6 +20,10 @@ pyvirtio's virtio-blk driver (VIRTIO 1.2 §5.2) as the front end:
   ``null-co`` driver with ``latency-ns=100000`` — at 4K random read,
   iodepth 1, 8 and 32: a latency-bound device, where only requests in
   flight side by side raise the IOPS.
+* ``guest-null`` (not run by default): the same null disks seen from fio in
+  a TCG Linux guest (``vhost-user-blk-pci``, bench/blk_guest.py) instead of
+  pyvirtio's front end: pyvirtio-blk ``--null 1G --aio threads`` and
+  qemu-storage-daemon ``null-co``, one boot each, iodepth 1, 8 and 32.
 
 With ``--packed`` pyvirtio-blk (threads engine) also runs with the front end
 on packed rings (VIRTIO 1.2 §2.8, ``BlkDriver.connect(packed=True)``) in the
@@ -52,6 +56,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from blk_guest import add_ratios, build_fio_initramfs, fio_in_guest, guest_table
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.workload import parse_size, run_workload
 
@@ -72,6 +77,7 @@ NULL_WORKLOADS = [
     ("null 4K randread QD32", "randread", 4096, 32),
 ]
 QSD = "qemu-storage-daemon"
+GUEST_NULL_SIZE = 1 << 30
 
 
 Row = dict[str, Any]
@@ -146,6 +152,37 @@ def measure(backend: Backend, log: Path, seconds: float, warmup: float,
     return rows
 
 
+def qsd_null_argv(sock: Path, size: int, latency_us: float) -> list[str]:
+    """qemu-storage-daemon exporting a ``null-co`` disk with a fixed latency per request."""
+    return [QSD, "--blockdev",
+            f"driver=null-co,node-name=disk0,size={size},read-zeroes=on,"
+            f"latency-ns={round(latency_us * 1000)}",
+            "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
+            f"addr.type=unix,addr.path={sock},writable=on"]
+
+
+def run_guest_null(work: Path, seconds: float, latency_us: float) -> list[Row]:
+    """The ``guest-null`` suite: fio in one TCG guest per back end, every depth in that boot."""
+    initramfs = build_fio_initramfs(work / "guest")
+    s1, s2 = work / "guest-null.sock", work / "guest-qsd-null.sock"
+    backends = [
+        Backend("pyvirtio-blk --null (threads)",
+                [sys.executable, "-m", "pyvirtio.cli.blk", "--null", str(GUEST_NULL_SIZE),
+                 "--latency-us", f"{latency_us:g}", "--aio", "threads",
+                 "--socket-path", str(s1)], s1, {}, []),
+        Backend("qsd null-co", qsd_null_argv(s2, GUEST_NULL_SIZE, latency_us), s2, {}, []),
+    ]
+    rows: list[Row] = []
+    for i, be in enumerate(backends):
+        proc = start(be, work / f"guest-backend{i}.log")
+        try:
+            rows += fio_in_guest(initramfs, be.name, be.sock, max(1, round(seconds)))
+        finally:
+            stop(proc)
+    add_ratios(rows, "qsd null-co")
+    return rows
+
+
 def median_rows(runs: list[Row], names: list[str]) -> list[Row]:
     """Per (back end, workload): the round with the median IOPS (all rounds kept in it)."""
     out: list[Row] = []
@@ -184,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="front end busy-polls completions this long before sleeping")
     ap.add_argument("--suite", default="pagecache,null",
                     help="comma-separated: pagecache (image in the page cache), direct "
-                         "(the image with O_DIRECT), null (null store with --latency-us); "
+                         "(the image with O_DIRECT), null (null store with --latency-us), "
+                         "guest-null (the null stores from fio in a TCG guest); "
                          "default pagecache,null")
     ap.add_argument("--latency-us", type=float, default=100.0,
                     help="per-request latency of the null suite (default 100)")
@@ -192,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     suites = set(args.suite.split(","))
-    if not suites <= {"pagecache", "direct", "null"}:
-        ap.error(f"--suite {args.suite}: pagecache, direct and/or null")
+    if not suites <= {"pagecache", "direct", "null", "guest-null"}:
+        ap.error(f"--suite {args.suite}: pagecache, direct, null and/or guest-null")
 
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
         work = Path(tmp)
@@ -249,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             lat = args.latency_us
             null = [*blk, "--null", str(size), "--latency-us", f"{lat:g}"]
             n1, n2, n3 = work / "null.sock", work / "null-sync.sock", work / "qsd-null.sock"
-            qsd_null = [QSD, "--blockdev",
-                        f"driver=null-co,node-name=disk0,size={size},read-zeroes=on,"
-                        f"latency-ns={round(lat * 1000)}",
-                        "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
-                        f"addr.type=unix,addr.path={n3},writable=on"]
+            qsd_null = qsd_null_argv(n3, size, lat)
             if args.packed:
                 n4 = work / "null-packed.sock"
                 backends.append(Backend("pyvirtio-blk --null (threads) packed",
@@ -276,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.spin_us / 1e6):
                     row["round"] = rnd
                     runs.append(row)
+        guest_rows = (run_guest_null(work, args.seconds, args.latency_us)
+                      if "guest-null" in suites else [])
     rows = median_rows(runs, [b.name for b in backends])
 
     ref_of = {b.name: b.ref for b in backends}
@@ -289,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "image_bytes": size,
                           "spin_us": args.spin_us, "null_latency_us": args.latency_us,
-                          "cpus": os.cpu_count(), "results": rows}, indent=2))
+                          "cpus": os.cpu_count(), "results": rows, "guest": guest_rows},
+                         indent=2))
         return 0
     table = Table(title=f"vhost-user-blk back ends, pyvirtio front end, {args.seconds:g} s each, "
                         f"median of {args.rounds} round(s), {size >> 20} MiB image (page-cached; "
@@ -314,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{float(r['backend_cpu_us_per_req']):.1f}",
                 f"{r['iops_ratio_vs_qsd']:.2f}" if "iops_ratio_vs_qsd" in r else "",
                 f"{r['cpu_ratio_vs_qsd']:.2f}" if "cpu_ratio_vs_qsd" in r else "")
-    Console(width=max(Console().width, 160)).print(table)
+    console = Console(width=max(Console().width, 160))
+    if rows:
+        console.print(table)
+    if guest_rows:
+        console.print(guest_table(guest_rows, max(1, round(args.seconds)), args.latency_us))
     return 0
 
 

@@ -35,9 +35,14 @@ DISPATCH = ("tr ' ' '\\n' < /proc/cmdline | sed -n 's/^pvcmd=//p' | base64 -d | 
 MAX_ENCODED_SCRIPT = 1700
 
 
-def build_initramfs(out: Path, modules: Iterable[str]) -> Path:
-    """Kernel + initramfs with ``modules`` (and what they depend on) into ``out``."""
-    env = dict(os.environ, MODULES=" ".join(modules))
+def build_initramfs(out: Path, modules: Iterable[str], extra_bins: Iterable[str] = ()) -> Path:
+    """Kernel + initramfs with ``modules`` (and what they depend on) into ``out``.
+
+    ``extra_bins``: host binaries copied in with the shared libraries ``ldd`` lists
+    and the dynamic loader (make-initramfs.sh's EXTRA_BINS), e.g. ``/usr/bin/fio``;
+    none by default, so the tests' initramfs stays small and boots fast.
+    """
+    env = dict(os.environ, MODULES=" ".join(modules), EXTRA_BINS=" ".join(extra_bins))
     subprocess.run([str(PEERS / "make-initramfs.sh"), str(out), DISPATCH], check=True,
                    capture_output=True, env=env, timeout=120)
     return out

@@ -1,0 +1,113 @@
+"""fio in a TCG Linux guest on a vhost-user-blk back end: ``bench/blk.py --suite guest-null``.
+
+The guest is the tests' Debian kernel + busybox initramfs (tests/qemu_guest.py,
+scripts/peers/make-initramfs.sh) with the host's ``/usr/bin/fio`` copied in.
+QEMU's ``vhost-user-blk-pci`` (hw/block/vhost-user-blk.c) hands the rings to
+the back end; the guest's virtio_blk driver (Linux drivers/block/virtio_blk.c,
+VIRTIO 1.2 §5.2) sees ``/dev/vda``.  One boot per back end runs fio once per
+iodepth — 4K random read, libaio, O_DIRECT, time-based — and prints one
+console line per depth::
+
+    PVFIO qd=8 iops=1234 lat_us=6481.2 err=0
+
+(fio's terse output, version 3: field 5 is the error, 8 the read IOPS, 40 the
+mean total read latency in µs).  The host parses those lines; nothing else of
+fio's output is needed, so the guest needs no JSON tool.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from qemu_guest import VhostUserDevice, boot, build_initramfs  # noqa: E402 - the tests' helpers
+
+DEPTHS = (1, 8, 32)
+FIO = "/usr/bin/fio"
+MODULES = ("virtio_pci", "virtio_blk")
+# Every boot (~15-20 s under TCG with fio's libraries) plus fio's start-up per depth.
+BOOT_BUDGET_S = 180.0
+
+GUEST_SCRIPT = """for d in {depths}; do
+fio --name=pv --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randread --bs=4k \
+--iodepth=$d --runtime={seconds} --time_based --output-format=terse --terse-version=3 > /tmp/f
+awk -F';' -v d=$d '{{print "PVFIO qd=" d " iops=" $8 " lat_us=" $40 " err=" $5}}' /tmp/f
+done
+echo PVFIO-DONE
+"""
+
+LINE = re.compile(r"PVFIO qd=(\d+) iops=(\d+) lat_us=([0-9.]+) err=(\d+)")
+
+Row = dict[str, Any]
+
+
+def build_fio_initramfs(out: Path) -> Path:
+    """The guests' kernel + initramfs with fio in it (built once, shared by all boots)."""
+    return build_initramfs(out, MODULES, extra_bins=(FIO,))
+
+
+def parse_fio_line(line: str) -> tuple[int, int, float]:
+    """``(iodepth, IOPS, mean latency µs)`` from one ``PVFIO`` console line."""
+    m = LINE.search(line)
+    if m is None:
+        raise ValueError(f"not a PVFIO line: {line!r}")
+    depth, iops, lat, err = int(m[1]), int(m[2]), float(m[3]), int(m[4])
+    if err:
+        raise RuntimeError(f"fio in the guest failed at iodepth {depth}: error {err}")
+    return depth, iops, lat
+
+
+def fio_in_guest(initramfs: Path, backend: str, sock: Path, seconds: int) -> list[Row]:
+    """Boot one guest on ``sock``, run fio at every depth, return one row per depth."""
+    script = GUEST_SCRIPT.format(depths=" ".join(map(str, DEPTHS)), seconds=seconds)
+    guest = boot(initramfs, script, [VhostUserDevice("vhost-user-blk-pci", sock)],
+                 timeout=BOOT_BUDGET_S + len(DEPTHS) * seconds * 2)
+    rows: list[Row] = []
+    try:
+        for _ in DEPTHS:
+            depth, iops, lat = parse_fio_line(guest.wait_for("PVFIO qd="))
+            rows.append({"backend": backend, "workload": f"guest fio 4K randread QD{depth}",
+                         "iodepth": depth, "iops": iops, "lat_us_avg": lat})
+            print(f"  {backend:<22} guest fio QD{depth:<3} {iops:>10,} IOPS", file=sys.stderr)
+        guest.wait_for("PVFIO-DONE")
+        result = guest.finish()
+    finally:
+        guest.kill()
+    if result.rc != 0:
+        raise RuntimeError(f"guest on {backend} ended with rc {result.rc}:\n{result.log[-2000:]}")
+    return rows
+
+
+def add_ratios(rows: list[Row], ref: str) -> None:
+    """Each row's IOPS over ``ref``'s at the same depth; each back end's QD32/QD1."""
+    by = {(r["backend"], r["iodepth"]): r for r in rows}
+    for r in rows:
+        q = by.get((ref, r["iodepth"]))
+        if q and q["iops"]:
+            r["iops_ratio_vs_qsd"] = r["iops"] / q["iops"]
+        one = by.get((r["backend"], DEPTHS[0]))
+        if one and one["iops"]:
+            r["iops_vs_qd1"] = r["iops"] / one["iops"]
+
+
+def guest_table(rows: list[Row], seconds: int, latency_us: float) -> Table:
+    table = Table(title=f"fio in a TCG guest (1 vCPU) on vhost-user-blk-pci, null disk with "
+                        f"{latency_us:g} us latency, 4K randread libaio O_DIRECT, "
+                        f"{seconds} s per depth, one boot per back end")
+    for col in ("workload", "back end", "IOPS", "lat avg us", "IOPS ratio", "vs QD1"):
+        table.add_column(col, justify="left" if col in ("workload", "back end") else "right")
+    for depth in DEPTHS:
+        for r in rows:
+            if r["iodepth"] == depth:
+                table.add_row(
+                    str(r["workload"]), str(r["backend"]), f"{r['iops']:,}",
+                    f"{r['lat_us_avg']:.1f}",
+                    f"{r['iops_ratio_vs_qsd']:.2f}" if "iops_ratio_vs_qsd" in r else "",
+                    f"{r['iops_vs_qd1']:.1f}x" if "iops_vs_qd1" in r else "")
+    return table
