@@ -43,6 +43,7 @@ qemu-storage-daemon on the same suite.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -176,7 +177,8 @@ def run_guest_null(work: Path, seconds: float, latency_us: float) -> list[Row]:
     for i, be in enumerate(backends):
         proc = start(be, work / f"guest-backend{i}.log")
         try:
-            rows += fio_in_guest(initramfs, be.name, be.sock, max(1, round(seconds)))
+            rows += fio_in_guest(initramfs, be.name, be.sock, max(1, round(seconds)),
+                                 functools.partial(cpu_seconds, proc.pid))
         finally:
             stop(proc)
     add_ratios(rows, "qsd null-co")
