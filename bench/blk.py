@@ -57,6 +57,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from blk_guest import DEPTHS as GUEST_DEPTHS
 from blk_guest import add_ratios, build_fio_initramfs, fio_in_guest, guest_table
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.workload import parse_size, run_workload
@@ -162,8 +163,9 @@ def qsd_null_argv(sock: Path, size: int, latency_us: float) -> list[str]:
             f"addr.type=unix,addr.path={sock},writable=on"]
 
 
-def run_guest_null(work: Path, seconds: float, latency_us: float) -> list[Row]:
-    """The ``guest-null`` suite: fio in one TCG guest per back end, every depth in that boot."""
+def run_guest_null(work: Path, seconds: float, latency_us: float, rounds: int) -> list[Row]:
+    """The ``guest-null`` suite: fio in one TCG guest per back end, every depth in that boot;
+    ``rounds`` boots per back end, alternating, the median round per depth reported."""
     initramfs = build_fio_initramfs(work / "guest")
     s1, s2 = work / "guest-null.sock", work / "guest-qsd-null.sock"
     backends = [
@@ -173,23 +175,29 @@ def run_guest_null(work: Path, seconds: float, latency_us: float) -> list[Row]:
                  "--socket-path", str(s1)], s1, {}, []),
         Backend("qsd null-co", qsd_null_argv(s2, GUEST_NULL_SIZE, latency_us), s2, {}, []),
     ]
-    rows: list[Row] = []
-    for i, be in enumerate(backends):
-        proc = start(be, work / f"guest-backend{i}.log")
-        try:
-            rows += fio_in_guest(initramfs, be.name, be.sock, max(1, round(seconds)),
-                                 functools.partial(cpu_seconds, proc.pid))
-        finally:
-            stop(proc)
+    runs: list[Row] = []
+    for rnd in range(rounds):
+        for i, be in enumerate(backends):
+            proc = start(be, work / f"guest-backend{i}.log")
+            try:
+                for row in fio_in_guest(initramfs, be.name, be.sock, max(1, round(seconds)),
+                                        functools.partial(cpu_seconds, proc.pid)):
+                    row["round"] = rnd
+                    runs.append(row)
+            finally:
+                stop(proc)
+    rows = median_rows(runs, [b.name for b in backends],
+                       [f"guest fio 4K randread QD{d}" for d in GUEST_DEPTHS])
     add_ratios(rows, "qsd null-co")
     return rows
 
 
-def median_rows(runs: list[Row], names: list[str]) -> list[Row]:
+def median_rows(runs: list[Row], names: list[str],
+                labels: list[str] | None = None) -> list[Row]:
     """Per (back end, workload): the round with the median IOPS (all rounds kept in it)."""
     out: list[Row] = []
     for name in names:
-        for label, *_ in WORKLOADS + DIRECT_WORKLOADS + NULL_WORKLOADS:
+        for label in labels or [w[0] for w in WORKLOADS + DIRECT_WORKLOADS + NULL_WORKLOADS]:
             same = sorted((r for r in runs if r["backend"] == name and r["workload"] == label),
                           key=lambda r: float(r["iops"]))
             if same:
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.spin_us / 1e6):
                     row["round"] = rnd
                     runs.append(row)
-        guest_rows = (run_guest_null(work, args.seconds, args.latency_us)
+        guest_rows = (run_guest_null(work, args.seconds, args.latency_us, args.rounds)
                       if "guest-null" in suites else [])
     rows = median_rows(runs, [b.name for b in backends])
 
@@ -357,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         console.print(table)
     if guest_rows:
-        console.print(guest_table(guest_rows, max(1, round(args.seconds)), args.latency_us))
+        console.print(guest_table(guest_rows, max(1, round(args.seconds)), args.latency_us,
+                                  args.rounds))
     return 0
 
 

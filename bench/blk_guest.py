@@ -112,10 +112,11 @@ def add_ratios(rows: list[Row], ref: str) -> None:
             r["iops_vs_qd1"] = r["iops"] / one["iops"]
 
 
-def guest_table(rows: list[Row], seconds: int, latency_us: float) -> Table:
+def guest_table(rows: list[Row], seconds: int, latency_us: float, rounds: int) -> Table:
     table = Table(title=f"fio in a TCG guest (1 vCPU) on vhost-user-blk-pci, null disk with "
                         f"{latency_us:g} us latency, 4K randread libaio O_DIRECT, "
-                        f"{seconds} s per depth, one boot per back end")
+                        f"{seconds} s per depth, one boot per back end and round, "
+                        f"median of {rounds} round(s)")
     for col in ("workload", "back end", "IOPS", "lat avg us", "back-end CPU us/req",
                 "IOPS ratio", "vs QD1"):
         table.add_column(col, justify="left" if col in ("workload", "back end") else "right")
