@@ -22,7 +22,7 @@ pyvirtio's virtio-blk driver (VIRTIO 1.2 §5.2) as the front end:
   flight side by side raise the IOPS.
 * ``guest-null`` (not run by default): the same null disks seen from fio in
   a TCG Linux guest (``vhost-user-blk-pci``, bench/blk_guest.py) instead of
-  pyvirtio's front end: pyvirtio-blk ``--null 1G --aio threads`` and
+  pyvirtio's front end: pyvirtio-blk ``--null 1G`` (both engines) and
   qemu-storage-daemon ``null-co``, one boot each, iodepth 1, 8 and 32.
 
 With ``--packed`` pyvirtio-blk (threads engine) also runs with the front end
@@ -168,11 +168,16 @@ def run_guest_null(work: Path, seconds: float, latency_us: float, rounds: int) -
     ``rounds`` boots per back end, alternating, the median round per depth reported."""
     initramfs = build_fio_initramfs(work / "guest")
     s1, s2 = work / "guest-null.sock", work / "guest-qsd-null.sock"
+    s3 = work / "guest-null-sync.sock"
+    null = [sys.executable, "-m", "pyvirtio.cli.blk", "--null", str(GUEST_NULL_SIZE),
+            "--latency-us", f"{latency_us:g}"]
+    # Both engines: the guest's requests arrive one kick at a time, where the
+    # synchronous engine spends less CPU per request than the thread engine.
     backends = [
         Backend("pyvirtio-blk --null (threads)",
-                [sys.executable, "-m", "pyvirtio.cli.blk", "--null", str(GUEST_NULL_SIZE),
-                 "--latency-us", f"{latency_us:g}", "--aio", "threads",
-                 "--socket-path", str(s1)], s1, {}, []),
+                [*null, "--aio", "threads", "--socket-path", str(s1)], s1, {}, []),
+        Backend("pyvirtio-blk --null --aio sync",
+                [*null, "--aio", "sync", "--socket-path", str(s3)], s3, {}, []),
         Backend("qsd null-co", qsd_null_argv(s2, GUEST_NULL_SIZE, latency_us), s2, {}, []),
     ]
     runs: list[Row] = []
