@@ -2,9 +2,9 @@
 
 The guest is the tests' Debian kernel + busybox initramfs (tests/qemu_guest.py,
 scripts/peers/make-initramfs.sh) with the host's ``/usr/bin/fio`` copied in.
-QEMU's ``vhost-user-blk-pci`` (hw/block/vhost-user-blk.c) hands the rings to
-the back end; the guest's virtio_blk driver (Linux drivers/block/virtio_blk.c,
-VIRTIO 1.2 §5.2) sees ``/dev/vda``.  One boot per back end runs fio once per
+QEMU's ``vhost-user-blk-pci`` device hands the rings to the back end (QEMU
+docs/interop/vhost-user.rst); the guest's virtio_blk driver (Linux
+``virtio_queue_rq``, VIRTIO 1.2 §5.2) sees ``/dev/vda``.  One boot per back end runs fio once per
 iodepth — 4K random read, libaio, O_DIRECT, time-based — and prints one
 console line as each depth starts and one with its result::
 
