@@ -4,9 +4,10 @@ The guest is the tests' Debian kernel + busybox initramfs (tests/qemu_guest.py,
 scripts/peers/make-initramfs.sh) with the host's ``/usr/bin/fio`` copied in.
 QEMU's ``vhost-user-blk-pci`` device hands the rings to the back end (QEMU
 docs/interop/vhost-user.rst); the guest's virtio_blk driver (Linux
-``virtio_queue_rq``, VIRTIO 1.2 §5.2) sees ``/dev/vda``.  One boot per back end runs fio once per
-iodepth — 4K random read, libaio, O_DIRECT, time-based — and prints one
-console line as each depth starts and one with its result::
+``virtio_queue_rq``, VIRTIO 1.2 §5.2) sees ``/dev/vda``.  One boot per back
+end (and round) runs fio once per iodepth — 4K random read, libaio,
+O_DIRECT, time-based — and prints one console line as each depth starts and
+one with its result::
 
     PVFIO-START qd=8
     PVFIO qd=8 iops=1234 kib=24680 lat_us=6481.2 err=0
