@@ -68,10 +68,18 @@ from pyvirtio.transports.device import Device, VirtQueue, scatter
 if TYPE_CHECKING:
     from pyvirtio.devices.net.bursts import BatchUplink, FrameBatch, RingBatcher
 
-#: Set once the batched paths (bursts.py) turned out to lack numpy (``pyvirtio[batch]``):
-#: frame by frame from then on.  Imported on first use, not at start: numpy takes a
-#: while to import and a guest sending a frame at a time never needs it.
+#: Set when the batched paths (bursts.py) turned out to lack numpy (``pyvirtio[batch]``):
+#: frame by frame then.  Imported when the first device is made, not when this module
+#: is (a driver process never needs numpy), and not in the middle of serving either.
 _NO_BURSTS = False
+
+
+def _load_bursts() -> None:
+    global _NO_BURSTS
+    try:
+        import pyvirtio.devices.net.bursts  # noqa: F401
+    except ImportError:  # pragma: no cover - the test environment has numpy
+        _NO_BURSTS = True
 
 log = logging.getLogger("pyvirtio.net")
 
@@ -127,6 +135,7 @@ class NetDevice(Device):
             raise CallerError(f"{pairs} queue pairs: use 1..128")
         if backlog < 0 or tx_burst < 1:
             raise CallerError("backlog must be >= 0 and tx_burst >= 1")
+        _load_bursts()
         self.mac = bytes(mac)
         self.name = name
         self.pairs = pairs
@@ -302,15 +311,11 @@ class NetDevice(Device):
 
     def _batcher(self, queue: VirtQueue) -> RingBatcher | None:
         """The batched state of ``queue``'s ring (None: not a plain split ring)."""
-        global _NO_BURSTS
         ring = queue.ring
         if _NO_BURSTS or type(ring) is not SplitDeviceQueue:
             return None
-        try:
-            from pyvirtio.devices.net.bursts import RingBatcher
-        except ImportError:  # pragma: no cover - the test environment has numpy
-            _NO_BURSTS = True
-            return None
+        from pyvirtio.devices.net.bursts import RingBatcher
+
         b = self._batchers.get(queue.index)
         if b is None or b.ring is not ring:  # a remapped ring is a new object
             b = self._batchers[queue.index] = RingBatcher(ring)
