@@ -38,7 +38,7 @@ from pyvirtio.core.errors import CallerError, PeerError
 from pyvirtio.core.memory import GuestMemory
 from pyvirtio.core.spec import F_RING_EVENT_IDX, Status, bit
 from pyvirtio.demo import wire
-from pyvirtio.devices.net.device import NetDevice
+from pyvirtio.devices.net.device import NetDevice, load_bursts
 from pyvirtio.devices.net.spec import (
     F_MAC,
     F_MRG_RXBUF,
@@ -187,6 +187,9 @@ class DemoHost:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        # The device is made at DRIVER_OK; what it imports is imported before the guest
+        # runs (a Ctrl-C in the middle of importing numpy can hang the exit).
+        load_bursts()
         mem_fd = self.memory.regions[0].fd
         fds = [mem_fd, self._guest_sock.fileno(), *(e.fd for e in self.irqfds)]
         cmd = [sys.executable, "-m", "pyvirtio.demo.guest",

@@ -74,7 +74,10 @@ if TYPE_CHECKING:
 _NO_BURSTS = False
 
 
-def _load_bursts() -> None:
+def load_bursts() -> None:
+    """Import the batched paths now (numpy: a few hundred ms).  Done when a device is
+    made; a program that makes its device later (the demo, at DRIVER_OK) calls it
+    before it starts anything that may be interrupted."""
     global _NO_BURSTS
     try:
         import pyvirtio.devices.net.bursts  # noqa: F401
@@ -135,7 +138,7 @@ class NetDevice(Device):
             raise CallerError(f"{pairs} queue pairs: use 1..128")
         if backlog < 0 or tx_burst < 1:
             raise CallerError("backlog must be >= 0 and tx_burst >= 1")
-        _load_bursts()
+        load_bursts()
         self.mac = bytes(mac)
         self.name = name
         self.pairs = pairs
