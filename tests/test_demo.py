@@ -109,6 +109,23 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _diagnose(sid: int) -> str:
+    """State, wait channel and signal masks of the session's processes (for a failure)."""
+    out = []
+    for pid in _session_pids(sid):
+        fields = {}
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("Name", "State", "SigBlk", "SigIgn", "SigCgt", "Threads"):
+                    fields[key] = value.strip()
+            fields["wchan"] = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:
+            continue
+        out.append(f"{pid} {fields}")
+    return "; ".join(out)
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_leaves_no_process() -> None:
     proc = subprocess.Popen([*PYVIRTIO, "demo", "--seconds", "30"], start_new_session=True,
@@ -120,7 +137,11 @@ def test_ctrl_c_leaves_no_process() -> None:
         assert len(_session_pids(proc.pid)) >= 2, "the guest process never started"
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        assert proc.wait(timeout=20) == 130
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 20 s after Ctrl-C: {_diagnose(proc.pid)}") from None
+        assert rc == 130
         deadline = time.monotonic() + 10
         while _session_pids(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from typing import Any
 
 from rich.console import Console
@@ -45,6 +46,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Ctrl-C stops the demo (and its guest process) even when the parent started it
+    # with SIGINT ignored or blocked (both are inherited across exec).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     config = DemoConfig(args.suppression, args.seconds, args.queue_size, args.ring)
     runner = run_inprocess_demo if args.ring == "packed" else run_demo
     err = Console(stderr=True)
