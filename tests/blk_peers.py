@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from pyvirtio.devices.blk.driver import BlkDriver
+from pyvirtio.devices.blk.spec import ReqType, Status
+
 REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / "scripts" / "peers"
 
@@ -61,3 +64,20 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def write_flush_read_back(drv: BlkDriver, blocks: dict[int, bytes]) -> None:
+    """Every block written at once (sector -> data), a FLUSH, then every block read back
+    at once and compared: many requests in flight each way."""
+    slots = [drv.submit(ReqType.OUT, s, data=d, kick=False) for s, d in blocks.items()]
+    drv.kick()
+    for slot in slots:
+        assert drv.wait(slot).status == Status.OK
+        drv.release(slot)
+    drv.flush()
+    slots = [drv.submit(ReqType.IN, s, len(d), kick=False) for s, d in blocks.items()]
+    drv.kick()
+    for (s, data), slot in zip(blocks.items(), slots, strict=True):
+        assert drv.wait(slot).status == Status.OK
+        assert bytes(slot.payload()) == data, f"sector {s}"
+        drv.release(slot)

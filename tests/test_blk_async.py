@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from blk_peers import start_pyvirtio_blk, stop
+from blk_peers import start_pyvirtio_blk, stop, write_flush_read_back
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.engine import ThreadEngine
@@ -157,18 +157,7 @@ def test_writes_flush_and_reads_through_workers(tmp_path: Path, img: Path) -> No
     blocks = {i * 16: os.urandom(8192) for i in range(32)}  # sector -> 8 KiB
     try:
         with BlkDriver.connect(str(sock), timeout=30) as drv:
-            slots = [drv.submit(ReqType.OUT, s, data=d, kick=False) for s, d in blocks.items()]
-            drv.kick()
-            for slot in slots:
-                assert drv.wait(slot).status == Status.OK
-                drv.release(slot)
-            drv.flush()
-            slots = [drv.submit(ReqType.IN, s, 8192, kick=False) for s in blocks]
-            drv.kick()
-            for (s, data), slot in zip(blocks.items(), slots, strict=True):
-                assert drv.wait(slot).status == Status.OK
-                assert bytes(slot.payload()) == data, f"sector {s}"
-                drv.release(slot)
+            write_flush_read_back(drv, blocks)
     finally:
         assert stop(proc) == 0
     image = img.read_bytes()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from blk_peers import start_pyvirtio_blk, stop
+from blk_peers import start_pyvirtio_blk, stop, write_flush_read_back
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.file_store import WOULD_BLOCK, FileStore
@@ -112,18 +112,7 @@ def test_depth_32_writes_flush_reads_through_the_ring(tmp_path: Path, img: Path,
     blocks = {i * 24 + 8: os.urandom(8192) for i in range(32)}  # sector -> 8 KiB, distinct
     try:
         with BlkDriver.connect(sock, timeout=30) as drv:
-            slots = [drv.submit(ReqType.OUT, s, data=d, kick=False) for s, d in blocks.items()]
-            drv.kick()
-            for slot in slots:
-                assert drv.wait(slot).status == Status.OK
-                drv.release(slot)
-            drv.flush()
-            slots = [drv.submit(ReqType.IN, s, 8192, kick=False) for s in blocks]
-            drv.kick()
-            for (s, data), slot in zip(blocks.items(), slots, strict=True):
-                assert drv.wait(slot).status == Status.OK
-                assert bytes(slot.payload()) == data, f"sector {s}"
-                drv.release(slot)
+            write_flush_read_back(drv, blocks)
     finally:
         store.close()
     assert (engine.in_ring, engine.run_here) == (32 + 1 + 32, 0)
@@ -279,18 +268,7 @@ def test_program_io_uring_cache_none(direct_dir: Path) -> None:  # noqa: F811 - 
     blocks = {i * 16: os.urandom(8192) for i in range(32)}
     try:
         with BlkDriver.connect(str(sock), timeout=30) as drv:
-            slots = [drv.submit(ReqType.OUT, s, data=d, kick=False) for s, d in blocks.items()]
-            drv.kick()
-            for slot in slots:
-                assert drv.wait(slot).status == Status.OK
-                drv.release(slot)
-            drv.flush()
-            slots = [drv.submit(ReqType.IN, s, 8192, kick=False) for s in blocks]
-            drv.kick()
-            for (s, data), slot in zip(blocks.items(), slots, strict=True):
-                assert drv.wait(slot).status == Status.OK
-                assert bytes(slot.payload()) == data, f"sector {s}"
-                drv.release(slot)
+            write_flush_read_back(drv, blocks)
             assert drv.get_id() == "pyvirtio-blk"  # not a ring request: run on the loop
     finally:
         assert stop(proc) == 0
