@@ -329,7 +329,7 @@ def test_stopping_a_ring_answers_what_is_in_flight(tmp_path: Path, img: Path,
     thread.start()
 
     def in_flight() -> int:
-        return hold.inside if hold is not None else len(device._delay._pending)  # type: ignore[union-attr]
+        return hold.inside if hold is not None else device._delay.held  # type: ignore[union-attr]
 
     try:
         with BlkDriver.connect(sock, timeout=30) as drv:

@@ -36,7 +36,7 @@ interrupt.  See docs/device-kit.md for a walk-through.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol, runtime_checkable
 
 from pyvirtio.core.errors import CallerError, PeerError
@@ -367,6 +367,25 @@ class VirtQueue:
             raise CallerError(f"used length {length} is not a 32-bit value")
         self.ring.fill(req.head, length, self._filled)
         self._filled += 1
+        if not self._dispatching:
+            self._publish_soon()
+
+    def complete_many(self, done: Sequence[tuple[Element, int]]) -> None:
+        """:meth:`complete` for each ``(element, used length)`` pair of ``done`` (elements of
+        :meth:`pop_element`), with one readiness check: the batched devices' path."""
+        if not self.ready:
+            self.completions_dropped += len(done)
+            return
+        fill = self.ring.fill
+        filled = self._filled
+        try:
+            for elem, length in done:
+                if not 0 <= length <= 0xFFFFFFFF:
+                    raise CallerError(f"used length {length} is not a 32-bit value")
+                fill(elem.head, length, filled)
+                filled += 1
+        finally:
+            self._filled = filled
         if not self._dispatching:
             self._publish_soon()
 

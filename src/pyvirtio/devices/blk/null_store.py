@@ -18,6 +18,7 @@ import time
 from pyvirtio.devices.blk.spec import SECTOR_SHIFT, Status
 
 _ZEROS = bytes(1 << 16)
+_ZEROS_VIEW = memoryview(_ZEROS)  # slices of a view copy nothing
 
 
 class NullStore:
@@ -65,7 +66,7 @@ class NullStore:
         n = 0
         for v in views:
             length = len(v)
-            v[:] = _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+            v[:] = _ZEROS_VIEW[:length] if length <= len(_ZEROS) else bytes(length)
             n += length
         return n
 
