@@ -68,12 +68,16 @@ _READ_SIZE = 65536 + 64
 _READ_BUDGET = 256
 
 
-def _distinct(keys: npt.NDArray[np.uint64]) -> list[int]:
-    """The distinct values of ``keys`` (a burst usually has one or a few senders)."""
+def _tally(keys: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
+    """The distinct values of ``keys`` with how often each occurs (a burst usually has
+    one sender and one destination: that case costs one comparison, not a sort)."""
     first = keys[0]
     if bool((keys == first).all()):
-        return [int(first)]
-    return list(set(keys.tolist()))
+        return [(int(first), len(keys))]
+    import numpy as np  # only the batched paths, which need numpy, come here
+
+    values, counts = np.unique(keys, return_counts=True)
+    return list(zip(values.tolist(), counts.tolist(), strict=True))
 
 
 class Switch:
@@ -112,15 +116,12 @@ class Switch:
     def forward_batch(self, source: NetDevice, batch: FrameBatch) -> int:
         """:meth:`forward` for a transmit burst, in order; a frame is copied out of
         guest memory only if some port takes it (a sink's never are)."""
-        import numpy as np  # only bursts.py, which needs numpy,, come here
-
         table = self.table
-        for src in _distinct(batch.src):  # learned once per address, not per frame
+        for src, _count in _tally(batch.src):  # learned once per address, not per frame
             if not src & _GROUP:
                 table[src] = source
-        dsts, counts = np.unique(batch.dst, return_counts=True)
         targets: dict[int, list[NetDevice]] = {}
-        for dst, count in zip(dsts.tolist(), counts.tolist(), strict=True):
+        for dst, count in _tally(batch.dst):
             if dst & _GROUP or dst not in table:
                 self.flooded += count
             targets[dst] = self._targets(source, dst)
