@@ -65,6 +65,7 @@ BatchUplink = Callable[["FrameBatch"], int]
 # masking to 48 bits gives the big-endian MAC as an integer.
 _MAC_GATHER = np.array([5, 4, 3, 2, 1, 0, 0, 0, 11, 10, 9, 8, 7, 6, 0, 0], np.int64)
 _MASK48 = np.uint64((1 << 48) - 1)
+_SHIFT16 = np.uint64(16)
 _ARANGE = np.arange(1 << 16, dtype=np.intp)
 _ZEROS32 = np.zeros(1 << 16, np.uint32)
 _ARANGE.flags.writeable = False
@@ -162,12 +163,15 @@ def _mac_keys(chains: Chains, idx: npt.NDArray[np.intp], hdr_len: int,
               regions: _RegionArrays) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Destination and source MAC of the frames ``idx`` as integers (one gather)."""
     first = chains.seg_start[idx]
-    if len(regions.arrays) == 1 and int(chains.seg_len[first].min()) >= hdr_len + 12:
+    if (len(regions.arrays) == 1 and hdr_len >= 2
+            and int(chains.seg_len[first].min()) >= hdr_len + ETH_HLEN):
+        # 16 bytes from 2 before the destination (the header's last two) as two
+        # big-endian words: [h h d d d d d d] and [s s s s s s t t] (t: EtherType),
+        # so the destination is the low 48 bits and the source the high 48.
         start = chains.seg_offset[first].astype(np.int64)
-        start += hdr_len
-        words = regions.window(12)[start].take(_MAC_GATHER, axis=1).view("<u8")
-        words &= _MASK48
-        return words[:, 0], words[:, 1]
+        start += hdr_len - 2
+        words = regions.window(16)[start].view(">u8")
+        return words[:, 0] & _MASK48, words[:, 1] >> _SHIFT16
     # Addresses split over buffers, or several regions: frame by frame.
     raw = np.empty((len(idx), 12), np.uint8)
     views = [r.view for r in chains.regions]
@@ -206,11 +210,13 @@ class _RegionArrays:
 
     def of(self, chains: Chains) -> list[npt.NDArray[np.uint8]]:
         regions = chains.regions
+        if regions is self.key:  # DeviceBatch hands out the same list until they change
+            return self.arrays
         if len(regions) != len(self.key) or any(a is not b for a, b in
                                                  zip(regions, self.key, strict=True)):
-            self.key = list(regions)
             self.arrays = [np.frombuffer(r.view, np.uint8) for r in regions]
             self._windows = {}
+        self.key = regions
         return self.arrays
 
     def window(self, size: int) -> npt.NDArray[np.uint8]:
