@@ -202,7 +202,6 @@ class DeviceBatch:
         self._reg_key: list[Region] = []
         self._reg_gpa = _EMPTY_U64
         self._reg_size = _EMPTY_U64
-        self._reg_safe = False
 
     # --------------------------------------------------------------- regions
     def _regions(self) -> list[Region]:
@@ -217,8 +216,6 @@ class DeviceBatch:
             self._reg_key = list(regions)
             self._reg_gpa = np.array([r.gpa for r in regions], np.uint64)
             self._reg_size = np.array([r.size for r in regions], np.uint64)
-            # The quick max-based check below needs offsets + 2**32 to stay in u64.
-            self._reg_safe = all(r.gpa + r.size < 1 << 62 for r in regions)
         return self._reg_key
 
     def _locate(self, addr: U64Array, length: U32Array,
@@ -229,12 +226,12 @@ class DeviceBatch:
             ri = _ZEROS_I[:len(addr)]
             off = addr - r.gpa
             size = r.size
-            end = off + length
-            # With gpa + size < 2**62, an addr below gpa wraps off past every
-            # size, and off + len cannot wrap for an off that passes.
-            if (self._reg_safe and len(off) and int(_max(np.maximum(off, end))) <= size
+            # The common case in four reductions: the largest offset plus the
+            # largest length fits (an addr below gpa wraps off past every size).
+            if (len(off) and int(_max(off)) + int(_max(length)) <= size
                     and int(_min(length)) > 0):
                 return ri, off, None
+            end = off + length
             ok = (end > off) & (end <= size)
             return ri, off, ok
         if not regions:
@@ -340,7 +337,7 @@ class DeviceBatch:
             special = heads >= num
             heads = np.where(special, 0, heads)
         desc = self._desc2
-        d = desc[heads]
+        d = desc.take(heads, axis=0)  # take: several times faster than desc[heads]
         flags = d.view(np.uint16)[:, 6]
         seen = int(_or(flags))
         ids: IntArray | None = None
@@ -369,7 +366,7 @@ class DeviceBatch:
                     special[active] = True
                     regular = False
                     break
-                dr = desc[nxt]
+                dr = desc.take(nxt, axis=0)
                 rec_l.append(dr)
                 ids_l.append(active)
                 dr16 = dr.view(np.uint16)
