@@ -25,7 +25,7 @@ kernel's pktgen (64-byte frames, scripts/peers/workloads/net-pktgen.sh) into
 each sink: the guest is the bottleneck, so the rates should be equal.
 
     .venv/bin/python bench/net.py [--seconds 8] [--rounds 1] [--sizes 64,1500] [--guest]
-                                  [--frontends] [--json]
+                                  [--burst 32] [--queue-size 256] [--frontends] [--json]
 """
 
 from __future__ import annotations
@@ -93,14 +93,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_one(be: Backend, size: int, seconds: float, work: Path, burst: int = 32) -> Row:
+def run_one(be: Backend, size: int, seconds: float, work: Path, burst: int = 32,
+            queue_size: int = 256) -> Row:
     sock = work / "net.sock"
     proc = start_backend(be, sock, work)
     try:
         cpu0 = cpu_seconds(proc.pid)
         env = dict(os.environ, ROLE="virtio-user", FWD="txonly" if be.mode == "sink" else "io",
                    TXFIRST="0" if be.mode == "sink" else "1", LCORES="0,1", MAIN="1",
-                   TESTPMD_EXTRA=f"--txpkts={size} --burst={burst}",
+                   TESTPMD_EXTRA=(f"--txpkts={size} --burst={burst} --txd={queue_size} "
+                                  f"--rxd={queue_size}"),
+                   VDEV_EXTRA=f",queue_size={queue_size}",
                    LOG=str(work / "virtio-user.log"),
                    STATS="1")
         res = subprocess.run(["bash", str(TESTPMD), str(sock), str(int(seconds))],
@@ -111,7 +114,8 @@ def run_one(be: Backend, size: int, seconds: float, work: Path, burst: int = 32)
     stats = result_line(res.stdout)
     pps = stats["tx_pps_median"] if be.mode == "sink" else stats["rx_pps_median"]
     packets = stats["tx_packets"] if be.mode == "sink" else stats["rx_packets"]
-    row: Row = {"backend": be.name, "mode": be.mode, "size": size, "burst": burst, "pps": pps,
+    row: Row = {"backend": be.name, "mode": be.mode, "size": size, "burst": burst,
+                "queue_size": queue_size, "pps": pps,
                 "gbit_s": pps * size * 8 / 1e9, "packets": packets, "testpmd": stats}
     if be.name.startswith("pyvirtio") and packets:
         row["backend_cpu_us_per_packet"] = (cpu1 - cpu0) * 1e6 / packets
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=32,
                     help="testpmd's burst (default 32, its own default); the io loop keeps one "
                          "burst in flight, so a loop's rate is burst / round-trip time")
+    ap.add_argument("--queue-size", type=int, default=256,
+                    help="virtio_user's ring size (and testpmd's --txd/--rxd; default 256, its "
+                         "own default): a bigger ring lets a sink take bigger batches, and with "
+                         "a bigger --burst keeps more of the loop in flight")
     ap.add_argument("--guest", action="store_true",
                     help="also a TCG guest's pktgen transmit rate into each sink")
     ap.add_argument("--frontends", action="store_true",
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for size in sizes:
                 for be in BACKENDS if rnd % 2 == 0 else BACKENDS[::-1]:
-                    row = run_one(be, size, args.seconds, Path(tmp), args.burst)
+                    row = run_one(be, size, args.seconds, Path(tmp), args.burst,
+                                  args.queue_size)
                     row["round"] = rnd
                     runs.append(row)
         if args.guest:
@@ -212,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                  if args.frontends else [])
     if args.json:
         print(json.dumps({"seconds": args.seconds, "rounds": args.rounds,
+                          "burst": args.burst, "queue_size": args.queue_size,
                           "cpus": os.cpu_count(), "results": rows,
                           "frontends": frontends}, indent=2))
         return 0
-    table = Table(title=f"vhost-user-net back ends, DPDK testpmd virtio_user as the source, "
-                        f"{args.seconds:g} s each, median of {args.rounds} round(s)")
+    table = Table(title=f"vhost-user-net back ends, DPDK testpmd virtio_user as the source "
+                        f"(burst {args.burst}, ring {args.queue_size}), {args.seconds:g} s each, "
+                        f"median of {args.rounds} round(s)")
     for col in ("mode", "size B", "back end", "pps", "Gbit/s", "ratio vs DPDK",
                 "back-end CPU us/pkt"):
         table.add_column(col, justify="left" if col in ("mode", "back end") else "right")
