@@ -11,7 +11,8 @@ used-index store.  A frame becomes ``bytes`` only when some port takes it: a
 switch port whose frames go nowhere (a sink) never copies one.
 
 :class:`FrameBatch` is what a port sees: the burst's destination and source
-MAC addresses as 48-bit integers, sizes, and :meth:`FrameBatch.frame` to
+MAC addresses as 48-bit integers (gathered when a port first asks: the
+loopback never does), sizes, and :meth:`FrameBatch.frame` to
 copy one frame out.  The rules are those of the per-frame path in
 :mod:`pyvirtio.devices.net.device` — the same drops (``tx_runt``,
 ``tx_oversize``), the same broken queue for a device-writable buffer, the
@@ -75,23 +76,38 @@ _ZEROS32.flags.writeable = False
 class FrameBatch:
     """The sendable frames of one transmit burst (runts and oversize ones left out)."""
 
-    __slots__ = ("_chains", "_hdr", "_idx", "_regions", "_views", "dst", "sizes", "src")
+    __slots__ = ("_chains", "_hdr", "_idx", "_keys", "_mac_at", "_regions", "_views", "sizes")
 
     def __init__(self, chains: Chains, idx: npt.NDArray[np.intp], sizes: npt.NDArray[np.int64],
-                 hdr_len: int, dst: npt.NDArray[np.uint64],
-                 src: npt.NDArray[np.uint64], regions: _RegionArrays | None = None) -> None:
+                 hdr_len: int, regions: _RegionArrays, mac_at: int) -> None:
         self._chains = chains
         self._idx = idx  # chain index of each frame
-        # numpy arrays over the guest memory regions the chains name (if known).
+        # numpy arrays over the guest memory regions the chains name.
         self._regions = regions
         self._hdr = hdr_len
+        self._mac_at = mac_at  # where the Ethernet header starts in a chain (the device's header)
         self._views: list[memoryview] | None = None
+        self._keys: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]] | None = None
         #: Sizes of the frames as :meth:`frame` returns them (without the virtio_net_hdr,
         #: unless the port takes it: ``NetDevice.port_headers``).
         self.sizes = sizes
-        #: Destination and source MAC of each frame, big-endian 48-bit integers.
-        self.dst = dst
-        self.src = src
+
+    # The addresses are gathered when a port first asks (a loopback never does).
+    @property
+    def dst(self) -> npt.NDArray[np.uint64]:
+        """Destination MAC of each frame, big-endian 48-bit integers."""
+        return self._mac_keys()[0]
+
+    @property
+    def src(self) -> npt.NDArray[np.uint64]:
+        """Source MAC of each frame, big-endian 48-bit integers."""
+        return self._mac_keys()[1]
+
+    def _mac_keys(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = _mac_keys(self._chains, self._idx, self._mac_at, self._regions)
+        return keys
 
     def __len__(self) -> int:
         return len(self._idx)
@@ -115,7 +131,7 @@ class FrameBatch:
         of one region (then copy them one by one)."""
         regions = self._regions
         c = self._chains
-        if regions is None or len(regions.arrays) != 1 or len(c.seg_len) != len(c):
+        if len(regions.arrays) != 1 or len(c.seg_len) != len(c):
             return None
         first = c.seg_start[self._idx[start:start + count]]
         off = c.seg_offset[first].astype(np.int64)
@@ -271,10 +287,9 @@ def drain_tx_batched(device: NetDevice, tx: RingBatcher, uplink: BatchUplink,
     taken = n
     if len(idx):
         tx.regions.of(chains)
-        dst, src = _mac_keys(chains, idx, hdr_len, tx.regions)
         # A port that carries virtio_net_hdr itself (a TAP) gets the frames with it.
         strip = 0 if device.port_headers else hdr_len
-        frames = FrameBatch(chains, idx, sizes[idx] - strip, strip, dst, src, tx.regions)
+        frames = FrameBatch(chains, idx, sizes[idx] - strip, strip, tx.regions, hdr_len)
         took = uplink(frames)
         if took < len(idx):
             # The port is full: frame ``took`` and everything after it stay in the ring.
