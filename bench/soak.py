@@ -73,7 +73,13 @@ from pyvirtio.devices.blk.spec import ReqType, Status
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from qemu_guest import Guest, boot, build_initramfs  # noqa: E402 - the tests' guest helpers
+from qemu_guest import (  # noqa: E402 - the tests' guest helpers
+    Guest,
+    boot,
+    build_initramfs,
+    verify_passes_script,
+    verify_pattern,
+)
 
 BLOCK = 4096
 SECTORS = BLOCK // 512
@@ -87,36 +93,6 @@ STOP_BLOCK = GUEST_DISK // BLOCK - 1
 MAGIC = 0x50595649_534F414B  # "PYVISOAK"
 GUEST_RAM_MIB = 256
 FLAT = 0.10                  # the issue's bound on the relative spread
-
-# Passes until the host writes STOP into the last block: each pass writes a pattern
-# of its own (guest G, pass n, region i) to every region with parallel O_DIRECT dd's,
-# reads them all back in parallel and compares.
-GUEST_SCRIPT = """
-D=/dev/vda; N={regions}; B={blocks}; n=0
-while :; do
-n=$((n+1)); i=0
-while [ $i -lt $N ]; do
-(yes G{guest}-P$n-R$i | head -c $((B*4096)) > /tmp/p$i
-dd if=/tmp/p$i of=$D bs=4096 seek=$((i*B)) count=$B oflag=direct 2>/dev/null || echo BAD-W-$n-$i) &
-i=$((i+1)); done; wait; i=0
-while [ $i -lt $N ]; do
-(dd if=$D of=/tmp/r$i bs=4096 skip=$((i*B)) count=$B iflag=direct 2>/dev/null
-cmp /tmp/p$i /tmp/r$i || echo BAD-R-$n-$i) &
-i=$((i+1)); done; wait
-echo PASS-DONE $n
-dd if=$D of=/tmp/s bs=4096 skip={stop} count=1 iflag=direct 2>/dev/null
-if grep -q STOP /tmp/s; then break; fi
-done
-echo ALL-OK
-"""
-
-
-def guest_pattern(guest: int, n: int, region: int) -> bytes:
-    """What ``yes G<guest>-P<n>-R<region> | head -c`` wrote to one region."""
-    line = f"G{guest}-P{n}-R{region}\n".encode()
-    size = REGION_BLOCKS * BLOCK
-    return (line * (size // len(line) + 1))[:size]
-
 
 def own_pattern(writer: int, sweep: int, block: int) -> bytes:
     """Front end ``writer``'s block ``block`` in sweep ``sweep`` (sweep 0: never written)."""
@@ -440,7 +416,8 @@ def verify_guest(img: Path, guest: int, last_pass: int) -> tuple[int, list[str]]
     bad = []
     for i in range(REGIONS):
         off = i * REGION_BLOCKS * BLOCK
-        if data[off:off + REGION_BLOCKS * BLOCK] != guest_pattern(guest, last_pass, i):
+        want = verify_pattern(f"G{guest}-", last_pass, i, REGION_BLOCKS)
+        if data[off:off + REGION_BLOCKS * BLOCK] != want:
             bad.append(f"guest {guest}: image region {i} is not pass {last_pass}'s")
     return REGIONS * REGION_BLOCKS * BLOCK, bad
 
@@ -490,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     backend.start(0.0)
     guests: list[Guest] = []
     for g in range(2):
-        script = GUEST_SCRIPT.format(regions=REGIONS, blocks=REGION_BLOCKS, guest=g,
-                                     stop=STOP_BLOCK)
+        script = verify_passes_script(REGIONS, REGION_BLOCKS, STOP_BLOCK, tag=f"G{g}-")
         guests.append(boot(initramfs, script, timeout=duration + 600, mem_mb=GUEST_RAM_MIB,
                            qemu_args=[
                                "-chardev", f"socket,id=blk0,path={socks[g]},reconnect=1",

@@ -157,3 +157,40 @@ def boot(initramfs: Path, script: str, devices: Sequence[VhostUserDevice] = (), 
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
     return Guest(proc, timeout)
+
+
+# Passes until the host writes STOP into block ``stop`` of the disk: each pass n writes
+# a pattern of its own (``<tag>P<n>-R<i>`` repeated) to every region i with parallel
+# O_DIRECT dd's — as many requests in flight as regions — reads them all back in
+# parallel and compares; BAD-W/BAD-R lines report a failure, PASS-DONE n a pass.
+_VERIFY_PASSES = """
+D=/dev/vda; N={regions}; B={blocks}; n=0
+while :; do
+n=$((n+1)); i=0
+while [ $i -lt $N ]; do
+(yes {tag}P$n-R$i | head -c $((B*4096)) > /tmp/p$i
+dd if=/tmp/p$i of=$D bs=4096 seek=$((i*B)) count=$B oflag=direct 2>/dev/null || echo BAD-W-$n-$i) &
+i=$((i+1)); done; wait; i=0
+while [ $i -lt $N ]; do
+(dd if=$D of=/tmp/r$i bs=4096 skip=$((i*B)) count=$B iflag=direct 2>/dev/null
+cmp /tmp/p$i /tmp/r$i || echo BAD-R-$n-$i) &
+i=$((i+1)); done; wait
+echo PASS-DONE $n
+dd if=$D of=/tmp/s bs=4096 skip={stop} count=1 iflag=direct 2>/dev/null
+if grep -q STOP /tmp/s; then break; fi
+done
+echo ALL-OK
+"""
+
+
+def verify_passes_script(regions: int, blocks: int, stop: int, tag: str = "") -> str:
+    """The guest script of pattern passes over ``regions`` regions of ``blocks`` 4 KiB
+    blocks each (see :func:`verify_pattern`), until STOP appears in block ``stop``."""
+    return _VERIFY_PASSES.format(regions=regions, blocks=blocks, stop=stop, tag=tag)
+
+
+def verify_pattern(tag: str, n: int, region: int, blocks: int) -> bytes:
+    """What pass ``n`` of :func:`verify_passes_script` wrote to region ``region``."""
+    line = f"{tag}P{n}-R{region}\n".encode()
+    size = blocks * 4096
+    return (line * (size // len(line) + 1))[:size]

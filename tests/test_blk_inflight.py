@@ -35,7 +35,7 @@ from pyvirtio.core.split_driver import SplitDriverQueue
 from pyvirtio.devices.blk.driver import BlkDriver
 from pyvirtio.devices.blk.spec import ReqType, Status
 from pyvirtio.transports.vhost_user.inflight import QueueRegion, queue_region_size
-from qemu_guest import boot, build_initramfs
+from qemu_guest import boot, build_initramfs, verify_passes_script, verify_pattern
 
 BLOCK = 4096
 DISK = 8 << 20
@@ -203,32 +203,7 @@ REGIONS = 16            # parallel dd's: as many requests in flight
 REGION_BLOCKS = 48      # 4 KiB blocks each
 STOP_BLOCK = GUEST_DISK // BLOCK - 1  # the host writes STOP here when it is done killing
 
-# Passes until the host says stop: each pass writes a pattern of its own to every
-# region (parallel O_DIRECT dd's), reads all back in parallel and compares.
-GUEST_SCRIPT = f"""
-D=/dev/vda; N={REGIONS}; B={REGION_BLOCKS}; n=0
-while :; do
-n=$((n+1)); i=0
-while [ $i -lt $N ]; do
-(yes P$n-R$i | head -c $((B*4096)) > /tmp/p$i
-dd if=/tmp/p$i of=$D bs=4096 seek=$((i*B)) count=$B oflag=direct 2>/dev/null || echo BAD-W-$n-$i) &
-i=$((i+1)); done; wait; i=0
-while [ $i -lt $N ]; do
-(dd if=$D of=/tmp/r$i bs=4096 skip=$((i*B)) count=$B iflag=direct 2>/dev/null
-cmp /tmp/p$i /tmp/r$i || echo BAD-R-$n-$i) &
-i=$((i+1)); done; wait
-echo PASS-DONE $n
-dd if=$D of=/tmp/s bs=4096 skip={STOP_BLOCK} count=1 iflag=direct 2>/dev/null
-if grep -q STOP /tmp/s; then break; fi
-done
-echo ALL-OK
-"""
-
-
-def guest_pattern(n: int, i: int) -> bytes:
-    line = f"P{n}-R{i}\n".encode()
-    size = REGION_BLOCKS * BLOCK
-    return (line * (size // len(line) + 1))[:size]
+GUEST_SCRIPT = verify_passes_script(REGIONS, REGION_BLOCKS, STOP_BLOCK)
 
 
 def backend_in_flight(pid: int, queue_size: int = 128) -> int:
@@ -301,7 +276,8 @@ def test_qemu_guest_survives_backend_sigkill(tmp_path: Path) -> None:
     data = img.read_bytes()
     for i in range(REGIONS):
         off = i * REGION_BLOCKS * BLOCK
-        assert data[off:off + REGION_BLOCKS * BLOCK] == guest_pattern(last, i), f"region {i}"
+        want = verify_pattern("", last, i, REGION_BLOCKS)
+        assert data[off:off + REGION_BLOCKS * BLOCK] == want, f"region {i}"
     text = log.read_text()
     assert text.count("front end connected") == KILLS + 1, text[-3000:]
     # Per back-end process, the ring starts from the buffer: the first process's

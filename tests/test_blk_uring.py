@@ -36,7 +36,7 @@ import pytest
 
 from blk_peers import start_pyvirtio_blk, stop, write_flush_read_back
 from pyvirtio.devices.blk.device import BlkDevice
-from pyvirtio.devices.blk.driver import BlkDriver
+from pyvirtio.devices.blk.driver import BlkDriver, Slot
 from pyvirtio.devices.blk.file_store import WOULD_BLOCK, FileStore
 from pyvirtio.devices.blk.spec import ReqType, Status
 from pyvirtio.devices.blk.uring_engine import UringEngine
@@ -102,6 +102,17 @@ def serve_device(serve: Served, device: BlkDevice, sock: Path) -> str:
     return str(sock)
 
 
+def reads_held_in_the_ring(drv: BlkDriver, engine: UringEngine) -> list[Slot]:
+    """Submit DEPTH 4 KiB reads with one kick; return once all are in the io_uring."""
+    slots = [drv.submit(ReqType.IN, i * 8, 4096, kick=False) for i in range(DEPTH)]
+    drv.kick()
+    deadline = time.monotonic() + 30  # a hang guard, not a timing
+    while engine.in_ring < DEPTH:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return slots
+
+
 @pytest.mark.timeout(90)
 def test_depth_32_writes_flush_reads_through_the_ring(tmp_path: Path, img: Path,
                                                       serve: Served) -> None:
@@ -133,12 +144,7 @@ def test_reads_wait_in_the_kernel_side_by_side(tmp_path: Path, img: Path,
     chunks = [bytes([0x41 + i]) * 4096 for i in range(DEPTH)]
     try:
         with BlkDriver.connect(sock, timeout=30) as drv:
-            slots = [drv.submit(ReqType.IN, i * 8, 4096, kick=False) for i in range(DEPTH)]
-            drv.kick()
-            deadline = time.monotonic() + 30  # a hang guard, not a timing
-            while engine.in_ring < DEPTH:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            slots = reads_held_in_the_ring(drv, engine)
             # All eight are in the kernel at once; none can finish without data.
             assert engine.in_flight == DEPTH and drv.poll(0) == []
             got = []
@@ -238,12 +244,7 @@ def test_stopping_a_ring_answers_what_is_in_the_kernel(tmp_path: Path, img: Path
     chunk = b"\x5a" * 4096 * DEPTH
     try:
         with BlkDriver.connect(sock, timeout=30) as drv:
-            slots = [drv.submit(ReqType.IN, i * 8, 4096, kick=False) for i in range(DEPTH)]
-            drv.kick()
-            deadline = time.monotonic() + 30  # a hang guard, not a timing
-            while engine.in_ring < DEPTH:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            slots = reads_held_in_the_ring(drv, engine)
             assert drv.frontend is not None
             # The data arrives only once the stop is on its way: the loop drains meanwhile.
             feeder = threading.Timer(0.2, os.write, (store.writer, chunk))

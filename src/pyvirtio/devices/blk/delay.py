@@ -82,13 +82,9 @@ class DelayLine:
         self._loop = loop
         loop.add_reader(self.fd, self._fire)
 
-    def add(self, vq: VirtQueue, elem: Element, length: int) -> None:
-        """Return ``elem`` (already answered in guest memory) ``latency`` seconds from now."""
-        self.add_batch(vq, [(elem, length)])
-
     def add_batch(self, vq: VirtQueue, done: list[tuple[Element, int]]) -> None:
-        """Return the ``(element, used length)`` pairs of ``done``, all ``latency`` seconds
-        from now (the line keeps the list)."""
+        """Return the ``(element, used length)`` pairs of ``done`` (already answered in guest
+        memory), all ``latency`` seconds from now (the line keeps the list)."""
         if not done:
             return
         when = time.monotonic() + self.latency
