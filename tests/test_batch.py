@@ -111,6 +111,9 @@ def element_sig(p: RingPair, e: Element) -> tuple[Any, ...]:
 
 
 def chains_sigs(p: RingPair, ch: sb.Chains) -> list[tuple[Any, ...]]:
+    # What the pop knew of the writable segments from the flags agrees with the mask.
+    writable = ch.seg_writable.tolist()
+    assert ch.any_writable() == any(writable) and ch.all_writable() == all(writable)
     return [element_sig(p, ch.element(i)) for i in range(len(ch))]
 
 

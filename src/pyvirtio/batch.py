@@ -80,6 +80,8 @@ USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
 """One used-ring element, §2.7.8 (8 bytes)."""
 
 IntArray = npt.NDArray[np.intp]
+#: Heads as popped: the available ring's own uint16 (a copy), or intp.
+HeadArray = npt.NDArray[np.integer[Any]]
 U64Array = npt.NDArray[np.uint64]
 U32Array = npt.NDArray[np.uint32]
 BoolArray = npt.NDArray[np.bool_]
@@ -105,11 +107,19 @@ _EMPTY_B = np.zeros(0, np.bool_)
 _ARANGE = np.arange(1 << 16, dtype=np.intp)
 _ARANGE.flags.writeable = False
 _ZEROS_I = np.zeros(1 << 16, dtype=np.intp)
+# What a burst's writable mask is when every segment is readable, or every one
+# writable (a transmit ring's, a receive ring's): no per-pop array needed.
+# Sized for the most segments a vectorised pop returns: a 32768 ring of 8-hop chains.
+_ALL_FALSE = np.zeros(1 << 18, np.bool_)
+_ALL_TRUE = np.ones(1 << 18, np.bool_)
+_ALL_FALSE.flags.writeable = False
+_ALL_TRUE.flags.writeable = False
 # ufunc reductions called directly: half the cost of the ndarray methods.
 _max = np.maximum.reduce
 _min = np.minimum.reduce
 _or = np.bitwise_or.reduce
 _lor = np.logical_or.reduce
+_and = np.bitwise_and.reduce
 _land = np.logical_and.reduce
 _ZEROS_I.flags.writeable = False
 
@@ -126,16 +136,34 @@ class Chains:
     readable segments of a chain come before its writable ones (checked).
     """
 
-    heads: IntArray
+    heads: HeadArray
     seg_start: IntArray
     seg_region: IntArray
     seg_offset: U64Array
     seg_len: U32Array
     seg_writable: BoolArray
     regions: list[Region]
+    #: Whether some / every segment is writable, when the pop knew it from the flags it
+    #: read (None: :meth:`any_writable` / :meth:`all_writable` look).
+    known_any_writable: bool | None = None
+    known_all_writable: bool | None = None
 
     def __len__(self) -> int:
         return len(self.heads)
+
+    def any_writable(self) -> bool:
+        """Some segment is device-writable."""
+        known = self.known_any_writable
+        if known is None:
+            known = self.known_any_writable = bool(_lor(self.seg_writable))
+        return known
+
+    def all_writable(self) -> bool:
+        """Every segment is device-writable (a receive ring's burst)."""
+        known = self.known_all_writable
+        if known is None:
+            known = self.known_all_writable = bool(_land(self.seg_writable))
+        return known
 
     def segments(self, i: int) -> list[Segment]:
         a, b = int(self.seg_start[i]), int(self.seg_start[i + 1])
@@ -262,10 +290,11 @@ class DeviceBatch:
         num = self.num
         s1, s2 = _ring_slices(q.last_avail_idx & (num - 1), n, num)
         ring = self._avail_ring
+        # A copy: the heads are read from the guest's ring once, and pushed as read.
         if s2 is None:
-            heads: IntArray = ring[s1].astype(np.intp)
+            heads: HeadArray = ring[s1].copy()
         else:
-            heads = np.concatenate((ring[s1], ring[s2])).astype(np.intp)
+            heads = np.concatenate((ring[s1], ring[s2]))
         if n < POP_THRESHOLD:
             return self._pop_scalar(heads, regions)
         return self._pop_vector(heads, regions)
@@ -285,7 +314,7 @@ class DeviceBatch:
             segs.append((0 if r is single else regions.index(r), addr - r.gpa, length, is_write))
         return segs
 
-    def _pop_scalar(self, heads: IntArray, regions: list[Region]) -> Chains:
+    def _pop_scalar(self, heads: HeadArray, regions: list[Region]) -> Chains:
         num = self.num
         walk = self._walk
         table = self._desc
@@ -328,16 +357,19 @@ class DeviceBatch:
                           np.array(ln, np.uint32), np.array(w, np.bool_), regions)
         return _empty_chains(regions)
 
-    def _pop_vector(self, heads: IntArray, regions: list[Region]) -> Chains:
+    def _pop_vector(self, heads: HeadArray, regions: list[Region]) -> Chains:
         num = self.num
         n = len(heads)
         special: BoolArray | None = None
         orig = heads
-        if int(_max(heads)) >= num:
+        desc = self._desc2
+        try:
+            # take: several times faster than desc[heads]; it checks every head is < num.
+            d = desc.take(heads, axis=0)
+        except IndexError:
             special = heads >= num
             heads = np.where(special, 0, heads)
-        desc = self._desc2
-        d = desc.take(heads, axis=0)  # take: several times faster than desc[heads]
+            d = desc.take(heads, axis=0)
         flags = d.view(np.uint16)[:, 6]
         seen = int(_or(flags))
         ids: IntArray | None = None
@@ -392,6 +424,7 @@ class DeviceBatch:
                 allr = np.concatenate(rec_l)[order]
                 starts = np.searchsorted(ids, _ARANGE[:n + 1])
             flags = allr.view(np.uint16)[:, 6]
+            seen = int(_or(flags))  # over every segment now, not the heads only
             addr: U64Array = allr[:, 0]
             length: U32Array = allr.view(np.uint32)[:, 2]
             # Within a chain: no readable segment after a writable one, and no
@@ -406,7 +439,14 @@ class DeviceBatch:
         else:
             addr = d[:, 0]
             length = d.view(np.uint32)[:, 2]
-        writable = (flags & _WRITE).astype(np.bool_)
+        any_w = bool(seen & _WRITE)
+        all_w = any_w and bool(int(_and(flags)) & _WRITE)
+        if not any_w:
+            writable = _ALL_FALSE[:len(flags)]
+        elif all_w:
+            writable = _ALL_TRUE[:len(flags)]
+        else:
+            writable = (flags & _WRITE).astype(np.bool_)
         ri, off, ok = self._locate(addr, length, regions)
         if ok is not None:
             bad_chain = ~ok if ids is None else np.bincount(ids[~ok], minlength=n) > 0
@@ -414,9 +454,10 @@ class DeviceBatch:
         if special is not None and _lor(special):
             return self._pop_mixed(orig, special, ids, ri, off, length, writable, regions)
         self.q.commit_pops(n)
-        return Chains(heads, starts, ri, off, length.astype(np.uint32), writable, regions)
+        # length views ``d`` (or the rounds' copy), not guest memory: no copy needed.
+        return Chains(heads, starts, ri, off, length, writable, regions, any_w, all_w)
 
-    def _pop_mixed(self, heads: IntArray, special: BoolArray, ids: IntArray | None,
+    def _pop_mixed(self, heads: HeadArray, special: BoolArray, ids: IntArray | None,
                    ri: IntArray, off: U64Array, length: U32Array, writable: BoolArray,
                    regions: list[Region]) -> Chains:
         """Some chains need the scalar walk: indirect, long, or bad (cut the batch there)."""

@@ -71,10 +71,11 @@ _READ_BUDGET = 256
 def _tally(keys: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
     """The distinct values of ``keys`` with how often each occurs (a burst usually has
     one sender and one destination: that case costs one comparison, not a sort)."""
-    first = keys[0]
-    if bool((keys == first).all()):
-        return [(int(first), len(keys))]
     import numpy as np  # only the batched paths, which need numpy, come here
+
+    low = int(np.minimum.reduce(keys))
+    if low == int(np.maximum.reduce(keys)):  # two reductions, no temporary array
+        return [(low, len(keys))]
 
     values, counts = np.unique(keys, return_counts=True)
     return list(zip(values.tolist(), counts.tolist(), strict=True))
