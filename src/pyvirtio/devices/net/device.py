@@ -66,23 +66,27 @@ from pyvirtio.io.loop import EventLoop
 from pyvirtio.transports.device import Device, VirtQueue, scatter
 
 if TYPE_CHECKING:
-    from pyvirtio.devices.net.bursts import BatchUplink, FrameBatch, RingBatcher
+    from types import ModuleType
 
-#: Set when the batched paths (bursts.py) turned out to lack numpy (``pyvirtio[batch]``):
+    from pyvirtio.devices.net.bursts import BatchUplink, FrameBatch, PerFrameUplink, RingBatcher
+
+#: The batched paths (bursts.py) once loaded; None without numpy (``pyvirtio[batch]``):
 #: frame by frame then.  Imported when the first device is made, not when this module
-#: is (a driver process never needs numpy), and not in the middle of serving either.
-_NO_BURSTS = False
+#: is (a driver process never needs numpy), and not in the middle of serving either;
+#: held here because an import statement on every pass costs as much as a numpy call.
+_bursts: ModuleType | None = None
 
 
 def load_bursts() -> None:
     """Import the batched paths now (numpy: a few hundred ms).  Done when a device is
     made; a program that makes its device later (the demo, at DRIVER_OK) calls it
     before it starts anything that may be interrupted."""
-    global _NO_BURSTS
+    global _bursts
     try:
-        import pyvirtio.devices.net.bursts  # noqa: F401
+        import pyvirtio.devices.net.bursts as bursts
     except ImportError:  # pragma: no cover - the test environment has numpy
-        _NO_BURSTS = True
+        return
+    _bursts = bursts
 
 log = logging.getLogger("pyvirtio.net")
 
@@ -263,13 +267,12 @@ class NetDevice(Device):
         strip = 0 if self.port_headers else self.hdr_len
         tx = self._batcher(queue) if ring.available() >= TX_BATCH_MIN else None
         if tx is not None:
-            from pyvirtio.devices.net.bursts import PerFrameUplink, drain_tx_batched
-
+            assert _bursts is not None  # a batcher exists only then
             if self.uplink == self.loopback:
                 send: BatchUplink = self._loopback_batch
             else:
-                send = self.uplink_batch or PerFrameUplink(self.uplink)
-            drain_tx_batched(self, tx, send, lambda: self._tx_blocked.add(queue))
+                send = self.uplink_batch or _bursts.PerFrameUplink(self.uplink)
+            _bursts.drain_tx_batched(self, tx, send, lambda: self._tx_blocked.add(queue))
             return
         batch = ring.pop_batch(self.tx_burst)
         if not batch:
@@ -318,13 +321,11 @@ class NetDevice(Device):
     def _batcher(self, queue: VirtQueue) -> RingBatcher | None:
         """The batched state of ``queue``'s ring (None: not a plain split ring)."""
         ring = queue.ring
-        if _NO_BURSTS or type(ring) is not SplitDeviceQueue:
+        if _bursts is None or type(ring) is not SplitDeviceQueue:
             return None
-        from pyvirtio.devices.net.bursts import RingBatcher
-
         b = self._batchers.get(queue.index)
         if b is None or b.ring is not ring:  # a remapped ring is a new object
-            b = self._batchers[queue.index] = RingBatcher(ring)
+            b = self._batchers[queue.index] = _bursts.RingBatcher(ring)
         return b
 
     def _resume_tx(self) -> None:
@@ -406,12 +407,13 @@ class NetDevice(Device):
         """:meth:`loopback` for a transmit burst: as many frames as receive buffers
         take go back in one receive burst; the rest wait in the transmit ring
         (it is the loopback's queue) until the driver posts buffers."""
-        from pyvirtio.devices.net.bursts import PerFrameUplink, receive_batched
-
+        assert _bursts is not None  # a burst was made there
+        per_frame: PerFrameUplink = _bursts.PerFrameUplink(self.loopback)
+        receive_batched = _bursts.receive_batched
         rxq = self._rx[0] if self.pairs == 1 else None
         rx = None if rxq is None or not rxq.ready or self._backlog else self._batcher(rxq)
         if rx is None or rxq is None:
-            return PerFrameUplink(self.loopback)(frames)
+            return per_frame(frames)
         done = 0
         total = len(frames)
         while done < total:
@@ -428,7 +430,7 @@ class NetDevice(Device):
                     return done
                 done += 1
                 if self._backlog:
-                    return done + PerFrameUplink(self.loopback)(frames, done)
+                    return done + per_frame(frames, done)
             elif not rxq.need_buffers():
                 return done  # kicks on for receive buffers; the rest stays in the ring
         return done
