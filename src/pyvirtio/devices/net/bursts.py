@@ -68,6 +68,7 @@ BatchUplink = Callable[["FrameBatch"], int]
 _MAC_GATHER = np.array([5, 4, 3, 2, 1, 0, 0, 0, 11, 10, 9, 8, 7, 6, 0, 0], np.int64)
 _MASK48 = np.uint64((1 << 48) - 1)
 _SHIFT16 = np.uint64(16)
+_BE64 = np.dtype(">u8")  # made once: a dtype string is parsed on every use
 _ARANGE = np.arange(1 << 16, dtype=np.intp)
 _ZEROS32 = np.zeros(1 << 16, np.uint32)
 _ARANGE.flags.writeable = False
@@ -144,7 +145,7 @@ class FrameBatch:
         idx = self._idx
         off = (c.seg_offset[start:start + count] if len(idx) == len(c)
                else c.seg_offset[idx[start:start + count]])
-        items: npt.NDArray[np.void] = regions.window(size)[off + np.uint64(self._hdr)]
+        items: npt.NDArray[np.void] = regions.window(size)[off.view(np.int64) + self._hdr]
         return items
 
     def frame(self, i: int) -> bytes:
@@ -199,7 +200,7 @@ def _mac_keys(chains: Chains, idx: npt.NDArray[np.intp], hdr_len: int,
         # 16 bytes from 2 before the destination (the header's last two) as two
         # big-endian words: [h h d d d d d d] and [s s s s s s t t] (t: EtherType),
         # so the destination is the low 48 bits and the source the high 48.
-        words = regions.window(16)[start + np.uint64(hdr_len - 2)].view(">u8")
+        words = regions.window(16)[start.view(np.int64) + (hdr_len - 2)].view(_BE64)
         return words[0::2] & _MASK48, words[1::2] >> _SHIFT16
     # Addresses split over buffers, or several regions: frame by frame.
     raw = np.empty((len(idx), 12), np.uint8)
@@ -261,12 +262,20 @@ class _RegionArrays:
 class RingBatcher:
     """The batched transmit state of one ring object (a remapped ring gets a new one)."""
 
-    __slots__ = ("batch", "regions", "ring")
+    __slots__ = ("_items", "batch", "regions", "ring")
 
     def __init__(self, ring: SplitDeviceQueue) -> None:
         self.ring = ring
         self.batch = DeviceBatch(ring)
         self.regions = _RegionArrays()
+        self._items: dict[bytes, np.void] = {}
+
+    def item(self, data: bytes) -> np.void:
+        """``data`` as one ``V<len>`` item, to scatter into a window (made once)."""
+        item = self._items.get(data)
+        if item is None:
+            item = self._items[data] = np.frombuffer(data, np.dtype(f"V{len(data)}"))[0]
+        return item
 
 
 def drain_tx_batched(device: NetDevice, tx: RingBatcher, uplink: BatchUplink,
@@ -372,7 +381,7 @@ def receive_batched(device: NetDevice, vq: VirtQueue, rx: RingBatcher, frames: F
         ring.unpop(m - cut)
     if not cut:
         return 0
-    offs = chains.seg_offset[:cut]
+    offs = chains.seg_offset[:cut].view(np.int64)
     arrays = rx.regions.of(chains)
     sz = sizes[:cut]
     src = (frames.items(start, cut, uniform)
@@ -381,8 +390,8 @@ def receive_batched(device: NetDevice, vq: VirtQueue, rx: RingBatcher, frames: F
         # A burst of equal small frames (a traffic generator's): one gather, two
         # scatters (the header, then the frames after it).
         window = rx.regions.window
-        window(hdr_len)[offs] = np.frombuffer(device.rx_header, np.dtype(f"V{hdr_len}"))[0]
-        window(uniform)[offs + np.uint64(hdr_len)] = src
+        window(hdr_len)[offs] = rx.item(device.rx_header)
+        window(uniform)[offs + hdr_len] = src
     else:
         views = [r.view for r in chains.regions]
         regions = chains.seg_region[:cut].tolist()
