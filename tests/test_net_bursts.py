@@ -206,6 +206,7 @@ def run_loopback(sizes: list[int], rx_bufs: list[int], mergeable: bool) -> tuple
 
 @pytest.mark.parametrize(("sizes", "rx_bufs", "mergeable"), [
     ([64] * 40, [2048] * 64, True),                    # equal small frames: the scatter
+    ([1514] * 20, [2048] * 24, True),                  # ... and equal full-size ones
     ([60, 64, 1514, 200] * 10, [2048] * 64, True),     # mixed sizes: a copy per frame
     ([64] * 60, [2048] * 25, True),                    # 25 buffers for 60 frames: back-pressure
     ([64, 300] * 20, [128] * 120, True),               # 300 B frames span 3 buffers (merged)
