@@ -273,6 +273,8 @@ class NetDevice(Device):
             else:
                 send = self.uplink_batch or _bursts.PerFrameUplink(self.uplink)
             _bursts.drain_tx_batched(self, tx, send, lambda: self._tx_blocked.add(queue))
+            if send == self._loopback_batch:
+                self._publish_looped(queue)
             return
         batch = ring.pop_batch(self.tx_burst)
         if not batch:
@@ -317,6 +319,25 @@ class NetDevice(Device):
             stats.tx_frames += sent
             stats.tx_bytes += sent_bytes
             stats.tx_buffers += done
+
+    def _publish_looped(self, txq: VirtQueue) -> None:
+        """Publish the frames a transmit pass looped back now, after that pass's transmit
+        entries, rather than when the kit's transmit run ends.
+
+        A loop's driver (DPDK testpmd forwarding io) sends on what it receives, so it
+        stalls while the looped frames wait; and the run ends only when the transmit
+        ring is empty, several passes later when the driver keeps up.  Transmit first:
+        the driver then has room to send the frames on when it sees them.
+        """
+        waiting = [q for q in self._rx if q is not None and q.ready and q.filled]
+        if not waiting:
+            return
+        txq.publish()
+        for rxq in waiting:
+            try:
+                rxq.publish()
+            except PeerError as exc:
+                rxq.fail(str(exc))  # the receive ring broke, not the transmit ring
 
     def _batcher(self, queue: VirtQueue) -> RingBatcher | None:
         """The batched state of ``queue``'s ring (None: not a plain split ring)."""
