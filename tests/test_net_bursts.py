@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -57,7 +57,8 @@ class Port:
 
 
 def make_port(name: str, switch: Switch | None, qsize: int = 256,
-              loopback: bool = False) -> Port:
+              loopback: bool = False,
+              schedule: Callable[[Callable[[], None]], None] | None = None) -> Port:
     mem = GuestMemory.anonymous(MEM)
     alloc = BumpAllocator(0x1000, MEM)
     t = InProcessTransport(mem, alloc, [qsize, qsize], FEATURES)
@@ -65,7 +66,8 @@ def make_port(name: str, switch: Switch | None, qsize: int = 256,
     dev.set_features(FEATURES)
     broken: list[str] = []
     vqs = [VirtQueue(q, t.device(q), dev, functools.partial(t.notify_driver, q),
-                     on_broken=lambda vq, why: broken.append(why)) for q in (RX_QUEUE, TX_QUEUE)]
+                     on_broken=lambda vq, why: broken.append(why), schedule=schedule)
+           for q in (RX_QUEUE, TX_QUEUE)]
     got: list[bytes] = []
     if switch is not None:
         switch.add(dev)
@@ -229,3 +231,33 @@ def test_loopback_bursts_as_frame_by_frame(sizes: list[int], rx_bufs: list[int],
     # Frames came back in order, each after its header.
     first = memory[used[0][0]]
     assert first[HDR:HDR + 6] == B and first[HDR + 14:HDR + 18] == (0).to_bytes(4, "big")
+
+
+def test_looped_frames_are_published_at_the_end_of_their_pass() -> None:
+    """Under an event loop (publishes deferred to it), the frames a transmit pass looped
+    back are published before the transmit run returns, right after that pass's transmit
+    entries: a forwarding driver sees its transmit room first, then the frames."""
+    deferred: list[Callable[[], None]] = []  # an event loop that has not run yet
+    port = make_port("lo", None, loopback=True, schedule=deferred.append)
+    rx = port.t.driver(RX_QUEUE)
+    for i in range(64):
+        rx.add([], [(port.alloc.alloc(2048, 16), 2048)], token=i)
+    rxq, txq = port.vqs
+    seen: list[tuple[int, int]] = []
+    publish = rxq.publish
+
+    def spy() -> int:
+        seen.append((txq.filled, txq.ring.buffers_pushed))  # transmit side at that moment
+        return publish()
+
+    rxq.publish = spy  # type: ignore[method-assign]
+    for i in range(40):
+        port.chain([bytes(HDR) + eth(B, A, i)])
+    txq.run()
+    got = rx.get_bufs()
+    assert len(got) == 40  # published by the pass itself, not by the deferred callback
+    assert seen and seen[0] == (0, 40)  # the transmit entries were out already
+    assert len(port.used()) == 40 and not port.broken
+    for callback in deferred:  # the loop runs later: nothing is published twice
+        callback()
+    assert not rx.get_bufs() and port.vqs[0].ring.buffers_pushed == 40
