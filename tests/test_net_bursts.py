@@ -233,7 +233,8 @@ def test_loopback_bursts_as_frame_by_frame(sizes: list[int], rx_bufs: list[int],
     assert first[HDR:HDR + 6] == B and first[HDR + 14:HDR + 18] == (0).to_bytes(4, "big")
 
 
-def test_looped_frames_are_published_at_the_end_of_their_pass() -> None:
+@pytest.mark.parametrize("frames", [40, 8])  # a batched pass, and one frame by frame
+def test_looped_frames_are_published_at_the_end_of_their_pass(frames: int) -> None:
     """Under an event loop (publishes deferred to it), the frames a transmit pass looped
     back are published before the transmit run returns, right after that pass's transmit
     entries: a forwarding driver sees its transmit room first, then the frames."""
@@ -251,13 +252,13 @@ def test_looped_frames_are_published_at_the_end_of_their_pass() -> None:
         return publish()
 
     rxq.publish = spy  # type: ignore[method-assign]
-    for i in range(40):
+    for i in range(frames):
         port.chain([bytes(HDR) + eth(B, A, i)])
     txq.run()
     got = rx.get_bufs()
-    assert len(got) == 40  # published by the pass itself, not by the deferred callback
-    assert seen and seen[0] == (0, 40)  # the transmit entries were out already
-    assert len(port.used()) == 40 and not port.broken
+    assert len(got) == frames  # published by the pass itself, not by the deferred callback
+    assert seen and seen[0] == (0, frames)  # the transmit entries were out already
+    assert len(port.used()) == frames and not port.broken
     for callback in deferred:  # the loop runs later: nothing is published twice
         callback()
-    assert not rx.get_bufs() and port.vqs[0].ring.buffers_pushed == 40
+    assert not rx.get_bufs() and port.vqs[0].ring.buffers_pushed == frames

@@ -319,6 +319,8 @@ class NetDevice(Device):
             stats.tx_frames += sent
             stats.tx_bytes += sent_bytes
             stats.tx_buffers += done
+        if uplink == self.loopback:
+            self._publish_looped(queue)
 
     def _publish_looped(self, txq: VirtQueue) -> None:
         """Publish the frames a transmit pass looped back now, after that pass's transmit
