@@ -84,8 +84,8 @@ _max = np.maximum.reduce
 class FrameBatch:
     """The sendable frames of one transmit burst (runts and oversize ones left out)."""
 
-    __slots__ = ("_chains", "_hdr", "_idx", "_keys", "_mac_at", "_regions", "_views", "sizes",
-                 "uniform")
+    __slots__ = ("_chains", "_hdr", "_idx", "_keys", "_mac_at", "_regions", "_starts", "_views",
+                 "sizes", "uniform")
 
     def __init__(self, chains: Chains, idx: npt.NDArray[np.intp], sizes: npt.NDArray[np.uint32],
                  hdr_len: int, regions: _RegionArrays, mac_at: int, uniform: int = -1) -> None:
@@ -97,6 +97,7 @@ class FrameBatch:
         self._mac_at = mac_at  # where the Ethernet header starts in a chain (the device's header)
         self._views: list[memoryview] | None = None
         self._keys: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]] | None = None
+        self._starts: npt.NDArray[np.int64] | None = None
         #: Sizes of the frames as :meth:`frame` returns them (without the virtio_net_hdr,
         #: unless the port takes it: ``NetDevice.port_headers``).
         self.sizes = sizes
@@ -117,11 +118,24 @@ class FrameBatch:
     def _mac_keys(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
         keys = self._keys
         if keys is None:
-            keys = self._keys = _mac_keys(self._chains, self._idx, self._mac_at, self._regions)
+            keys = self._keys = _mac_keys(self._chains, self._idx, self.starts(), self._mac_at,
+                                          self._regions)
         return keys
 
     def __len__(self) -> int:
         return len(self._idx)
+
+    def starts(self) -> npt.NDArray[np.int64]:
+        """Where each frame's chain starts: its first segment's offset in its region."""
+        starts = self._starts
+        if starts is None:
+            c = self._chains
+            idx = self._idx
+            # Every chain one segment, every chain a frame (the common burst): no gather.
+            whole = len(c.seg_len) == len(c) and len(idx) == len(c)
+            first = c.seg_offset if whole else c.seg_offset[c.seg_start[idx]]
+            starts = self._starts = first.view(np.int64)  # checked offsets: below 2**63
+        return starts
 
     def view(self, i: int) -> memoryview | bytes:
         """Frame ``i`` in place in guest memory when it is one buffer, else a copy."""
@@ -144,11 +158,8 @@ class FrameBatch:
         c = self._chains
         if len(regions.arrays) != 1 or len(c.seg_len) != len(c):
             return None
-        # One segment per chain: segment i is chain i.
-        idx = self._idx
-        off = (c.seg_offset[start:start + count] if len(idx) == len(c)
-               else c.seg_offset[idx[start:start + count]])
-        items: npt.NDArray[np.void] = regions.window(size)[off.view(np.int64) + self._hdr]
+        off = self.starts()[start:start + count]
+        items: npt.NDArray[np.void] = regions.window(size)[off + self._hdr]
         return items
 
     def frame(self, i: int) -> bytes:
@@ -187,14 +198,12 @@ class PerFrameUplink:
         return len(batch)
 
 
-def _mac_keys(chains: Chains, idx: npt.NDArray[np.intp], hdr_len: int,
+def _mac_keys(chains: Chains, idx: npt.NDArray[np.intp], starts: npt.NDArray[np.int64],
+              hdr_len: int,
               regions: _RegionArrays) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Destination and source MAC of the frames ``idx`` as integers (one gather)."""
+    """Destination and source MAC of the frames ``idx`` (whose chains start at ``starts``)
+    as integers (one gather)."""
     single = len(chains.seg_len) == len(chains)
-    if single and len(idx) == len(chains):
-        start = chains.seg_offset  # every chain, one segment each (the common burst)
-    else:
-        start = chains.seg_offset[chains.seg_start[idx]]
     # A frame in one segment was checked to hold a header and an Ethernet header;
     # a chain's first segment of several may not.
     if (len(regions.arrays) == 1 and hdr_len >= 2
@@ -203,7 +212,7 @@ def _mac_keys(chains: Chains, idx: npt.NDArray[np.intp], hdr_len: int,
         # 16 bytes from 2 before the destination (the header's last two) as two
         # big-endian words: [h h d d d d d d] and [s s s s s s t t] (t: EtherType),
         # so the destination is the low 48 bits and the source the high 48.
-        words = regions.window(16)[start.view(np.int64) + (hdr_len - 2)].view(_BE64)
+        words = regions.window(16)[starts + (hdr_len - 2)].view(_BE64)
         return words[0::2] & _MASK48, words[1::2] >> _SHIFT16
     # Addresses split over buffers, or several regions: frame by frame.
     raw = np.empty((len(idx), 12), np.uint8)
