@@ -125,6 +125,17 @@ class FrameBatch:
     def __len__(self) -> int:
         return len(self._idx)
 
+    @staticmethod
+    def counts(keys: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
+        """The distinct values of ``keys`` (:attr:`dst`, :attr:`src`) with how often each
+        occurs.  A burst usually has one sender and one destination: that case costs two
+        reductions, not a sort."""
+        low = int(_min(keys))
+        if low == int(_max(keys)):
+            return [(low, len(keys))]
+        values, counts = np.unique(keys, return_counts=True)
+        return list(zip(values.tolist(), counts.tolist(), strict=True))
+
     def starts(self) -> npt.NDArray[np.int64]:
         """Where each frame's chain starts: its first segment's offset in its region."""
         starts = self._starts

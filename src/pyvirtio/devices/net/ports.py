@@ -40,9 +40,6 @@ from pyvirtio.devices.net.device import NetDevice
 from pyvirtio.devices.net.spec import F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, hdr_size
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
     from pyvirtio.devices.net.bursts import FrameBatch
 from pyvirtio.io.loop import EventLoop
 
@@ -66,19 +63,6 @@ _GROUP = 1 << 40
 _READ_SIZE = 65536 + 64
 #: Frames read from the TAP per loop round, so one busy port cannot starve the rest.
 _READ_BUDGET = 256
-
-
-def _tally(keys: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
-    """The distinct values of ``keys`` with how often each occurs (a burst usually has
-    one sender and one destination: that case costs one comparison, not a sort)."""
-    import numpy as np  # only the batched paths, which need numpy, come here
-
-    low = int(np.minimum.reduce(keys))
-    if low == int(np.maximum.reduce(keys)):  # two reductions, no temporary array
-        return [(low, len(keys))]
-
-    values, counts = np.unique(keys, return_counts=True)
-    return list(zip(values.tolist(), counts.tolist(), strict=True))
 
 
 class Switch:
@@ -118,11 +102,11 @@ class Switch:
         """:meth:`forward` for a transmit burst, in order; a frame is copied out of
         guest memory only if some port takes it (a sink's never are)."""
         table = self.table
-        for src, _count in _tally(batch.src):  # learned once per address, not per frame
+        for src, _count in batch.counts(batch.src):  # learned once per address, not per frame
             if not src & _GROUP:
                 table[src] = source
         targets: dict[int, list[NetDevice]] = {}
-        for dst, count in _tally(batch.dst):
+        for dst, count in batch.counts(batch.dst):
             if dst & _GROUP or dst not in table:
                 self.flooded += count
             targets[dst] = self._targets(source, dst)
